@@ -1,0 +1,83 @@
+"""Block-wise, few-step, KV-cached text-to-video inference (Self-Forcing's ``CausalInferencePipeline``).
+
+Per block of ``num_frame_per_block`` latent frames: the warped denoising steps (4 forwards at
+t = 1000, 937.5, 833.33, 625 for the Self-Forcing config), re-noising x0 with one ``randn_like`` draw
+after every step but the last, then one more forward on the clean x0 at t = ``context_noise`` that
+rewrites the block's KV-cache slots. The draw order equals upstream's, so a seed gives upstream's noise.
+"""
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from utils.wan_wrapper import WanDiffusionWrapper, WanTextEncoder, WanVAEWrapper
+from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE
+
+
+class CausalInferencePipeline(nn.Module):
+    def __init__(self, args, device, generator=None, text_encoder=None, vae=None, dtype=None):
+        """``args``: the merged config. Parts not given are built from it; the VAE only when something
+        decodes. Everything is moved to ``device`` (and cast to ``dtype``, if given)."""
+        super().__init__()
+        self.args = args
+        self.generator = generator if generator is not None else WanDiffusionWrapper.from_config(args)
+        self.text_encoder = text_encoder if text_encoder is not None else WanTextEncoder.from_config(args)
+        self.vae = vae
+        self.scheduler = self.generator.get_scheduler()
+        steps = list(args.get("denoising_step_list"))
+        self.denoising_steps = self.scheduler.warp(steps) if args.get("warp_denoising_step") else [float(s) for s in steps]
+        self.num_frame_per_block = int(args.get("num_frame_per_block", 1))
+        self.context_noise = float(args.get("context_noise", 0))
+        if args.get("independent_first_frame"):
+            raise ValueError("independent_first_frame: true is not supported (text-to-video uses equal blocks)")
+        self.to(device=device, dtype=dtype)
+
+    def _decoder(self, like):
+        if self.vae is None:
+            self.vae = WanVAEWrapper.from_config(self.args).to(device=like.device, dtype=like.dtype)
+        return self.vae
+
+    @torch.no_grad()
+    def inference(self, noise, text_prompts, return_latents=False, progress=False):
+        """noise [B, F, C, H, W] -> latents [B, F, C, H, W] if ``return_latents`` (no VAE is built),
+        else the decoded video [B, 1 + 4(F-1), 3, 8H, 8W] in [0, 1]."""
+        batch, num_frames, _, height, width = noise.shape
+        per_block = self.num_frame_per_block
+        if num_frames <= 0 or num_frames % per_block:
+            raise ValueError(f"number of frames {num_frames} is not a positive multiple of num_frame_per_block {per_block}")
+        if len(text_prompts) != batch:
+            raise ValueError(f"{len(text_prompts)} prompts for a batch of {batch}")
+        model = self.generator.model
+        prompt_embeds = self.text_encoder(text_prompts=list(text_prompts))["prompt_embeds"]
+        conditional_dict = {"prompt_embeds": prompt_embeds.to(noise.dtype)}
+        frame_seq_length = model.frame_seq_length(height, width)
+        kv_cache, crossattn_cache = model.new_caches(batch, num_frames, frame_seq_length, noise.dtype, noise.device)
+        output = torch.zeros_like(noise)
+        num_blocks = num_frames // per_block
+        bar = tqdm(total=num_blocks * (len(self.denoising_steps) + 1), desc="passes", unit="pass", disable=not progress)
+        for block in range(num_blocks):
+            first = block * per_block
+            current_start = first * frame_seq_length
+            noisy = noise[:, first : first + per_block]
+            for step, t in enumerate(self.denoising_steps):
+                x0 = self._forward(noisy, conditional_dict, t, kv_cache, crossattn_cache, current_start, block, step)
+                if step + 1 < len(self.denoising_steps):
+                    flat = x0.flatten(0, 1)
+                    t_next = torch.full((flat.shape[0],), self.denoising_steps[step + 1], device=noise.device)
+                    noisy = self.scheduler.add_noise(flat, torch.randn_like(flat), t_next).unflatten(0, x0.shape[:2])
+                bar.update()
+            output[:, first : first + per_block] = x0
+            self._forward(x0, conditional_dict, self.context_noise, kv_cache, crossattn_cache, current_start, block, "cache")
+            bar.update()
+        bar.close()
+        if return_latents:
+            return output
+        video = self._decoder(output).decode_to_pixel(output)
+        return (video * 0.5 + 0.5).clamp(0, 1)
+
+    def _forward(self, noisy, conditional_dict, t, kv_cache, crossattn_cache, current_start, block, step):
+        """One generator forward at timestep t for every frame; returns x0."""
+        if ATTENTION_WEIGHT_CAPTURE.enabled:
+            ATTENTION_WEIGHT_CAPTURE.annotate(block=block, step=step, timestep=t)
+        timestep = torch.full(noisy.shape[:2], t, device=noisy.device)
+        _, x0 = self.generator(noisy, conditional_dict, timestep, kv_cache, crossattn_cache, current_start)
+        return x0

@@ -1,0 +1,195 @@
+"""experiments/run_extraction_figure4.py end to end on the tiny config (CPU)."""
+import argparse
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import experiments.run_extraction_figure4 as cli
+from utils.wan_wrapper import WanDiffusionWrapper
+
+SPEC_TOP_KEYS = {
+    "attention_weights", "prompt", "num_frames", "frame_seq_length", "num_frame_per_block", "layer_indices",
+    "is_logits", "capture_method", "query_frames", "key_frames",
+}
+SPEC_ENTRY_KEYS = {
+    "layer_idx", "is_logits", "num_frames", "frame_seq_length", "num_heads", "num_query_frames", "num_key_frames",
+}
+FSL = 16  # tokens per 8x8 latent frame with 2x2 patches
+HEADS = 4
+
+
+def extract(tmp_path, *extra, name="out.pt", frames=6):
+    out = tmp_path / name
+    argv = ["--config_path", "configs/tiny.yaml", "--no_checkpoint", "--device", "cpu", "--quiet",
+            "--num_frames", str(frames), "--output_path", str(out), *extra]
+    return cli.main(argv), out
+
+
+@pytest.fixture(scope="module")
+def full_and_summary(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    code_full, full = extract(folder, "--seed", "7", name="full.pt")
+    code_summary, summary = extract(folder, "--seed", "7", "--save_mode", "summary", name="summary.pt")
+    assert code_full == 0 and code_summary == 0
+    return torch.load(full, weights_only=True), torch.load(summary, weights_only=True), full, summary
+
+
+def test_full_file_has_the_spec_layout(full_and_summary):
+    data, _, _, _ = full_and_summary
+    assert set(data) == SPEC_TOP_KEYS | {"metadata"}
+    assert data["layer_indices"] == [0, 4] and data["num_frames"] == 6
+    assert data["frame_seq_length"] == FSL and data["num_frame_per_block"] == 3
+    assert data["query_frames"] == [3, 4, 5] and data["key_frames"] == list(range(6))
+    assert data["is_logits"] is True and data["capture_method"] == "native_inference_capture"
+    assert [e["layer_idx"] for e in data["attention_weights"]] == [0, 4]
+    for entry in data["attention_weights"]:
+        assert set(entry) == SPEC_ENTRY_KEYS | {"attn_logits"}
+        logits = entry["attn_logits"]
+        assert logits.dtype == torch.float16 and logits.shape == (1, HEADS, 3 * FSL, 6 * FSL)
+        assert torch.isfinite(logits).all() and logits.std() > 0
+        assert (entry["num_heads"], entry["num_query_frames"], entry["num_key_frames"]) == (HEADS, 3, 6)
+    meta = data["metadata"]
+    assert meta["save_mode"] == "full" and meta["seed"] == 7 and meta["use_ema"] is True
+    assert meta["checkpoint_path"] is None and meta["capture_step"] == "0" and meta["timestep"] == 1000.0
+    assert meta["calls_seen"] == 2 * 10 and meta["calls_kept"] == 2
+    assert meta["model"]["num_layers"] == 6 and meta["model"]["num_heads"] == HEADS
+    assert meta["config"]["num_frame_per_block"] == 3
+    assert all(layer["block"] == 1 and layer["step"] == 0 for layer in meta["layers"].values())
+
+
+def test_summary_equals_means_of_the_full_file(full_and_summary):
+    full, summary, full_path, summary_path = full_and_summary
+    assert summary["metadata"]["save_mode"] == "summary"
+    assert summary_path.stat().st_size * 2 < full_path.stat().st_size
+    for entry_full, entry_sum in zip(full["attention_weights"], summary["attention_weights"]):
+        assert "attn_logits" not in entry_sum
+        logits = entry_full["attn_logits"].double()  # [1, N, Q, K]
+        tiles = logits.unflatten(3, (6, FSL)).unflatten(2, (3, FSL))  # [1, N, Fq, fsl, Fk, fsl]
+        probs = logits.softmax(-1).unflatten(3, (6, FSL)).unflatten(2, (3, FSL))
+        # fp16 storage of the full file bounds the agreement.
+        torch.testing.assert_close(entry_sum["query_mean_logits"].double(), logits.mean(2), rtol=0, atol=2e-3)
+        torch.testing.assert_close(entry_sum["frame_mean_logits"].double(), tiles.mean((3, 5)), rtol=0, atol=2e-3)
+        torch.testing.assert_close(entry_sum["frame_attention_mass"].double(), probs.sum(5).mean(3), rtol=0, atol=2e-3)
+
+
+def test_same_seed_same_file_other_seed_other_logits(tmp_path, full_and_summary):
+    first, _, _, _ = full_and_summary
+    code, again = extract(tmp_path, "--seed", "7")
+    code_other, other = extract(tmp_path, "--seed", "8", name="other.pt")
+    assert code == code_other == 0
+    again, other = torch.load(again, weights_only=True), torch.load(other, weights_only=True)
+    for a, b, c in zip(first["attention_weights"], again["attention_weights"], other["attention_weights"]):
+        assert torch.equal(a["attn_logits"], b["attn_logits"])
+        assert not torch.equal(a["attn_logits"], c["attn_logits"])
+    assert first["metadata"] == again["metadata"]
+
+
+def test_capture_step_cache_keeps_the_cache_update_pass(tmp_path):
+    code, out = extract(tmp_path, "--capture_step", "cache", "--layer_indices", "2")
+    assert code == 0
+    meta = torch.load(out, weights_only=True)["metadata"]
+    assert meta["timestep"] == 0.0 and meta["layers"][2]["step"] == "cache" and meta["layers"][2]["block"] == 1
+
+
+def write_checkpoint(path, **entries):
+    torch.save(entries, path)
+    return path
+
+
+def tiny_state_dict(seed):
+    config = OmegaConf.merge(OmegaConf.load("configs/default_config.yaml"), OmegaConf.load("configs/tiny.yaml"))
+    config.init_seed = seed
+    return WanDiffusionWrapper.from_config(config).state_dict()
+
+
+def test_checkpoint_generator_or_ema_is_loaded(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "sf.pt", generator=tiny_state_dict(1), generator_ema=tiny_state_dict(2))
+    runs = {}
+    for flag in ("--use_ema", "--no-use_ema"):
+        out = tmp_path / f"{flag}.pt"
+        argv = ["--config_path", "configs/tiny.yaml", "--checkpoint_path", str(ckpt), flag, "--device", "cpu",
+                "--quiet", "--num_frames", "3", "--output_path", str(out)]
+        assert cli.main(argv) == 0
+        runs[flag] = torch.load(out, weights_only=True)
+    assert runs["--use_ema"]["metadata"]["checkpoint_key"] == "generator_ema"
+    assert runs["--no-use_ema"]["metadata"]["checkpoint_key"] == "generator"
+    a, b = (runs[f]["attention_weights"][0]["attn_logits"] for f in runs)
+    assert not torch.equal(a, b)
+
+
+def bad_checkpoints(tmp_path):
+    good = tiny_state_dict(1)
+    wrong = dict(good)
+    wrong["model.blocks.0.bogus"] = wrong.pop("model.blocks.0.self_attn.q.weight")
+    return {
+        "no_generator": (write_checkpoint(tmp_path / "a.pt", critic=good), "generator_ema"),
+        "wrong_key": (write_checkpoint(tmp_path / "b.pt", generator_ema=wrong), "model.blocks.0.bogus"),
+        "pickled": (write_checkpoint(tmp_path / "c.pt", generator_ema=good, args=argparse.Namespace(a=1)), "allow_pickle"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case, argv, words",
+    [
+        ("missing checkpoint", ["--checkpoint_path", "nowhere/x.pt"], ["--checkpoint_path", "--no_checkpoint"]),
+        ("layer out of range", ["--no_checkpoint", "--layer_indices", "0", "6"], ["--layer_indices", "6"]),
+        ("negative layer", ["--no_checkpoint", "--layer_indices", "-1"], ["--layer_indices"]),
+        ("frames not a multiple", ["--no_checkpoint", "--num_frames", "7"], ["--num_frames", "7"]),
+        ("zero frames", ["--no_checkpoint", "--num_frames", "0"], ["--num_frames"]),
+        ("bad capture step", ["--no_checkpoint", "--capture_step", "4"], ["--capture_step"]),
+        ("missing config", ["--no_checkpoint", "--config_path", "configs/none.yaml"], ["--config_path", "none.yaml"]),
+        ("missing model folder", ["--no_checkpoint", "--config_path", "configs/self_forcing_dmd.yaml", "--model_dir", "nowhere/wan"],
+         ["--model_dir", "diffusion_pytorch_model.safetensors", "models_t5_umt5-xxl-enc-bf16.pth"]),
+        ("no cuda", ["--no_checkpoint", "--device", "cuda:0"], ["--device", "CUDA"]),
+    ],
+)
+def test_bad_input_exits_nonzero_names_it_and_writes_nothing(tmp_path, capsys, case, argv, words):
+    if case == "no cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "out.pt"
+    base = ["--config_path", "configs/tiny.yaml", "--device", "cpu", "--quiet", "--num_frames", "6", "--output_path", str(out)]
+    assert cli.main(base + argv) == 2
+    err = capsys.readouterr().err
+    for word in words:
+        assert word in err, (case, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["no_generator", "wrong_key", "pickled"])
+def test_bad_checkpoint_is_refused(tmp_path, capsys, case):
+    path, word = bad_checkpoints(tmp_path)[case]
+    out = tmp_path / "out" / "x.pt"
+    argv = ["--config_path", "configs/tiny.yaml", "--checkpoint_path", str(path), "--device", "cpu", "--quiet",
+            "--num_frames", "3", "--output_path", str(out)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and word in err
+    assert not out.exists()
+
+
+def test_unwritable_output_folder(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, out = extract(tmp_path, name="file/sub/out.pt")
+    assert code == 2 and "--output_path" in capsys.readouterr().err
+    assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("failure, code", [(RuntimeError("disk full"), None), (KeyboardInterrupt(), 130), (cli.Terminated(), 143)])
+def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch, failure, code):
+    out = tmp_path / "out.pt"
+    out.write_bytes(b"previous result")
+
+    def broken_save(obj, handle):
+        handle.write(b"half a file")
+        raise failure
+
+    monkeypatch.setattr(cli.torch, "save", broken_save)
+    if code is None:
+        with pytest.raises(RuntimeError, match="disk full"):
+            extract(tmp_path)
+    else:
+        assert extract(tmp_path)[0] == code
+    assert out.read_bytes() == b"previous result"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.pt"]

@@ -1,0 +1,73 @@
+"""The three models of the pipeline, behind upstream Self-Forcing's call interfaces.
+
+- ``WanDiffusionWrapper``: the causal transformer (``.model``) plus the flow-matching schedule;
+  returns (flow_pred, x0_pred). Its state dict has Self-Forcing's ``model.``-prefixed keys, so a
+  checkpoint's ``generator`` / ``generator_ema`` loads strictly.
+- ``WanTextEncoder`` (utils/text_encoder.py) and ``WanVAEWrapper`` (utils/vae.py), re-exported here.
+
+Each has ``from_config(cfg)``: real weights from ``cfg.model_dir`` or, with ``cfg.random_init``,
+random weights of the sizes in the config, the same for every run (seeded by ``init_seed``).
+"""
+import torch
+from torch import nn
+
+from utils.loading import WeightFileError, check_state_dict, read_state_dict
+from utils.misc import seeded
+from utils.scheduler import FlowMatchScheduler
+from utils.text_encoder import WanTextEncoder
+from utils.vae import WanVAEWrapper
+from wan.modules.causal_model import CausalWanModel
+
+__all__ = ["WanDiffusionWrapper", "WanTextEncoder", "WanVAEWrapper", "load_generator_checkpoint"]
+
+
+class WanDiffusionWrapper(nn.Module):
+    def __init__(self, model: CausalWanModel, timestep_shift=5.0):
+        super().__init__()
+        self.model = model
+        self.scheduler = FlowMatchScheduler(shift=timestep_shift, sigma_min=0.0, extra_one_step=True)
+
+    @classmethod
+    def from_config(cls, cfg):
+        kwargs = dict(cfg.get("model_kwargs") or {})
+        shift = kwargs.pop("timestep_shift", 5.0)
+        if cfg.get("random_init"):
+            sizes = dict(cfg["model_config"], **kwargs)
+            model = seeded(lambda: CausalWanModel(**sizes), cfg.get("init_seed", 0))
+        else:
+            model = CausalWanModel.from_pretrained(cfg["model_dir"], **kwargs)
+        return cls(model.eval(), timestep_shift=shift)
+
+    def get_scheduler(self):
+        return self.scheduler
+
+    def forward(self, noisy_image_or_video, conditional_dict, timestep, kv_cache=None, crossattn_cache=None, current_start=0):
+        """noisy [B, F, C, H, W], timestep [B, F] -> (flow_pred, x0_pred), both [B, F, C, H, W]."""
+        flow = self.model(
+            noisy_image_or_video.permute(0, 2, 1, 3, 4),
+            t=timestep,
+            context=conditional_dict["prompt_embeds"],
+            kv_cache=kv_cache,
+            crossattn_cache=crossattn_cache,
+            current_start=current_start,
+        ).permute(0, 2, 1, 3, 4)  # [B, F, C, H, W]
+        x0 = self.scheduler.flow_to_x0(flow.flatten(0, 1), noisy_image_or_video.flatten(0, 1), timestep.flatten())
+        return flow, x0.unflatten(0, flow.shape[:2])
+
+
+def load_generator_checkpoint(generator: WanDiffusionWrapper, path, use_ema=True, allow_pickle=False):
+    """Load a Self-Forcing checkpoint's ``generator_ema`` (or ``generator``) state dict strictly.
+    Returns the key used."""
+    checkpoint = read_state_dict(path, allow_pickle=allow_pickle)
+    key = "generator_ema" if use_ema else "generator"
+    if not isinstance(checkpoint, dict) or key not in checkpoint:
+        found = sorted(checkpoint)[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        hint = " (use --no-use_ema for 'generator')" if use_ema and isinstance(checkpoint, dict) and "generator" in checkpoint else ""
+        raise WeightFileError(f"{path}: no '{key}' state dict{hint}; top-level entries: {found}")
+    state = checkpoint[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightFileError(f"{path}: '{key}' is not a state dict of tensors")
+    expected = {name: value.shape for name, value in generator.state_dict().items()}
+    check_state_dict(expected, state, f"{path} ['{key}']")
+    generator.load_state_dict(state, strict=True)
+    return key

@@ -1,0 +1,314 @@
+"""Causal Wan2.1 text-to-video transformer with a per-block KV cache (Self-Forcing inference).
+
+The video is generated a few latent frames (a "block") at a time. Each transformer block keeps the
+RoPE-rotated keys and the values of every frame generated so far in a ``KVCache``; a block's queries
+attend, without mask, to all cached frames and to the block's own frames. Parameter names and shapes
+equal the official ``WanModel`` checkpoint, so ``diffusion_pytorch_model.safetensors`` loads as is.
+
+Token layout: a latent video [B, C, F, H, W] becomes F * (H/ph) * (W/pw) tokens, frame-major, then
+row, then column; ``frame_seq_length`` is the number of tokens of one frame.
+"""
+import json
+import math
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from utils.loading import WeightFileError, load_into, read_state_dict
+from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE, attention
+
+WAN_T2V_1_3B = dict(
+    patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=1536, ffn_dim=8960, freq_dim=256, text_dim=4096,
+    out_dim=16, num_heads=12, num_layers=30, qk_norm=True, cross_attn_norm=True, eps=1e-6,
+)
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+def sinusoidal_embedding(dim, position):
+    """[N] positions -> [N, dim] embedding in float64: cos in the first half, sin in the second."""
+    half = dim // 2
+    position = position.to(torch.float64)
+    angles = torch.outer(position, torch.pow(10000, -torch.arange(half, device=position.device).to(position) / half))
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+class RoPE3D:
+    """Rotary embedding over (frame, row, column). The head dim's D/2 consecutive pairs are split
+    into time, height and width parts; each part rotates with its own coordinate. Frames are
+    absolute: a block starting at frame s uses angles s, s+1, ..."""
+
+    def __init__(self, head_dim, max_len=1024, theta=10000.0):
+        pairs = head_dim // 2
+        self.split = [pairs - 2 * (pairs // 3), pairs // 3, pairs // 3]
+        self.max_len = max_len
+        self.theta = theta
+        self._tables = {}  # device -> complex128 [max_len, D/2]; built on first use on that device
+
+    def _table(self, device):
+        if device not in self._tables:
+            position = torch.arange(self.max_len, dtype=torch.float64, device=device)
+            parts = []
+            for pairs in self.split:
+                inv_freq = self.theta ** -(torch.arange(pairs, dtype=torch.float64, device=device) * 2 / (2 * pairs))
+                angles = torch.outer(position, inv_freq)
+                parts.append(torch.polar(torch.ones_like(angles), angles))
+            self._tables[device] = torch.cat(parts, dim=1)
+        return self._tables[device]
+
+    def freqs(self, grid, start_frame, device):
+        """Rotations for a (frames, rows, columns) token grid: complex128 [f*h*w, 1, D/2]."""
+        f, h, w = grid
+        if start_frame + f > self.max_len or max(h, w) > self.max_len:
+            raise ValueError(f"RoPE table has {self.max_len} positions; got frames up to {start_frame + f}, grid {h}x{w}")
+        time, rows, cols = self._table(device).split(self.split, dim=1)
+        freqs = torch.cat(
+            [
+                time[start_frame : start_frame + f].view(f, 1, 1, -1).expand(f, h, w, -1),
+                rows[:h].view(1, h, 1, -1).expand(f, h, w, -1),
+                cols[:w].view(1, 1, w, -1).expand(f, h, w, -1),
+            ],
+            dim=-1,
+        )
+        return freqs.reshape(f * h * w, 1, -1)
+
+
+def apply_rope(x, freqs):
+    """Rotate consecutive pairs of x [B, L, N, D] by freqs [L, 1, D/2], in complex128."""
+    pairs = torch.view_as_complex(x.to(torch.float64).unflatten(-1, (-1, 2)))  # [B, L, N, D/2]
+    return torch.view_as_real(pairs * freqs).flatten(-2).type_as(x)
+
+
+def modulate(x, shift, scale):
+    """x [B, F*S, C] with per-frame shift/scale [B, F, 1, C]."""
+    frames = shift.shape[1]
+    return (x.unflatten(1, (frames, -1)) * (1 + scale) + shift).flatten(1, 2)
+
+
+def gate(x, g):
+    """x [B, F*S, C] times a per-frame gate [B, F, 1, C]."""
+    return (x.unflatten(1, (g.shape[1], -1)) * g).flatten(1, 2)
+
+
+class RMSNorm(nn.Module):
+    """RMS norm computed in fp32, over the whole width (before the head split)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class KVCache:
+    """One transformer block's rotated keys and values, [B, size, N, D], with Python-int bookkeeping.
+
+    ``global_end`` is the token index (over the whole video) just after the last written token;
+    ``local_end`` the slot just after it in this buffer. Re-running the same block (the next denoising
+    step, or the cache update) overwrites the same slots. When a new block does not fit, the oldest
+    non-sink tokens are evicted and the rest rolled forward (a local window, ``local_attn_size``)."""
+
+    def __init__(self, batch, size, num_heads, head_dim, dtype, device):
+        self.k = torch.zeros(batch, size, num_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.global_end = 0
+        self.local_end = 0
+
+    def update(self, k, v, current_start, sink_tokens):
+        """Write this block's k, v [B, L, N, D] at token offset ``current_start``; return the keys and
+        values to attend to, [B, local_end, N, D] views of the buffer."""
+        num_new = k.shape[1]
+        current_end = current_start + num_new
+        size = self.k.shape[1]
+        advance = current_end - self.global_end
+        if advance > 0 and self.local_end + num_new > size:
+            evicted = self.local_end + num_new - size
+            kept = self.local_end - evicted - sink_tokens
+            for buf in (self.k, self.v):
+                buf[:, sink_tokens : sink_tokens + kept] = buf[:, sink_tokens + evicted : sink_tokens + evicted + kept].clone()
+            advance -= evicted
+        local_end = self.local_end + advance
+        self.k[:, local_end - num_new : local_end] = k
+        self.v[:, local_end - num_new : local_end] = v
+        self.global_end, self.local_end = current_end, local_end
+        return self.k[:, :local_end], self.v[:, :local_end]
+
+
+class CrossAttnCache:
+    """Keys and values of the text context, computed at the first forward and reused after."""
+
+    def __init__(self):
+        self.k = None
+        self.v = None
+
+
+class AttentionProjections(nn.Module):
+    """The q, k, v, o projections and q/k RMS norms shared by self- and cross-attention."""
+
+    def __init__(self, dim, num_heads, qk_norm, eps):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+
+class CausalSelfAttention(AttentionProjections):
+    def forward(self, x, freqs, cache, current_start, sink_tokens):
+        heads = (self.num_heads, -1)
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(2, heads), freqs)  # [B, L, N, D]
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(2, heads), freqs)
+        v = self.v(x).unflatten(2, heads)
+        if cache is not None:
+            k, v = cache.update(k, v, current_start, sink_tokens)  # [B, Lk, N, D]
+        return self.o(attention(q, k, v, self_attention=True).flatten(2))
+
+
+class CrossAttention(AttentionProjections):
+    def forward(self, x, context, cache):
+        heads = (self.num_heads, -1)
+        q = self.norm_q(self.q(x)).unflatten(2, heads)
+        if cache is not None and cache.k is not None:
+            k, v = cache.k, cache.v
+        else:
+            k = self.norm_k(self.k(context)).unflatten(2, heads)  # [B, text_len, N, D]
+            v = self.v(context).unflatten(2, heads)
+            if cache is not None:
+                cache.k, cache.v = k, v
+        return self.o(attention(q, k, v).flatten(2))
+
+
+class CausalWanBlock(nn.Module):
+    def __init__(self, dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps, elementwise_affine=False)
+        self.self_attn = CausalSelfAttention(dim, num_heads, qk_norm, eps)
+        self.norm3 = nn.LayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(dim, num_heads, qk_norm, eps)
+        self.norm2 = nn.LayerNorm(dim, eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x, e, freqs, context, cache, crossattn_cache, current_start, sink_tokens):
+        """x [B, F*S, C]; e [B, F, 6, C], the per-frame time modulation."""
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.unsqueeze(1) + e).chunk(6, dim=2)
+        y = self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa), freqs, cache, current_start, sink_tokens)
+        x = x + gate(y, gate_sa)
+        x = x + self.cross_attn(self.norm3(x), context, crossattn_cache)
+        y = self.ffn(modulate(self.norm2(x), shift_ff, scale_ff))
+        return x + gate(y, gate_ff)
+
+
+class Head(nn.Module):
+    def __init__(self, dim, out_dim, patch_size, eps):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps, elementwise_affine=False)
+        self.head = nn.Linear(dim, out_dim * math.prod(patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def forward(self, x, e):
+        """x [B, F*S, C]; e [B, F, 1, C] -> [B, F*S, out_dim * prod(patch)]."""
+        shift, scale = (self.modulation.unsqueeze(1) + e).chunk(2, dim=2)
+        return self.head(modulate(self.norm(x), shift, scale))
+
+
+class CausalWanModel(nn.Module):
+    def __init__(
+        self, *, patch_size, text_len, in_dim, dim, ffn_dim, freq_dim, text_dim, out_dim, num_heads, num_layers,
+        qk_norm=True, cross_attn_norm=True, eps=1e-6, local_attn_size=-1, sink_size=0,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.config = dict(
+            patch_size=tuple(patch_size), text_len=text_len, in_dim=in_dim, dim=dim, ffn_dim=ffn_dim,
+            freq_dim=freq_dim, text_dim=text_dim, out_dim=out_dim, num_heads=num_heads, num_layers=num_layers,
+            qk_norm=qk_norm, cross_attn_norm=cross_attn_norm, eps=eps, local_attn_size=local_attn_size,
+            sink_size=sink_size,
+        )
+        self.patch_size = tuple(patch_size)
+        self.text_len = text_len
+        self.freq_dim = freq_dim
+        self.num_heads = num_heads
+        self.local_attn_size = local_attn_size
+        self.sink_size = sink_size
+        self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=self.patch_size, stride=self.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.blocks = nn.ModuleList(
+            CausalWanBlock(dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps) for _ in range(num_layers)
+        )
+        self.head = Head(dim, out_dim, self.patch_size, eps)
+        self.rope = RoPE3D(dim // num_heads)
+
+    @classmethod
+    def from_pretrained(cls, model_dir, **overrides):
+        """Build from ``<model_dir>/config.json`` and load ``diffusion_pytorch_model.safetensors``
+        without initializing random weights first. ``overrides``: local_attn_size, sink_size."""
+        model_dir = Path(model_dir)
+        config_path = model_dir / CONFIG_FILE
+        if not config_path.is_file():
+            raise WeightFileError(f"{config_path}: file not found")
+        try:
+            raw = json.loads(config_path.read_text())
+        except json.JSONDecodeError as err:
+            raise WeightFileError(f"{config_path}: not valid JSON ({err})") from err
+        if raw.get("model_type", "t2v") != "t2v":
+            raise WeightFileError(f"{config_path}: model_type {raw['model_type']!r}; only 't2v' is supported")
+        sizes = ("text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "out_dim", "num_heads", "num_layers")
+        missing = [key for key in sizes if key not in raw]
+        if missing:
+            raise WeightFileError(f"{config_path}: missing {', '.join(missing)}")
+        config = dict(WAN_T2V_1_3B, **{key: raw[key] for key in sizes + ("eps",) if key in raw}, **overrides)
+        with torch.device("meta"):
+            model = cls(**config)
+        weights = model_dir / WEIGHTS_FILE
+        return load_into(model, read_state_dict(weights), weights).eval()
+
+    def frame_seq_length(self, height, width):
+        """Tokens per latent frame of size height x width."""
+        _, ph, pw = self.patch_size
+        return (height // ph) * (width // pw)
+
+    def new_caches(self, batch, num_frames, frame_seq_length, dtype, device):
+        """Empty self- and cross-attention caches for a video of ``num_frames`` latent frames: the
+        whole video with global attention, ``local_attn_size`` frames with a local window."""
+        window = num_frames if self.local_attn_size == -1 else self.local_attn_size
+        head_dim = self.config["dim"] // self.num_heads
+        kv = [KVCache(batch, window * frame_seq_length, self.num_heads, head_dim, dtype, device) for _ in self.blocks]
+        return kv, [CrossAttnCache() for _ in self.blocks]
+
+    def forward(self, x, t, context, kv_cache=None, crossattn_cache=None, current_start=0):
+        """Flow prediction for latent frames x [B, C, F, H, W] at per-frame timesteps t [B, F], text
+        context [B, text_len, text_dim]. With caches, ``current_start`` is the token offset of x's
+        first frame in the video and the caches are read and updated; without, x attends to itself."""
+        if ATTENTION_WEIGHT_CAPTURE.enabled:
+            ATTENTION_WEIGHT_CAPTURE.begin_forward(len(self.blocks))
+        batch, _, frames, height, width = x.shape
+        x = self.patch_embedding(x)  # [B, dim, F, H/ph, W/pw]
+        grid = x.shape[2:]
+        x = rearrange(x, "b c f h w -> b (f h w) c")
+        frame_seq_length = grid[1] * grid[2]
+        freqs = self.rope.freqs(grid, current_start // frame_seq_length, x.device)
+        e = self.time_embedding(sinusoidal_embedding(self.freq_dim, t.flatten()).to(x.dtype))  # [B*F, dim]
+        e0 = self.time_projection(e).unflatten(1, (6, -1)).unflatten(0, (batch, frames))  # [B, F, 6, dim]
+        context = self.text_embedding(context)
+        sink_tokens = self.sink_size * frame_seq_length
+        kv_cache = kv_cache or [None] * len(self.blocks)
+        crossattn_cache = crossattn_cache or [None] * len(self.blocks)
+        for block, cache, xcache in zip(self.blocks, kv_cache, crossattn_cache):
+            x = block(x, e0, freqs, context, cache, xcache, current_start, sink_tokens)
+        x = self.head(x, e.unflatten(0, (batch, frames)).unsqueeze(2))
+        pt, ph, pw = self.patch_size
+        return rearrange(
+            x, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)", f=grid[0], h=grid[1], w=grid[2], pt=pt, ph=ph, pw=pw
+        )
