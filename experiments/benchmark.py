@@ -13,7 +13,6 @@ the Figure 4 job: 21 latent frames of 60x104, layers 0 and 4.
 """
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -86,18 +85,20 @@ def in_process(args, device):
 
 
 def cli_run(args, save_mode, folder):
-    """Run the CLI in a child process; its peak RSS is read once it has exited."""
+    """Run the CLI in a child process; its own peak RSS comes with its exit status (wait4)."""
     out = os.path.join(folder, f"{save_mode}.pt")
     command = [sys.executable, "experiments/run_extraction_figure4.py", "--config_path", CONFIG, "--no_checkpoint", "--quiet",
                "--num_frames", str(args.num_frames), "--layer_indices", *map(str, args.layers),
                "--save_mode", save_mode, "--output_path", out]
     start = time.perf_counter()
-    subprocess.run(command, check=True)
+    child = subprocess.Popen(command)
+    _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB; the largest child so far
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(command)} failed")
     size = os.path.getsize(out)
     print(f"CLI --save_mode {save_mode}: {seconds:.1f} s wall (model build included), file {size / 2**30:.3f} GiB, "
-          f"host peak of the largest child so far {peak:.2f} GiB")
+          f"host peak {usage.ru_maxrss / 2**20:.2f} GiB")
     os.remove(out)
 
 

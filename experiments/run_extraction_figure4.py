@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from pipeline.causal_inference import CausalInferencePipeline
 from utils.loading import WeightFileError
-from utils.misc import set_seed, write_atomically
+from utils.misc import host_peak_gib, reset_host_peak, set_seed, write_atomically
 from utils.wan_wrapper import load_generator_checkpoint
 from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE
 
@@ -197,6 +197,9 @@ def run(args):
     say("\n" + "=" * 60 + "\nCapturing attention during inference (the model's own attention calls)\n" + "=" * 60)
     say(f"Model layers: {num_layers}")
 
+    reset_host_peak()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     noise = torch.randn((1, *latent_shape), device=device, dtype=dtype)
     ATTENTION_WEIGHT_CAPTURE.enable(args.layer_indices, capture_logits=True, num_layers=num_layers, keep="largest_k", keep_pass=keep_pass)
     try:
@@ -206,7 +209,7 @@ def run(args):
             torch.cuda.synchronize(device)
         t_infer = time.perf_counter() - t_infer
         calls_seen, kept = ATTENTION_WEIGHT_CAPTURE.calls_seen, ATTENTION_WEIGHT_CAPTURE.kept_calls
-        say(f"Output latent shape: {latents.shape}  (inference {t_infer:.1f} s)")
+        print(f"Output latent shape: {list(latents.shape)}  (inference {t_infer:.2f} s)")
         print(f"Self-attention calls seen for layers {args.layer_indices}: {calls_seen}; kept: {len(kept)} (one per layer)")
         if len(kept) != len(args.layer_indices):
             raise RuntimeError(f"captured {len(kept)} calls for {len(args.layer_indices)} layers")
@@ -294,7 +297,9 @@ def run(args):
     t_save = time.perf_counter() - t_save
     size = Path(args.output_path).stat().st_size
     print(f"\nSaved to: {args.output_path} ({size / 1e6:.1f} MB, written in {t_save:.1f} s, {size / 1e9 / max(t_save, 1e-9):.2f} GB/s)")
-    say(f"Reductions and host copies: {t_reduce:.1f} s; total: {time.perf_counter() - t_start:.1f} s")
+    print(f"Reductions and host copies: {t_reduce:.2f} s; total: {time.perf_counter() - t_start:.1f} s")
+    gpu_peak = f"; GPU {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""
+    print(f"Peak memory after loading the models: host {host_peak_gib():.2f} GiB (output file {size / 2**30:.2f} GiB){gpu_peak}")
 
 
 def main(argv=None):

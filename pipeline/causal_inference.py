@@ -16,11 +16,12 @@ from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE
 class CausalInferencePipeline(nn.Module):
     def __init__(self, args, device, generator=None, text_encoder=None, vae=None, dtype=None):
         """``args``: the merged config. Parts not given are built from it; the VAE only when something
-        decodes. Everything is moved to ``device`` (and cast to ``dtype``, if given)."""
+        decodes. Parts built here are loaded straight onto ``device`` (in ``dtype``, if given); parts
+        passed in are moved there."""
         super().__init__()
         self.args = args
-        self.generator = generator if generator is not None else WanDiffusionWrapper.from_config(args)
-        self.text_encoder = text_encoder if text_encoder is not None else WanTextEncoder.from_config(args)
+        self.generator = generator if generator is not None else WanDiffusionWrapper.from_config(args, device, dtype)
+        self.text_encoder = text_encoder if text_encoder is not None else WanTextEncoder.from_config(args, device, dtype)
         self.vae = vae
         self.scheduler = self.generator.get_scheduler()
         steps = list(args.get("denoising_step_list"))
@@ -33,7 +34,7 @@ class CausalInferencePipeline(nn.Module):
 
     def _decoder(self, like):
         if self.vae is None:
-            self.vae = WanVAEWrapper.from_config(self.args).to(device=like.device, dtype=like.dtype)
+            self.vae = WanVAEWrapper.from_config(self.args, like.device, like.dtype)
         return self.vae
 
     @torch.no_grad()

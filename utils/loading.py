@@ -16,28 +16,28 @@ class WeightFileError(ValueError):
     """A weight file is missing, unreadable, or does not fit the model it is loaded into."""
 
 
-def read_state_dict(path, allow_pickle=False):
-    """Return the tensors of a ``.safetensors`` file or a torch ``.pth``/``.pt`` file, on the CPU.
+def read_state_dict(path, allow_pickle=False, device="cpu"):
+    """Return the tensors of a ``.safetensors`` file or a torch ``.pth``/``.pt`` file on ``device``.
 
-    Torch files are memory-mapped, so a multi-GB file costs no anonymous host memory until used.
-    ``allow_pickle=True`` unpickles arbitrary objects (it can run code from the file); only for files
-    you trust.
+    Both are read through memory maps, tensor by tensor, so loading onto a GPU costs little host
+    memory. ``allow_pickle=True`` unpickles arbitrary objects (it can run code from the file); only
+    for files you trust.
     """
     path = Path(path)
     if not path.is_file():
         raise WeightFileError(f"{path}: file not found")
     if path.suffix == ".safetensors":
         try:
-            return load_file(path, device="cpu")
+            return load_file(path, device=str(device))
         except Exception as err:
             raise WeightFileError(f"{path}: not a readable safetensors file ({err})") from err
     try:
-        return torch.load(path, map_location="cpu", weights_only=not allow_pickle, mmap=True)
+        return torch.load(path, map_location=device, weights_only=not allow_pickle, mmap=True)
     except RuntimeError as err:
         # Old (non-zip) torch files cannot be memory-mapped; read them whole.
         if "mmap" not in str(err):
             raise WeightFileError(f"{path}: not a readable torch file ({err})") from err
-        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+        return torch.load(path, map_location=device, weights_only=not allow_pickle)
     except Exception as err:
         hint = "" if allow_pickle else "; it holds objects beyond tensors: if you trust the file, opt in (--allow_pickle)"
         raise WeightFileError(f"{path}: cannot be read with weights_only=True ({err}){hint}") from err
@@ -62,10 +62,17 @@ def check_state_dict(expected: Mapping[str, torch.Size], found: Mapping[str, tor
         raise WeightFileError(f"{source}: does not fit the model: " + "; ".join(problems))
 
 
-def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source):
-    """Check ``state_dict`` against ``module`` and load it by assignment (no copy, no init needed:
-    ``module`` may live on the meta device). Returns ``module``."""
+def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source, dtype=None):
+    """Check ``state_dict`` against ``module`` and load it by assignment (no init needed: ``module``
+    may live on the meta device), floating tensors cast to ``dtype`` one at a time if given; tensors
+    shared between keys stay shared. Returns ``module``."""
     expected = {k: v.shape for k, v in module.state_dict().items()}
     check_state_dict(expected, state_dict, source)
+    if dtype is not None:
+        cast = {}
+        for value in state_dict.values():
+            if id(value) not in cast:
+                cast[id(value)] = value.to(dtype) if value.is_floating_point() else value
+        state_dict = {key: cast[id(value)] for key, value in state_dict.items()}
     module.load_state_dict(state_dict, strict=True, assign=True)
     return module

@@ -39,3 +39,24 @@ def write_atomically(path, write):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def reset_host_peak():
+    """Restart the count of this process's peak resident memory (Linux; elsewhere a no-op)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def host_peak_gib():
+    """Peak resident memory of this process since start or the last ``reset_host_peak``, in GiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

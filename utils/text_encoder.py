@@ -149,18 +149,19 @@ class WanTextEncoder(nn.Module):
         return {"prompt_embeds": context.to(self.encoder.dtype)}
 
     @classmethod
-    def from_model_dir(cls, model_dir, text_len: int = 512, config: Mapping = UMT5_XXL):
+    def from_model_dir(cls, model_dir, text_len: int = 512, config: Mapping = UMT5_XXL, device="cpu", dtype=None):
         """Load the official encoder file and the ``google/umt5-xxl`` tokenizer from ``model_dir``.
 
-        Weights keep the file's dtype (bf16 for the official file); ``config`` gives the UMT5Config.
+        Weights go to ``device`` and keep the file's dtype (bf16 for the official file) unless ``dtype``
+        is given; ``config`` gives the UMT5Config.
         """
         model_dir = Path(model_dir)
         tokenizer = _load_tokenizer(model_dir / T5_TOKENIZER)
         path = model_dir / T5_CHECKPOINT
-        state_dict = t5_key_map(read_state_dict(path), path)
+        state_dict = t5_key_map(read_state_dict(path, device=device), path)
         with torch.device("meta"):
             encoder = UMT5EncoderModel(UMT5Config(**config))
-        load_into(encoder, state_dict, f"{path} (keys renamed to UMT5EncoderModel names)")
+        load_into(encoder, state_dict, f"{path} (keys renamed to UMT5EncoderModel names)", dtype=dtype)
         encoder.tie_weights()  # assign=True left two Parameters on one tensor; make them one again
         _check_materialized(encoder, path)
         return cls(encoder, tokenizer, text_len)
@@ -188,11 +189,13 @@ class WanTextEncoder(nn.Module):
         return cls(seeded(lambda: UMT5EncoderModel(umt5_config), seed), tokenizer, text_len)
 
     @classmethod
-    def from_config(cls, cfg: Mapping):
-        """``random(cfg.text_encoder_config)`` if ``cfg.random_init``, else ``from_model_dir(cfg.model_dir)``.
+    def from_config(cls, cfg: Mapping, device="cpu", dtype=None):
+        """``random(cfg.text_encoder_config)`` if ``cfg.random_init``, else ``from_model_dir(cfg.model_dir)``,
+        on ``device`` and in ``dtype`` (if given).
 
         The random weights' seed is the sub-config's ``init_seed``, else ``cfg.init_seed``, else 0.
         """
         if cfg.get("random_init"):
-            return cls.random({"init_seed": cfg.get("init_seed", 0), **cfg["text_encoder_config"]})
-        return cls.from_model_dir(cfg["model_dir"])
+            encoder = cls.random({"init_seed": cfg.get("init_seed", 0), **cfg["text_encoder_config"]})
+            return encoder.to(device=device, dtype=dtype)
+        return cls.from_model_dir(cfg["model_dir"], device=device, dtype=dtype)

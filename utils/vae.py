@@ -137,13 +137,14 @@ class WanVAEWrapper(nn.Module):
         return video.float().clamp(-1, 1).permute(0, 2, 1, 3, 4)  # [B, T, 3, 8H, 8W]
 
     @classmethod
-    def from_model_dir(cls, model_dir, config: Mapping = WAN21_VAE):
-        """Load ``Wan2.1_VAE.pth`` from ``model_dir``; ``config`` gives the AutoencoderKLWan arguments."""
+    def from_model_dir(cls, model_dir, config: Mapping = WAN21_VAE, device="cpu", dtype=None):
+        """Load ``Wan2.1_VAE.pth`` from ``model_dir`` onto ``device`` (cast to ``dtype`` if given);
+        ``config`` gives the AutoencoderKLWan arguments."""
         path = Path(model_dir) / VAE_CHECKPOINT
         with torch.device("meta"):
             model = AutoencoderKLWan(**_plain(config))
-        state_dict = vae_key_map(read_state_dict(path), path, model.config.num_res_blocks)
-        load_into(model, state_dict, f"{path} (keys renamed to AutoencoderKLWan names)")
+        state_dict = vae_key_map(read_state_dict(path, device=device), path, model.config.num_res_blocks)
+        load_into(model, state_dict, f"{path} (keys renamed to AutoencoderKLWan names)", dtype=dtype)
         _check_materialized(model, path)
         return cls(model)
 
@@ -157,11 +158,12 @@ class WanVAEWrapper(nn.Module):
         return cls(seeded(lambda: AutoencoderKLWan(**arguments), seed))
 
     @classmethod
-    def from_config(cls, cfg: Mapping):
-        """``random(cfg.vae_config)`` if ``cfg.random_init``, else ``from_model_dir(cfg.model_dir)``.
+    def from_config(cls, cfg: Mapping, device="cpu", dtype=None):
+        """``random(cfg.vae_config)`` if ``cfg.random_init``, else ``from_model_dir(cfg.model_dir)``, on
+        ``device`` and in ``dtype`` (if given).
 
         The random weights' seed is the sub-config's ``init_seed``, else ``cfg.init_seed``, else 0.
         """
         if cfg.get("random_init"):
-            return cls.random({"init_seed": cfg.get("init_seed", 0), **cfg["vae_config"]})
-        return cls.from_model_dir(cfg["model_dir"])
+            return cls.random({"init_seed": cfg.get("init_seed", 0), **cfg["vae_config"]}).to(device=device, dtype=dtype)
+        return cls.from_model_dir(cfg["model_dir"], device=device, dtype=dtype)

@@ -28,14 +28,15 @@ class WanDiffusionWrapper(nn.Module):
         self.scheduler = FlowMatchScheduler(shift=timestep_shift, sigma_min=0.0, extra_one_step=True)
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, device="cpu", dtype=None):
+        """Random weights (``cfg.random_init``) or ``cfg.model_dir``'s, on ``device`` in ``dtype``."""
         kwargs = dict(cfg.get("model_kwargs") or {})
         shift = kwargs.pop("timestep_shift", 5.0)
         if cfg.get("random_init"):
             sizes = dict(cfg["model_config"], **kwargs)
-            model = seeded(lambda: CausalWanModel(**sizes), cfg.get("init_seed", 0))
+            model = seeded(lambda: CausalWanModel(**sizes), cfg.get("init_seed", 0)).to(device=device, dtype=dtype)
         else:
-            model = CausalWanModel.from_pretrained(cfg["model_dir"], **kwargs)
+            model = CausalWanModel.from_pretrained(cfg["model_dir"], device=device, dtype=dtype, **kwargs)
         return cls(model.eval(), timestep_shift=shift)
 
     def get_scheduler(self):

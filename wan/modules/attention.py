@@ -62,25 +62,22 @@ class CapturedCall:
         return scores if logits else scores.softmax(dim=-1)
 
     def to_host(self, dtype=torch.float32, logits=True, frame_seq_length=None):
-        """The whole [B, N, Lq, Lk] matrix in host memory, computed one head (and, if given, one
-        ``frame_seq_length`` block of query rows) at a time on the device. From a GPU each head goes
-        through one pinned buffer: copying straight into fresh pageable memory is about 8x slower
-        (measured on an H200), and pinning the whole result costs seconds per layer."""
+        """The whole [B, N, Lq, Lk] matrix in host memory, computed on the device one head and one
+        block of ``frame_seq_length`` query rows (default: all) at a time. From a GPU each block goes
+        through one small pinned buffer: copying straight into fresh pageable memory is about 8x
+        slower (measured on an H200), and pinning the whole result costs seconds per layer."""
         B, Lq, N, _ = self.q_shape
         Lk = self.k_shape[1]
-        host = torch.empty((B, N, Lq, Lk), dtype=dtype)
-        on_gpu = self.q.device.type == "cuda"
-        piece = torch.empty((B, Lq, Lk), dtype=dtype, device=self.q.device) if on_gpu else None
-        pinned = torch.empty((B, Lq, Lk), dtype=dtype, pin_memory=True) if on_gpu else None
         step = frame_seq_length or Lq
+        host = torch.empty((B, N, Lq, Lk), dtype=dtype)
+        bounce = torch.empty((B, step, Lk), dtype=dtype, pin_memory=True) if self.q.device.type == "cuda" else None
         for head in range(N):
-            target = piece if on_gpu else host[:, head]
             for start in range(0, Lq, step):
                 rows = slice(start, min(start + step, Lq))
-                target[:, rows] = self.weights(head, rows, logits)
-            if on_gpu:
-                pinned.copy_(piece)
-                host[:, head].copy_(pinned)
+                piece = self.weights(head, rows, logits).to(dtype)  # [B, rows, Lk], on the device
+                if bounce is not None:
+                    piece = bounce[:, : piece.shape[1]].copy_(piece)
+                host[:, head, rows] = piece
         return host
 
     def summary(self, frame_seq_length):

@@ -251,9 +251,10 @@ class CausalWanModel(nn.Module):
         self.rope = RoPE3D(dim // num_heads)
 
     @classmethod
-    def from_pretrained(cls, model_dir, **overrides):
+    def from_pretrained(cls, model_dir, device="cpu", dtype=None, **overrides):
         """Build from ``<model_dir>/config.json`` and load ``diffusion_pytorch_model.safetensors``
-        without initializing random weights first. ``overrides``: local_attn_size, sink_size."""
+        straight onto ``device`` (cast to ``dtype`` if given) without initializing random weights
+        first. ``overrides``: constructor arguments such as local_attn_size and sink_size."""
         model_dir = Path(model_dir)
         config_path = model_dir / CONFIG_FILE
         if not config_path.is_file():
@@ -272,7 +273,7 @@ class CausalWanModel(nn.Module):
         with torch.device("meta"):
             model = cls(**config)
         weights = model_dir / WEIGHTS_FILE
-        return load_into(model, read_state_dict(weights), weights).eval()
+        return load_into(model, read_state_dict(weights, device=device), weights, dtype=dtype).eval()
 
     def frame_seq_length(self, height, width):
         """Tokens per latent frame of size height x width."""
