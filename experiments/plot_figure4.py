@@ -17,8 +17,8 @@ since caches keep no token-level mass.
 Several caches (paths or quoted glob patterns) are averaged, with a band (curve) or error bars
 (frames) of +- one sample standard deviation over the files.
 
-Exit status: 0 when the figure is written; 1 when a cache, a panel or --out is unusable (nothing is
-written); 2 on malformed flags.
+Exit status: 0 when the figure is written; 2 when a cache, a panel or --out is unusable (nothing is
+written) and on malformed flags.
 """
 import argparse
 import glob
@@ -238,11 +238,13 @@ def make_figure(caches, panels, view, softmax, batch_index):
                 draw_frames(ax, cache, mean[head], head_std, ylabel)
             ax.set_title(f"L{layer + 1}H{head + 1}")
         axes[0, 0].legend(loc="upper left", fontsize=7)
+    random = any((c.metadata.get("config") or {}).get("random_init") for c in caches)
+    note = "  [RANDOM WEIGHTS: a demo, not a trained model]" if random else ""
     if len(caches) > 1:
-        fig.suptitle(f"mean over {len(caches)} caches", fontsize=9)
+        fig.suptitle(f"mean over {len(caches)} caches{note}", fontsize=9)
     else:
         prompt = cache.prompt if len(cache.prompt) <= 90 else cache.prompt[:87] + "..."
-        fig.suptitle(prompt, fontsize=8)
+        fig.suptitle(prompt + note, fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -293,7 +295,7 @@ def main(argv=None):
             plt.close(fig)
     except (CacheFileError, PlotInputError) as err:
         print(f"plot_figure4.py: error: {err}", file=sys.stderr)
-        return 1
+        return 2
     print(f"wrote {args.out}")
     return 0
 

@@ -54,11 +54,12 @@ class CausalInferencePipeline(nn.Module):
         kv_cache, crossattn_cache = model.new_caches(batch, num_frames, frame_seq_length, noise.dtype, noise.device)
         output = torch.zeros_like(noise)
         num_blocks = num_frames // per_block
-        bar = tqdm(total=num_blocks * (len(self.denoising_steps) + 1), desc="passes", unit="pass", disable=not progress)
+        bar = tqdm(total=num_blocks * (len(self.denoising_steps) + 1), desc="inference", unit="pass", disable=not progress)
         for block in range(num_blocks):
             first = block * per_block
             current_start = first * frame_seq_length
             noisy = noise[:, first : first + per_block]
+            bar.set_postfix_str(f"block {block + 1}/{num_blocks}")
             for step, t in enumerate(self.denoising_steps):
                 x0 = self._forward(noisy, conditional_dict, t, kv_cache, crossattn_cache, current_start, block, step)
                 if step + 1 < len(self.denoising_steps):

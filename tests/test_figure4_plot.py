@@ -246,7 +246,7 @@ def test_curve_panel_plots_the_named_head(full_cache, logits):
 def test_plot_missing_layer_or_head(tmp_path, capsys, full_cache, panel, message):
     out = tmp_path / "fig.png"
     code, _, err = run(capsys, "--cache", full_cache, "--panels", panel, "--out", out)
-    assert code != 0
+    assert code == 2
     assert message in err
     assert "[0, 2]" in err or "0..1" in err
     assert not out.exists()
@@ -260,15 +260,15 @@ def test_plot_rejects_non_cache(tmp_path, capsys, make_file, message):
     path, out = tmp_path / "x.pt", tmp_path / "fig.png"
     make_file(path)
     code, _, err = run(capsys, "--cache", path, "--out", out)
-    assert code != 0 and message in err and str(path) in err
+    assert code == 2 and message in err and str(path) in err
     assert not out.exists()
 
 
 def test_plot_rejects_bad_output(tmp_path, capsys, full_cache):
     code, _, err = run(capsys, "--cache", full_cache, "--panels", "0:0", "--out", tmp_path / "fig.jpg")
-    assert code != 0 and "'.jpg' not supported" in err
+    assert code == 2 and "'.jpg' not supported" in err
     code, _, err = run(capsys, "--cache", full_cache, "--panels", "0:0", "--out", tmp_path / "nope" / "fig.png")
-    assert code != 0 and "does not exist" in err
+    assert code == 2 and "does not exist" in err
     assert os.listdir(tmp_path) == ["full.pt"]
 
 
@@ -293,14 +293,14 @@ def test_sweep_rejects_mismatched_frame_counts(tmp_path, capsys, logits):
     b = write_cache(tmp_path / "b.pt", make_logits(seed=1, fk=FK + 1))
     out = tmp_path / "fig.png"
     code, _, err = run(capsys, "--cache", a, b, "--panels", "0:0", "--out", out)
-    assert code != 0
+    assert code == 2
     assert str(a) in err and str(b) in err and "num_key_frames differs (5 vs 6)" in err
     assert not out.exists()
 
 
 def test_sweep_glob_matching_nothing(tmp_path, capsys):
     code, _, err = run(capsys, "--cache", tmp_path / "none_*.pt", "--out", tmp_path / "fig.png")
-    assert code != 0 and "matches no file" in err
+    assert code == 2 and "matches no file" in err
 
 
 def test_sweep_mean_and_std_over_three_caches(tmp_path, capsys):
@@ -333,4 +333,4 @@ def test_sweep_mean_and_std_over_three_caches(tmp_path, capsys):
 
 def test_sweep_rejects_same_file_twice(tmp_path, capsys, full_cache):
     code, _, err = run(capsys, "--cache", full_cache, tmp_path / "*.pt", "--out", tmp_path / "fig.png")
-    assert code != 0 and "more than once" in err
+    assert code == 2 and "more than once" in err
