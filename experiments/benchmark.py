@@ -39,7 +39,7 @@ def in_process(args, device):
     config = OmegaConf.merge(OmegaConf.load("configs/default_config.yaml"), OmegaConf.load(CONFIG))
     pipeline = CausalInferencePipeline(config, device, dtype=torch.bfloat16)
     model = pipeline.generator.model
-    shape = (1, args.num_frames, model.config["in_dim"], config.height // 8, config.width // 8)
+    shape = (1, *pipeline.latent_shape(args.num_frames))
 
     def run():
         torch.manual_seed(0)

@@ -19,14 +19,13 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline.causal_inference import CausalInferencePipeline
+from utils.attention_cache import CACHE_FORMAT, CACHE_FORMAT_VERSION, SUMMARY_KEYS
 from utils.loading import WeightFileError
 from utils.misc import host_peak_gib, reset_host_peak, set_seed, write_atomically
 from utils.wan_wrapper import load_generator_checkpoint
 from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE
 
 DEFAULT_CONFIG = "configs/default_config.yaml"
-FORMAT = "figure4-attention-cache"
-FORMAT_VERSION = 1
 MODEL_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl/")
 
 
@@ -38,11 +37,23 @@ class Terminated(BaseException):
     """SIGTERM, raised like Ctrl-C so that clean-up runs."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option; the examples kept as written."""
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Capture the last block's pre-softmax self-attention logits of chosen layers during real "
         "causal inference (Deep Forcing Figure 4).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
+        epilog="examples:\n"
+        "  # tiny random-weights model, no files, CPU\n"
+        "  PYTHONPATH=. python experiments/run_extraction_figure4.py --config_path configs/tiny.yaml --no_checkpoint --device cpu\n"
+        "  # Self-Forcing checkpoint (wan_models/Wan2.1-T2V-1.3B + checkpoints/self_forcing_dmd.pt), one GPU\n"
+        "  PYTHONPATH=. python experiments/run_extraction_figure4.py --output_path cache/self_forcing.pt\n"
+        "  # base Wan2.1, 4 layers, exact summaries only\n"
+        "  PYTHONPATH=. python experiments/run_extraction_figure4.py --no_checkpoint --layer_indices 0 4 8 12 --save_mode summary\n"
+        "exit status: 0 saved; 2 bad input (nothing written); 130 Ctrl-C; 143 SIGTERM",
     )
     parser.add_argument("--config_path", default="configs/self_forcing_dmd.yaml",
                         help=f"inference config, merged onto {DEFAULT_CONFIG}; configs/tiny.yaml runs anywhere with random weights")
@@ -117,12 +128,11 @@ def check_inputs(args, config):
     output = Path(args.output_path)
     if output.is_dir():
         raise UsageError(f"--output_path: {output} is a folder; expected a file path")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"--output_path: cannot create folder {output.parent}: {err}") from err
-    if not os.access(output.parent, os.W_OK):
-        raise UsageError(f"--output_path: folder {output.parent} is not writable")
+    existing = next(p for p in (output.parent, *output.parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--output_path: {existing} is not a folder, so {output.parent} cannot be created")
+    if not os.access(existing, os.W_OK):
+        raise UsageError(f"--output_path: folder {existing} is not writable")
 
 
 def pick_device(args):
@@ -142,10 +152,10 @@ def pick_device(args):
     return device, dtype
 
 
-def key_frame_indices(record, per_block, num_key_frames, sink_size):
-    """Video frame index of each key frame of a kept call: 0.. when the cache holds the whole video;
-    with a local window, the sink frames and then the latest frames up to the query block."""
-    end = (record.labels["block"] + 1) * per_block
+def key_frame_indices(layers_meta, per_block, num_key_frames, sink_size):
+    """Video frame index of each key frame of the kept calls: 0.. when the cache holds the whole
+    video; with a local window, the sink frames and then the latest frames up to the query block."""
+    end = (next(iter(layers_meta.values()))["block"] + 1) * per_block
     if num_key_frames == end:
         return list(range(end))
     return list(range(sink_size)) + list(range(end - (num_key_frames - sink_size), end))
@@ -162,101 +172,113 @@ def sink_table(summary, frame_seq_length, num_query_frames):
     return torch.stack([first, mid, first - mid], dim=1)  # [N, 3]
 
 
+def build_pipeline(args, config, device, dtype, say):
+    """The pipeline on ``device``, with the checkpoint's generator loaded unless --no_checkpoint.
+    Returns (pipeline, the checkpoint entry used or None)."""
+    say("Initializing inference pipeline...")
+    pipeline = CausalInferencePipeline(config, device=device, dtype=dtype).eval()
+    num_layers = len(pipeline.generator.model.blocks)
+    bad = [i for i in args.layer_indices if i >= num_layers]
+    if bad:
+        raise UsageError(f"--layer_indices: {bad} out of range; the model has {num_layers} layers (0..{num_layers - 1})")
+    if args.no_checkpoint:
+        say("No checkpoint: random weights (config random_init)" if config.get("random_init") else "No checkpoint: base Wan2.1 weights")
+        return pipeline, None
+    checkpoint_key = load_generator_checkpoint(pipeline.generator, args.checkpoint_path, args.use_ema, args.allow_pickle)
+    say(f"Loaded '{checkpoint_key}' from {args.checkpoint_path}")
+    return pipeline, checkpoint_key
+
+
+def capture_inference(args, pipeline, device, dtype, say):
+    """Run the inference with the capture on; returns (kept calls, calls seen)."""
+    num_layers = len(pipeline.generator.model.blocks)
+    keep_pass = len(pipeline.denoising_steps) if args.capture_step == "cache" else int(args.capture_step)
+    say(f"\nNum frames: {args.num_frames}\nNum frames per block: {pipeline.num_frame_per_block}")
+    say(f"Layer indices to capture: {args.layer_indices}\nPrompt: {args.prompt}")
+    say(f"Capture step: {args.capture_step}  (denoising timesteps {[round(t, 2) for t in pipeline.denoising_steps]})")
+    say("\n" + "=" * 60 + "\nCapturing attention during inference (the model's own attention calls)\n" + "=" * 60)
+    say(f"Model layers: {num_layers}")
+    noise = torch.randn((1, *pipeline.latent_shape(args.num_frames)), device=device, dtype=dtype)
+    ATTENTION_WEIGHT_CAPTURE.enable(args.layer_indices, capture_logits=True, num_layers=num_layers, keep="largest_k", keep_pass=keep_pass)
+    try:
+        start = time.perf_counter()
+        latents = pipeline.inference(noise, [args.prompt], return_latents=True, progress=not args.quiet)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        print(f"Output latent shape: {list(latents.shape)}  (inference {time.perf_counter() - start:.2f} s)")
+        return ATTENTION_WEIGHT_CAPTURE.kept_calls, ATTENTION_WEIGHT_CAPTURE.calls_seen
+    finally:
+        ATTENTION_WEIGHT_CAPTURE.disable()
+
+
+def layer_entry(args, record, frame_seq_length, num_key_frames, per_block, quiet):
+    """The saved entry of one kept call and its metadata; prints its logit range and sink table."""
+    summary = {name: value.cpu() for name, value in record.summary(frame_seq_length).items()}
+    entry = {
+        "layer_idx": record.layer_idx,
+        "is_logits": True,
+        "num_frames": args.num_frames,
+        "frame_seq_length": frame_seq_length,
+        "num_heads": record.num_heads,
+        "num_query_frames": per_block,
+        "num_key_frames": num_key_frames,
+    }
+    if args.save_mode == "full":
+        entry["attn_logits"] = record.to_host(torch.float16, frame_seq_length=frame_seq_length)
+    else:
+        entry.update({name: summary[name] for name in SUMMARY_KEYS})
+    low, high = summary["logit_min"].min().item(), summary["logit_max"].max().item()
+    meta = {
+        "call_idx": record.call_idx, "block": record.labels["block"], "step": record.labels["step"],
+        "timestep": record.labels["timestep"], "q_shape": list(record.q_shape), "k_shape": list(record.k_shape),
+        "logit_min": low, "logit_max": high,
+    }
+    shape = [record.q_shape[0], record.num_heads, record.q_shape[1], record.k_shape[1]]
+    print(f"Layer {record.layer_idx}: logits {shape} min {low:.3f} max {high:.3f}")
+    table = sink_table(summary, frame_seq_length, per_block)
+    if table is not None and not quiet:
+        print("  head  first-frame  middle-frames  first-middle   (query-averaged logits)")
+        for head, (first, middle, delta) in enumerate(table.tolist()):
+            print(f"  {head:4d}  {first:11.3f}  {middle:13.3f}  {delta:12.3f}")
+    return entry, meta
+
+
 def run(args):
     t_start = time.perf_counter()
     config = load_config(args)
     check_inputs(args, config)
     device, dtype = pick_device(args)
-    say = print if not args.quiet else (lambda *a, **k: None)
+    say = (lambda *a, **k: None) if args.quiet else print
     print(f"Using device: {device}")
     if device.type == "cuda":
         print(f"GPU: {torch.cuda.get_device_name(device)}")
     set_seed(args.seed)
     torch.set_grad_enabled(False)
-
-    say("Initializing inference pipeline...")
-    pipeline = CausalInferencePipeline(config, device=device, dtype=dtype).eval()
+    pipeline, checkpoint_key = build_pipeline(args, config, device, dtype, say)
     model = pipeline.generator.model
-    num_layers = len(model.blocks)
-    bad = [i for i in args.layer_indices if i >= num_layers]
-    if bad:
-        raise UsageError(f"--layer_indices: {bad} out of range; the model has {num_layers} layers (0..{num_layers - 1})")
-    checkpoint_key = None
-    if args.no_checkpoint:
-        say("No checkpoint: using the base Wan2.1 weights" if not config.get("random_init") else "No checkpoint: random weights (config random_init)")
-    else:
-        checkpoint_key = load_generator_checkpoint(pipeline.generator, args.checkpoint_path, args.use_ema, args.allow_pickle)
-        say(f"Loaded '{checkpoint_key}' from {args.checkpoint_path}")
-
-    per_block = pipeline.num_frame_per_block
-    latent_shape = (args.num_frames, model.config["in_dim"], config.height // 8, config.width // 8)
-    say(f"\nNum frames: {args.num_frames}\nNum frames per block: {per_block}")
-    say(f"Layer indices to capture: {args.layer_indices}\nPrompt: {args.prompt}")
-    keep_pass = len(pipeline.denoising_steps) if args.capture_step == "cache" else int(args.capture_step)
-    say(f"Capture step: {args.capture_step}  (denoising timesteps {[round(t, 2) for t in pipeline.denoising_steps]})")
-    say("\n" + "=" * 60 + "\nCapturing attention during inference (the model's own attention calls)\n" + "=" * 60)
-    say(f"Model layers: {num_layers}")
 
     reset_host_peak()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    noise = torch.randn((1, *latent_shape), device=device, dtype=dtype)
-    ATTENTION_WEIGHT_CAPTURE.enable(args.layer_indices, capture_logits=True, num_layers=num_layers, keep="largest_k", keep_pass=keep_pass)
-    try:
-        t_infer = time.perf_counter()
-        latents = pipeline.inference(noise, [args.prompt], return_latents=True, progress=not args.quiet)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t_infer = time.perf_counter() - t_infer
-        calls_seen, kept = ATTENTION_WEIGHT_CAPTURE.calls_seen, ATTENTION_WEIGHT_CAPTURE.kept_calls
-        print(f"Output latent shape: {list(latents.shape)}  (inference {t_infer:.2f} s)")
-        print(f"Self-attention calls seen for layers {args.layer_indices}: {calls_seen}; kept: {len(kept)} (one per layer)")
-        if len(kept) != len(args.layer_indices):
-            raise RuntimeError(f"captured {len(kept)} calls for {len(args.layer_indices)} layers")
+    kept, calls_seen = capture_inference(args, pipeline, device, dtype, say)
+    print(f"Self-attention calls seen for layers {args.layer_indices}: {calls_seen}; kept: {len(kept)} (one per layer)")
+    if len(kept) != len(args.layer_indices):
+        raise RuntimeError(f"captured {len(kept)} calls for {len(args.layer_indices)} layers")
+    per_block = pipeline.num_frame_per_block
+    frame_seq_length = kept[0].q_shape[1] // per_block
+    num_key_frames = kept[0].k_shape[1] // frame_seq_length
+    for record in kept:
+        say(f"Layer {record.layer_idx}: selected attention with Q={list(record.q_shape)}, K={list(record.k_shape)} "
+            f"(block {record.labels['block']}, pass {record.labels['step']}, t={record.labels['timestep']:.2f}, call {record.call_idx})")
+    print(f"\nInferred parameters:\n  frame_seq_length: {frame_seq_length}\n  num_key_frames: {num_key_frames}\n  num_query_frames: {per_block}")
 
-        first = kept[0]
-        q_len, k_len = first.q_shape[1], first.k_shape[1]
-        frame_seq_length = q_len // per_block
-        num_key_frames = k_len // frame_seq_length
-        for record in kept:
-            say(f"Layer {record.layer_idx}: selected attention with Q={list(record.q_shape)}, K={list(record.k_shape)} "
-                f"(block {record.labels['block']}, pass {record.labels['step']}, t={record.labels['timestep']:.2f}, call {record.call_idx})")
-        print(f"\nInferred parameters:\n  frame_seq_length: {frame_seq_length}\n  num_key_frames: {num_key_frames}\n  num_query_frames: {per_block}")
-
-        entries, layers_meta = [], {}
-        t_reduce = time.perf_counter()
-        for record in kept:
-            summary = {name: value.cpu() for name, value in record.summary(frame_seq_length).items()}
-            entry = {
-                "layer_idx": record.layer_idx,
-                "is_logits": True,
-                "num_frames": args.num_frames,
-                "frame_seq_length": frame_seq_length,
-                "num_heads": record.num_heads,
-                "num_query_frames": per_block,
-                "num_key_frames": num_key_frames,
-            }
-            if args.save_mode == "full":
-                entry["attn_logits"] = record.to_host(torch.float16, frame_seq_length=frame_seq_length)
-            else:
-                entry.update({name: summary[name] for name in ("query_mean_logits", "frame_mean_logits", "frame_attention_mass")})
-            entries.append(entry)
-            low, high = summary["logit_min"].min().item(), summary["logit_max"].max().item()
-            layers_meta[record.layer_idx] = {
-                "call_idx": record.call_idx, "block": record.labels["block"], "step": record.labels["step"],
-                "timestep": record.labels["timestep"], "q_shape": list(record.q_shape), "k_shape": list(record.k_shape),
-                "logit_min": low, "logit_max": high,
-            }
-            print(f"Layer {record.layer_idx}: logits [{', '.join(map(str, record.q_shape[:1]))}, {record.num_heads}, {q_len}, {k_len}] "
-                  f"min {low:.3f} max {high:.3f}")
-            table = sink_table(summary, frame_seq_length, per_block)
-            if table is not None and not args.quiet:
-                print("  head  first-frame  middle-frames  first-middle   (query-averaged logits)")
-                for head, (f0, mid, delta) in enumerate(table.tolist()):
-                    print(f"  {head:4d}  {f0:11.3f}  {mid:13.3f}  {delta:12.3f}")
-        t_reduce = time.perf_counter() - t_reduce
-    finally:
-        ATTENTION_WEIGHT_CAPTURE.disable()
+    t_reduce = time.perf_counter()
+    entries, layers_meta = [], {}
+    for record in kept:
+        entry, layers_meta[record.layer_idx] = layer_entry(args, record, frame_seq_length, num_key_frames, per_block, args.quiet)
+        entries.append(entry)
+    t_reduce = time.perf_counter() - t_reduce
+    del kept  # frees the kept q and keys on the device
 
     save_data = {
         "attention_weights": entries,
@@ -270,9 +292,8 @@ def run(args):
         "query_frames": list(range(args.num_frames - per_block, args.num_frames)),
         "key_frames": list(range(num_key_frames)),
         "metadata": {
-            "key_frame_indices": key_frame_indices(kept[0], per_block, num_key_frames, model.sink_size),
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format": CACHE_FORMAT,
+            "format_version": CACHE_FORMAT_VERSION,
             "save_mode": args.save_mode,
             "seed": args.seed,
             "prompt": args.prompt,
@@ -280,10 +301,11 @@ def run(args):
             "checkpoint_key": checkpoint_key,
             "use_ema": args.use_ema,
             "capture_step": args.capture_step,
-            "timestep": kept[0].labels["timestep"],
+            "timestep": next(iter(layers_meta.values()))["timestep"],
             "calls_seen": calls_seen,
-            "calls_kept": len(kept),
+            "calls_kept": len(entries),
             "layers": layers_meta,
+            "key_frame_indices": key_frame_indices(layers_meta, per_block, num_key_frames, model.sink_size),
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
             "config_path": str(args.config_path),
@@ -293,6 +315,7 @@ def run(args):
         },
     }
     t_save = time.perf_counter()
+    Path(args.output_path).parent.mkdir(parents=True, exist_ok=True)
     write_atomically(args.output_path, lambda handle: torch.save(save_data, handle))
     t_save = time.perf_counter() - t_save
     size = Path(args.output_path).stat().st_size

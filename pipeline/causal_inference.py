@@ -12,6 +12,8 @@ from tqdm import tqdm
 from utils.wan_wrapper import WanDiffusionWrapper, WanTextEncoder, WanVAEWrapper
 from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE
 
+VAE_STRIDE = 8  # the Wan2.1 VAE downsamples height and width 8x
+
 
 class CausalInferencePipeline(nn.Module):
     def __init__(self, args, device, generator=None, text_encoder=None, vae=None, dtype=None):
@@ -31,6 +33,10 @@ class CausalInferencePipeline(nn.Module):
         if args.get("independent_first_frame"):
             raise ValueError("independent_first_frame: true is not supported (text-to-video uses equal blocks)")
         self.to(device=device, dtype=dtype)
+
+    def latent_shape(self, num_frames):
+        """[F, C, H, W] of the latent video for the config's pixel height and width."""
+        return (num_frames, self.generator.model.config["in_dim"], self.args.height // VAE_STRIDE, self.args.width // VAE_STRIDE)
 
     def _decoder(self, like):
         if self.vae is None:

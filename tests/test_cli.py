@@ -147,7 +147,7 @@ def bad_checkpoints(tmp_path):
 def test_bad_input_exits_nonzero_names_it_and_writes_nothing(tmp_path, capsys, case, argv, words):
     if case == "no cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    out = tmp_path / "out.pt"
+    out = tmp_path / "new_folder" / "out.pt"  # not created either when the input is refused
     base = ["--config_path", "configs/tiny.yaml", "--device", "cpu", "--quiet", "--num_frames", "6", "--output_path", str(out)]
     assert cli.main(base + argv) == 2
     err = capsys.readouterr().err

@@ -75,4 +75,7 @@ def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source,
                 cast[id(value)] = value.to(dtype) if value.is_floating_point() else value
         state_dict = {key: cast[id(value)] for key, value in state_dict.items()}
     module.load_state_dict(state_dict, strict=True, assign=True)
+    left = [name for name, buffer in module.named_buffers() if buffer.is_meta]
+    if left:  # non-persistent buffers are in no file: a model built on meta must not have any
+        raise RuntimeError(f"{source}: buffers the file does not hold are left on the meta device: {left}")
     return module

@@ -113,13 +113,6 @@ def _load_tokenizer(folder: Path):
         raise WeightFileError(f"{folder}: cannot load the tokenizer ({err})") from err
 
 
-def _check_materialized(module: nn.Module, source):
-    """Raise if a tensor the file did not provide (a non-persistent buffer) is still on meta."""
-    left = [name for name, buffer in module.named_buffers() if buffer.is_meta]
-    if left:
-        raise RuntimeError(f"{source}: buffers the file does not hold are left on the meta device: {left}")
-
-
 class WanTextEncoder(nn.Module):
     """Prompts -> umT5 context [B, text_len, d_model], zero after each prompt's tokens. Frozen."""
 
@@ -163,7 +156,6 @@ class WanTextEncoder(nn.Module):
             encoder = UMT5EncoderModel(UMT5Config(**config))
         load_into(encoder, state_dict, f"{path} (keys renamed to UMT5EncoderModel names)", dtype=dtype)
         encoder.tie_weights()  # assign=True left two Parameters on one tensor; make them one again
-        _check_materialized(encoder, path)
         return cls(encoder, tokenizer, text_len)
 
     @classmethod

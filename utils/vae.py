@@ -110,13 +110,6 @@ def _plain(config: Mapping) -> dict:
     return OmegaConf.to_container(OmegaConf.create(dict(config)), resolve=True)
 
 
-def _check_materialized(module: nn.Module, source):
-    """Raise if a tensor the file did not provide (a non-persistent buffer) is still on meta."""
-    left = [name for name, buffer in module.named_buffers() if buffer.is_meta]
-    if left:
-        raise RuntimeError(f"{source}: buffers the file does not hold are left on the meta device: {left}")
-
-
 class WanVAEWrapper(nn.Module):
     """``AutoencoderKLWan`` plus the latent mean/std, non-persistent buffers that ``.to`` moves. Frozen."""
 
@@ -145,7 +138,6 @@ class WanVAEWrapper(nn.Module):
             model = AutoencoderKLWan(**_plain(config))
         state_dict = vae_key_map(read_state_dict(path, device=device), path, model.config.num_res_blocks)
         load_into(model, state_dict, f"{path} (keys renamed to AutoencoderKLWan names)", dtype=dtype)
-        _check_materialized(model, path)
         return cls(model)
 
     @classmethod
