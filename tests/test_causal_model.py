@@ -9,7 +9,6 @@ Independent references used here:
 """
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +18,6 @@ import wan.modules.causal_model as cm
 from utils.loading import WeightFileError
 from wan.modules.causal_model import WAN_T2V_1_3B, CausalWanModel, KVCache
 
-MANIFEST = Path("/work/shared/manifests/wan2.1_t2v_1.3b_transformer.json")
 
 # Tiny model of the same architecture: head_dim 16, so RoPE pairs split [4, 2, 2] (time, rows, cols).
 TINY = dict(
@@ -58,8 +56,8 @@ def inputs(frames, height=8, width=8, batch=1, seed=1, cfg=TINY):
 # Manifest
 
 
-def test_full_size_state_dict_matches_manifest():
-    manifest = json.loads(MANIFEST.read_text())
+def test_full_size_state_dict_matches_manifest(official_manifest):
+    manifest = official_manifest("wan2.1_t2v_1.3b_transformer.json")
     with torch.device("meta"):
         model = CausalWanModel(**WAN_T2V_1_3B)
     ours = {k: list(v.shape) for k, v in model.state_dict().items()}

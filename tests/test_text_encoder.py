@@ -4,10 +4,8 @@ Expected key names and shapes are written out here from the reference key map an
 official manifest; numerics are compared with a plain ``UMT5EncoderModel`` run by the test.
 """
 
-import json
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +16,6 @@ from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 from utils.loading import WeightFileError
 from utils.text_encoder import T5_CHECKPOINT, UMT5_XXL, WanTextEncoder, clean_prompt, t5_key_map
 
-MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "manifests" / "umt5_xxl_encoder.json"
 
 # Tiny sizes; inner attention width 3 * 4 = 12 differs from d_model, so q and o have distinct shapes.
 TINY_FILE = dict(
@@ -103,10 +100,8 @@ def model_dir(tmp_path):
     return tmp_path
 
 
-def test_key_map_covers_the_official_file():
-    if not MANIFEST.is_file():
-        pytest.skip(f"{MANIFEST} not found")
-    manifest = json.loads(MANIFEST.read_text())
+def test_key_map_covers_the_official_file(official_manifest):
+    manifest = official_manifest("umt5_xxl_encoder.json")
     config = manifest["config"]
     ours = {
         "vocab": UMT5_XXL["vocab_size"],

@@ -4,9 +4,7 @@ Wan's VAE key names and shapes are enumerated here from the reference layout and
 official manifest; decoding is compared with diffusers' own ``AutoencoderKLWan.decode``.
 """
 
-import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +14,6 @@ from omegaconf import OmegaConf
 from utils.loading import WeightFileError
 from utils.vae import VAE_CHECKPOINT, WAN21_VAE, WanVAEWrapper, vae_key_map
 
-MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "manifests" / "wan2.1_vae.json"
 
 TINY = dict(base_dim=8, num_res_blocks=1)  # dim_mult [1, 2, 4, 4]: 8 to 32 channels
 
@@ -135,10 +132,8 @@ def model_dir(tmp_path):
     return tmp_path
 
 
-def test_key_map_covers_the_official_file():
-    if not MANIFEST.is_file():
-        pytest.skip(f"{MANIFEST} not found")
-    manifest = json.loads(MANIFEST.read_text())
+def test_key_map_covers_the_official_file(official_manifest):
+    manifest = official_manifest("wan2.1_vae.json")
     config = manifest["config"]
     assert (WAN21_VAE["base_dim"], WAN21_VAE["z_dim"], WAN21_VAE["num_res_blocks"]) == (
         config["dim"],
