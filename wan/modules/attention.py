@@ -7,9 +7,9 @@ of the requested layers are recorded. The capture only reads q and k; the attent
 same computation either way, so a run with capture on gives bit-identical latents.
 
 Two keep policies:
-- ``keep="all"`` materializes every matching call's [B, N, Lq, Lk] fp32 matrix on the host at once.
-  Fine for tiny models; at full size one last-block call is 1.84e9 elements (7.4 GB in fp32) and a
-  21-frame run has 35 calls per layer, so hundreds of GB: do not use it there.
+- ``keep="all"`` copies every matching call's [B, N, Lq, Lk] fp32 matrix to the host as it happens
+  (waiting for the device each time). Fine for tiny models; at full size one last-block call is
+  1.84e9 elements (7.4 GB in fp32) and a 21-frame run has 35 calls per layer, so hundreds of GB.
 - ``keep="largest_k"`` keeps, per layer, only the ``keep_pass``-th call among those with the largest
   key length seen (``keep_pass=0``: the first, as a stable sort by descending K would pick), holding
   just that call's q and a copy of its keys on the device (about 115 MB per layer at full size).
