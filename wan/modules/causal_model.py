@@ -235,7 +235,6 @@ class CausalWanModel(nn.Module):
             sink_size=sink_size,
         )
         self.patch_size = tuple(patch_size)
-        self.text_len = text_len
         self.freq_dim = freq_dim
         self.num_heads = num_heads
         self.local_attn_size = local_attn_size
@@ -298,7 +297,7 @@ class CausalWanModel(nn.Module):
         x = self.patch_embedding(x)  # [B, dim, F, H/ph, W/pw]
         grid = x.shape[2:]
         x = rearrange(x, "b c f h w -> b (f h w) c")
-        frame_seq_length = grid[1] * grid[2]
+        frame_seq_length = self.frame_seq_length(height, width)
         freqs = self.rope.freqs(grid, current_start // frame_seq_length, x.device)
         e = self.time_embedding(sinusoidal_embedding(self.freq_dim, t.flatten()).to(x.dtype))  # [B*F, dim]
         e0 = self.time_projection(e).unflatten(1, (6, -1)).unflatten(0, (batch, frames))  # [B, F, 6, dim]
