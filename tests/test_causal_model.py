@@ -115,7 +115,7 @@ def test_from_pretrained_reads_weights_bit_exactly(tmp_path):
         assert loaded[key].dtype == value.dtype, key
         assert torch.equal(loaded[key], value), key
     assert model.config["text_dim"] == 4096 and model.config["patch_size"] == (1, 2, 2)
-    assert model.config["dim"] == 32 and model.config["num_layers"] == 2 and model.text_len == 8
+    assert model.config["dim"] == 32 and model.config["num_layers"] == 2 and model.config["text_len"] == 8
     assert model.local_attn_size == -1 and model.sink_size == 0
     # The window overrides reach the model.
     windowed = CausalWanModel.from_pretrained(tmp_path / "m", local_attn_size=3, sink_size=1)
