@@ -5,7 +5,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import experiments.plot_figure4 as plot_figure4
 import experiments.run_extraction_figure4 as cli
+from utils.attention_cache import SUMMARY_KEYS, open_cache
 from utils.wan_wrapper import WanDiffusionWrapper
 
 SPEC_TOP_KEYS = {
@@ -193,3 +195,16 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch, failure, cod
         assert extract(tmp_path)[0] == code
     assert out.read_bytes() == b"previous result"
     assert [p.name for p in tmp_path.iterdir()] == ["out.pt"]
+
+
+def test_reader_and_plot_on_the_tiny_run(full_and_summary, tmp_path):
+    _, _, full_path, summary_path = full_and_summary
+    full, summary = open_cache(full_path), open_cache(summary_path)
+    assert (full.save_mode, summary.save_mode) == ("full", "summary")
+    for layer in (0, 4):
+        from_full, stored = full.summary(layer), summary.summary(layer)
+        for key in SUMMARY_KEYS:  # the full file holds fp16 logits, the summary exact fp32 reductions
+            torch.testing.assert_close(from_full[key], stored[key], rtol=0, atol=2e-3)
+    out = tmp_path / "figure4.png"
+    assert plot_figure4.main(["--cache", str(full_path), "--panels", "0:0", "4:3", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
