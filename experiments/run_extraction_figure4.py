@@ -79,7 +79,7 @@ def parse_args(argv=None):
     parser.add_argument("--save_mode", choices=("full", "summary"), default="full",
                         help="full: fp16 logits [B, N, Q, K] per layer (3.7 GB per layer at full size); summary: exact fp32 "
                         "query-averaged logits, frame-level means and attention mass (kilobytes)")
-    parser.add_argument("--allow_pickle", action="store_true", help="load a checkpoint with weights_only=False (runs code from the file; only for files you trust)")
+    parser.add_argument("--allow_pickle", action="store_true", help="load a checkpoint that holds more than tensors by full unpickling (runs code from the file; only for files you trust)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and a shorter report (for shell loops)")
     return parser.parse_args(argv)
 
