@@ -22,7 +22,7 @@ from pipeline.causal_inference import CausalInferencePipeline
 from utils.attention_cache import CACHE_FORMAT, CACHE_FORMAT_VERSION, SUMMARY_KEYS
 from utils.loading import WeightFileError
 from utils.misc import host_peak_gib, reset_host_peak, set_seed, write_atomically
-from utils.wan_wrapper import load_generator_checkpoint
+from utils.wan_wrapper import WanDiffusionWrapper, load_generator_checkpoint
 from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE
 
 DEFAULT_CONFIG = "configs/default_config.yaml"
@@ -176,17 +176,19 @@ def build_pipeline(args, config, device, dtype, say):
     """The pipeline on ``device``, with the checkpoint's generator loaded unless --no_checkpoint.
     Returns (pipeline, the checkpoint entry used or None)."""
     say("Initializing inference pipeline...")
-    pipeline = CausalInferencePipeline(config, device=device, dtype=dtype).eval()
-    num_layers = len(pipeline.generator.model.blocks)
+    # With a checkpoint, the base transformer weights would be overwritten at once: never read them.
+    generator = WanDiffusionWrapper.from_config(config, device, dtype, load_weights=args.no_checkpoint)
+    num_layers = len(generator.model.blocks)
     bad = [i for i in args.layer_indices if i >= num_layers]
     if bad:
         raise UsageError(f"--layer_indices: {bad} out of range; the model has {num_layers} layers (0..{num_layers - 1})")
+    checkpoint_key = None
     if args.no_checkpoint:
         say("No checkpoint: random weights (config random_init)" if config.get("random_init") else "No checkpoint: base Wan2.1 weights")
-        return pipeline, None
-    checkpoint_key = load_generator_checkpoint(pipeline.generator, args.checkpoint_path, args.use_ema, args.allow_pickle)
-    say(f"Loaded '{checkpoint_key}' from {args.checkpoint_path}")
-    return pipeline, checkpoint_key
+    else:
+        checkpoint_key = load_generator_checkpoint(generator, args.checkpoint_path, args.use_ema, args.allow_pickle, device, dtype)
+        say(f"Loaded '{checkpoint_key}' from {args.checkpoint_path}")
+    return CausalInferencePipeline(config, device, generator=generator, dtype=dtype).eval(), checkpoint_key
 
 
 def capture_inference(args, pipeline, device, dtype, say):

@@ -500,3 +500,26 @@ def test_model_caches_indices_are_python_ints_after_forward():
                 assert type(cache.global_end) is int and type(cache.local_end) is int
                 assert cache.global_end == cache.local_end == (start_frame + 2) * FSL
     assert all(c.k is not None for c in xattn)
+
+
+def test_checkpoint_fills_a_meta_generator_without_reading_base_weights(tmp_path):
+    from omegaconf import OmegaConf
+
+    from utils.wan_wrapper import WanDiffusionWrapper, load_generator_checkpoint
+
+    folder = tmp_path / "wan"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LOAD_CONFIG))  # no safetensors file: it must not be needed
+    cfg = OmegaConf.create({"model_dir": str(folder), "random_init": False, "model_kwargs": {"timestep_shift": 5.0}})
+    wrapper = WanDiffusionWrapper.from_config(cfg, load_weights=False)
+    assert all(p.is_meta for p in wrapper.parameters())
+    config = dict(WAN_T2V_1_3B, **{k: LOAD_CONFIG[k] for k in ("dim", "ffn_dim", "freq_dim", "in_dim", "num_heads", "num_layers", "out_dim", "text_len")})
+    ema = {f"model.{k}": v for k, v in random_state_dict(config, seed=4).items()}
+    path = tmp_path / "sf.pt"
+    torch.save({"generator": {k: v + 1 for k, v in ema.items()}, "generator_ema": ema}, path)
+    assert load_generator_checkpoint(wrapper, path, device="cpu", dtype=torch.bfloat16) == "generator_ema"
+    assert not any(p.is_meta for p in wrapper.parameters())
+    state = wrapper.state_dict()
+    assert set(state) == set(ema)
+    for key, value in ema.items():
+        assert state[key].dtype == torch.bfloat16 and torch.equal(state[key], value.bfloat16()), key

@@ -62,18 +62,17 @@ def check_state_dict(expected: Mapping[str, torch.Size], found: Mapping[str, tor
         raise WeightFileError(f"{source}: does not fit the model: " + "; ".join(problems))
 
 
-def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source, dtype=None):
+def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source, device=None, dtype=None):
     """Check ``state_dict`` against ``module`` and load it by assignment (no init needed: ``module``
-    may live on the meta device), floating tensors cast to ``dtype`` one at a time if given; tensors
-    shared between keys stay shared. Returns ``module``."""
+    may live on the meta device). Tensors are moved to ``device`` and floating ones cast to ``dtype``
+    (where given) one at a time; tensors shared between keys stay shared. Returns ``module``."""
     expected = {k: v.shape for k, v in module.state_dict().items()}
     check_state_dict(expected, state_dict, source)
-    if dtype is not None:
-        cast = {}
-        for value in state_dict.values():
-            if id(value) not in cast:
-                cast[id(value)] = value.to(dtype) if value.is_floating_point() else value
-        state_dict = {key: cast[id(value)] for key, value in state_dict.items()}
+    moved = {}
+    for value in state_dict.values():
+        if id(value) not in moved:
+            moved[id(value)] = value.to(device=device, dtype=dtype if value.is_floating_point() else None)
+    state_dict = {key: moved[id(value)] for key, value in state_dict.items()}
     module.load_state_dict(state_dict, strict=True, assign=True)
     left = [name for name, buffer in module.named_buffers() if buffer.is_meta]
     if left:  # non-persistent buffers are in no file: a model built on meta must not have any

@@ -11,7 +11,7 @@ random weights of the sizes in the config, the same for every run (seeded by ``i
 import torch
 from torch import nn
 
-from utils.loading import WeightFileError, check_state_dict, read_state_dict
+from utils.loading import WeightFileError, load_into, read_state_dict
 from utils.misc import seeded
 from utils.scheduler import FlowMatchScheduler
 from utils.text_encoder import WanTextEncoder
@@ -28,15 +28,17 @@ class WanDiffusionWrapper(nn.Module):
         self.scheduler = FlowMatchScheduler(shift=timestep_shift, sigma_min=0.0, extra_one_step=True)
 
     @classmethod
-    def from_config(cls, cfg, device="cpu", dtype=None):
-        """Random weights (``cfg.random_init``) or ``cfg.model_dir``'s, on ``device`` in ``dtype``."""
+    def from_config(cls, cfg, device="cpu", dtype=None, load_weights=True):
+        """Random weights (``cfg.random_init``) or ``cfg.model_dir``'s, on ``device`` in ``dtype``.
+        ``load_weights=False`` leaves a non-random model on the meta device, for
+        ``load_generator_checkpoint`` to fill (the base weights are then never read)."""
         kwargs = dict(cfg.get("model_kwargs") or {})
         shift = kwargs.pop("timestep_shift", 5.0)
         if cfg.get("random_init"):
             sizes = dict(cfg["model_config"], **kwargs)
             model = seeded(lambda: CausalWanModel(**sizes), cfg.get("init_seed", 0)).to(device=device, dtype=dtype)
         else:
-            model = CausalWanModel.from_pretrained(cfg["model_dir"], device=device, dtype=dtype, **kwargs)
+            model = CausalWanModel.from_pretrained(cfg["model_dir"], device, dtype, load_weights, **kwargs)
         return cls(model.eval(), timestep_shift=shift)
 
     def get_scheduler(self):
@@ -56,9 +58,11 @@ class WanDiffusionWrapper(nn.Module):
         return flow, x0.unflatten(0, flow.shape[:2])
 
 
-def load_generator_checkpoint(generator: WanDiffusionWrapper, path, use_ema=True, allow_pickle=False):
-    """Load a Self-Forcing checkpoint's ``generator_ema`` (or ``generator``) state dict strictly.
-    Returns the key used."""
+def load_generator_checkpoint(generator: WanDiffusionWrapper, path, use_ema=True, allow_pickle=False, device=None, dtype=None):
+    """Load a Self-Forcing checkpoint's ``generator_ema`` (or ``generator``) state dict strictly, by
+    assignment, onto ``device`` in ``dtype`` (default: those of the generator's parameters; give both
+    for a generator on the meta device). The file is memory-mapped: the other state dicts it holds
+    are never read. Returns the key used."""
     checkpoint = read_state_dict(path, allow_pickle=allow_pickle)
     key = "generator_ema" if use_ema else "generator"
     if not isinstance(checkpoint, dict) or key not in checkpoint:
@@ -68,7 +72,6 @@ def load_generator_checkpoint(generator: WanDiffusionWrapper, path, use_ema=True
     state = checkpoint[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightFileError(f"{path}: '{key}' is not a state dict of tensors")
-    expected = {name: value.shape for name, value in generator.state_dict().items()}
-    check_state_dict(expected, state, f"{path} ['{key}']")
-    generator.load_state_dict(state, strict=True)
+    parameter = next(generator.parameters())
+    load_into(generator, state, f"{path} ['{key}']", device or parameter.device, dtype or parameter.dtype)
     return key

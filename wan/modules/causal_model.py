@@ -250,10 +250,11 @@ class CausalWanModel(nn.Module):
         self.rope = RoPE3D(dim // num_heads)
 
     @classmethod
-    def from_pretrained(cls, model_dir, device="cpu", dtype=None, **overrides):
+    def from_pretrained(cls, model_dir, device="cpu", dtype=None, load_weights=True, **overrides):
         """Build from ``<model_dir>/config.json`` and load ``diffusion_pytorch_model.safetensors``
         straight onto ``device`` (cast to ``dtype`` if given) without initializing random weights
-        first. ``overrides``: constructor arguments such as local_attn_size and sink_size."""
+        first; with ``load_weights=False`` the model stays on the meta device, for a checkpoint to
+        fill. ``overrides``: constructor arguments such as local_attn_size and sink_size."""
         model_dir = Path(model_dir)
         config_path = model_dir / CONFIG_FILE
         if not config_path.is_file():
@@ -271,6 +272,8 @@ class CausalWanModel(nn.Module):
         config = dict(WAN_T2V_1_3B, **{key: raw[key] for key in sizes + ("eps",) if key in raw}, **overrides)
         with torch.device("meta"):
             model = cls(**config)
+        if not load_weights:
+            return model.eval()
         weights = model_dir / WEIGHTS_FILE
         return load_into(model, read_state_dict(weights, device=device), weights, dtype=dtype).eval()
 
