@@ -152,10 +152,10 @@ def pick_device(args):
     return device, dtype
 
 
-def key_frame_indices(layers_meta, per_block, num_key_frames, sink_size):
-    """Video frame index of each key frame of the kept calls: 0.. when the cache holds the whole
+def key_frame_indices(block, per_block, num_key_frames, sink_size):
+    """Video frame index of each key frame of a call of ``block``: 0.. when the cache holds the whole
     video; with a local window, the sink frames and then the latest frames up to the query block."""
-    end = (next(iter(layers_meta.values()))["block"] + 1) * per_block
+    end = (block + 1) * per_block
     if num_key_frames == end:
         return list(range(end))
     return list(range(sink_size)) + list(range(end - (num_key_frames - sink_size), end))
@@ -267,8 +267,11 @@ def run(args):
     if len(kept) != len(args.layer_indices):
         raise RuntimeError(f"captured {len(kept)} calls for {len(args.layer_indices)} layers")
     per_block = pipeline.num_frame_per_block
-    frame_seq_length = kept[0].q_shape[1] // per_block
-    num_key_frames = kept[0].k_shape[1] // frame_seq_length
+    first = kept[0]  # every kept call comes from the same pass
+    frame_seq_length = first.q_shape[1] // per_block
+    num_key_frames = first.k_shape[1] // frame_seq_length
+    key_frames_in_video = key_frame_indices(first.labels["block"], per_block, num_key_frames, model.sink_size)
+    timestep = first.labels["timestep"]
     for record in kept:
         say(f"Layer {record.layer_idx}: selected attention with Q={list(record.q_shape)}, K={list(record.k_shape)} "
             f"(block {record.labels['block']}, pass {record.labels['step']}, t={record.labels['timestep']:.2f}, call {record.call_idx})")
@@ -280,7 +283,7 @@ def run(args):
         entry, layers_meta[record.layer_idx] = layer_entry(args, record, frame_seq_length, num_key_frames, per_block, args.quiet)
         entries.append(entry)
     t_reduce = time.perf_counter() - t_reduce
-    del kept  # frees the kept q and keys on the device
+    del kept, first  # frees the kept q and keys on the device
 
     save_data = {
         "attention_weights": entries,
@@ -303,11 +306,11 @@ def run(args):
             "checkpoint_key": checkpoint_key,
             "use_ema": args.use_ema,
             "capture_step": args.capture_step,
-            "timestep": next(iter(layers_meta.values()))["timestep"],
+            "timestep": timestep,
             "calls_seen": calls_seen,
             "calls_kept": len(entries),
             "layers": layers_meta,
-            "key_frame_indices": key_frame_indices(layers_meta, per_block, num_key_frames, model.sink_size),
+            "key_frame_indices": key_frames_in_video,
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),
             "config_path": str(args.config_path),

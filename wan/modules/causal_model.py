@@ -304,7 +304,10 @@ class CausalWanModel(nn.Module):
         freqs = self.rope.freqs(grid, current_start // frame_seq_length, x.device)
         e = self.time_embedding(sinusoidal_embedding(self.freq_dim, t.flatten()).to(x.dtype))  # [B*F, dim]
         e0 = self.time_projection(e).unflatten(1, (6, -1)).unflatten(0, (batch, frames))  # [B, F, 6, dim]
-        context = self.text_embedding(context)
+        if crossattn_cache is None or any(cache.k is None for cache in crossattn_cache):
+            context = self.text_embedding(context)  # [B, text_len, dim]
+        else:
+            context = None  # every block reuses its cached text keys and values
         sink_tokens = self.sink_size * frame_seq_length
         kv_cache = kv_cache or [None] * len(self.blocks)
         crossattn_cache = crossattn_cache or [None] * len(self.blocks)
