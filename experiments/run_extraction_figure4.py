@@ -152,15 +152,6 @@ def pick_device(args):
     return device, dtype
 
 
-def key_frame_indices(block, per_block, num_key_frames, sink_size):
-    """Video frame index of each key frame of a call of ``block``: 0.. when the cache holds the whole
-    video; with a local window, the sink frames and then the latest frames up to the query block."""
-    end = (block + 1) * per_block
-    if num_key_frames == end:
-        return list(range(end))
-    return list(range(sink_size)) + list(range(end - (num_key_frames - sink_size), end))
-
-
 def sink_table(summary, frame_seq_length, num_query_frames):
     """Per head: mean query-averaged logit over the first key frame, over the middle key frames (between
     the first and the query block), and their difference. None when there are no middle frames."""
@@ -194,14 +185,14 @@ def build_pipeline(args, config, device, dtype, say):
 def capture_inference(args, pipeline, device, dtype, say):
     """Run the inference with the capture on; returns (kept calls, calls seen)."""
     num_layers = len(pipeline.generator.model.blocks)
-    keep_pass = len(pipeline.denoising_steps) if args.capture_step == "cache" else int(args.capture_step)
+    step = "cache" if args.capture_step == "cache" else int(args.capture_step)
     say(f"\nNum frames: {args.num_frames}\nNum frames per block: {pipeline.num_frame_per_block}")
     say(f"Layer indices to capture: {args.layer_indices}\nPrompt: {args.prompt}")
     say(f"Capture step: {args.capture_step}  (denoising timesteps {[round(t, 2) for t in pipeline.denoising_steps]})")
     say("\n" + "=" * 60 + "\nCapturing attention during inference (the model's own attention calls)\n" + "=" * 60)
     say(f"Model layers: {num_layers}")
     noise = torch.randn((1, *pipeline.latent_shape(args.num_frames)), device=device, dtype=dtype)
-    ATTENTION_WEIGHT_CAPTURE.enable(args.layer_indices, capture_logits=True, num_layers=num_layers, keep="largest_k", keep_pass=keep_pass)
+    ATTENTION_WEIGHT_CAPTURE.enable(args.layer_indices, capture_logits=True, num_layers=num_layers, keep="pass", passes=[step])
     try:
         start = time.perf_counter()
         latents = pipeline.inference(noise, [args.prompt], return_latents=True, progress=not args.quiet)
@@ -270,7 +261,7 @@ def run(args):
     first = kept[0]  # every kept call comes from the same pass
     frame_seq_length = first.q_shape[1] // per_block
     num_key_frames = first.k_shape[1] // frame_seq_length
-    key_frames_in_video = key_frame_indices(first.labels["block"], per_block, num_key_frames, model.sink_size)
+    key_frames_in_video = first.key_frames
     timestep = first.labels["timestep"]
     for record in kept:
         say(f"Layer {record.layer_idx}: selected attention with Q={list(record.q_shape)}, K={list(record.k_shape)} "

@@ -67,14 +67,14 @@ class CausalInferencePipeline(nn.Module):
             noisy = noise[:, first : first + per_block]
             bar.set_postfix_str(f"block {block + 1}/{num_blocks}")
             for step, t in enumerate(self.denoising_steps):
-                x0 = self._forward(noisy, conditional_dict, t, kv_cache, crossattn_cache, current_start, block, step)
+                x0 = self._forward(noisy, conditional_dict, t, kv_cache, crossattn_cache, current_start, (block, num_blocks, step))
                 if step + 1 < len(self.denoising_steps):
                     flat = x0.flatten(0, 1)
                     t_next = torch.full((flat.shape[0],), self.denoising_steps[step + 1], device=noise.device)
                     noisy = self.scheduler.add_noise(flat, torch.randn_like(flat), t_next).unflatten(0, x0.shape[:2])
                 bar.update()
             output[:, first : first + per_block] = x0
-            self._forward(x0, conditional_dict, self.context_noise, kv_cache, crossattn_cache, current_start, block, "cache")
+            self._forward(x0, conditional_dict, self.context_noise, kv_cache, crossattn_cache, current_start, (block, num_blocks, "cache"))
             bar.update()
         bar.close()
         if return_latents:
@@ -82,10 +82,15 @@ class CausalInferencePipeline(nn.Module):
         video = self._decoder(output).decode_to_pixel(output)
         return (video * 0.5 + 0.5).clamp(0, 1)
 
-    def _forward(self, noisy, conditional_dict, t, kv_cache, crossattn_cache, current_start, block, step):
-        """One generator forward at timestep t for every frame; returns x0."""
-        if ATTENTION_WEIGHT_CAPTURE.enabled:
-            ATTENTION_WEIGHT_CAPTURE.annotate(block=block, step=step, timestep=t)
+    def _forward(self, noisy, conditional_dict, t, kv_cache, crossattn_cache, current_start, place):
+        """One generator forward at timestep t for every frame; returns x0. ``place``: (block,
+        number of blocks, pass), the labels the attention capture records the forward's calls under."""
         timestep = torch.full(noisy.shape[:2], t, device=noisy.device)
-        _, x0 = self.generator(noisy, conditional_dict, timestep, kv_cache, crossattn_cache, current_start)
-        return x0
+        if not ATTENTION_WEIGHT_CAPTURE.enabled:
+            return self.generator(noisy, conditional_dict, timestep, kv_cache, crossattn_cache, current_start)[1]
+        block, num_blocks, step = place
+        ATTENTION_WEIGHT_CAPTURE.annotate(block=block, num_blocks=num_blocks, step=step, timestep=t)
+        try:
+            return self.generator(noisy, conditional_dict, timestep, kv_cache, crossattn_cache, current_start)[1]
+        finally:
+            ATTENTION_WEIGHT_CAPTURE.annotate()

@@ -60,9 +60,9 @@ def recorded_calls(monkeypatch, pipeline):
     ]
     real_attention = causal_model.attention
 
-    def spy(q, k, v, self_attention=False):
-        out = real_attention(q, k, v, self_attention=self_attention)
-        if self_attention:
+    def spy(q, k, v, layer_idx=None, kv_cache=None):
+        out = real_attention(q, k, v, layer_idx=layer_idx, kv_cache=kv_cache)
+        if layer_idx is not None:
             calls.append(dict(block=current_block[0], q=q.clone(), k=k.clone(), v=v.clone(), out=out.clone()))
         return out
 
@@ -174,3 +174,100 @@ def test_summary_and_host_copy_match_direct_computation(pipeline, config):
     host = record.to_host(torch.float16, frame_seq_length=fsl)
     assert host.dtype == torch.float16 and host.shape == (B, N, Q, K)
     torch.testing.assert_close(host, logits.half(), rtol=0, atol=1e-2)
+
+
+# ------------------------------------------------------------------------------------------------
+# The kept call is chosen by the pipeline's pass labels and the module's layer index
+
+
+def windowed_pipeline(config, window, sink):
+    cfg = OmegaConf.merge(config, {"model_kwargs": {"local_attn_size": window, "sink_size": sink}})
+    generator = WanDiffusionWrapper.from_config(cfg)
+    sizes = cfg.model_config
+    return CausalInferencePipeline(cfg, "cpu", generator=generator, text_encoder=FixedTextEncoder(sizes.text_len, sizes.text_dim))
+
+
+def run_frames(pipeline, config, frames, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, frames, config.model_config.in_dim, config.height // 8, config.width // 8, generator=generator)
+    torch.manual_seed(seed)
+    return pipeline.inference(x, ["a prompt"], return_latents=True)
+
+
+@pytest.mark.parametrize("window,sink,frames", [(3, 0, 12), (3, 1, 12), (5, 0, 12), (5, 1, 15), (6, 1, 12), (6, 0, 21), (9, 1, 21)])
+@pytest.mark.parametrize("step", [0, "cache"])
+def test_pass_capture_keeps_the_last_block_under_windows(config, window, sink, frames, step):
+    pipeline = windowed_pipeline(config, window, sink)
+    per_block, num_blocks = 3, frames // 3
+    ATTENTION_WEIGHT_CAPTURE.enable([1, 4], keep="all")
+    run_frames(pipeline, config, frames)
+    expected = {
+        e["layer_idx"]: e for e in ATTENTION_WEIGHT_CAPTURE.captured_weights if e["block"] == num_blocks - 1 and e["step"] == step
+    }
+    assert sorted(expected) == [1, 4]
+    ATTENTION_WEIGHT_CAPTURE.enable([4, 1], keep="pass", passes=[step])
+    run_frames(pipeline, config, frames)
+    kept = ATTENTION_WEIGHT_CAPTURE.kept_calls
+    assert [r.layer_idx for r in kept] == [4, 1]  # the order the layers were asked in
+    for record in kept:
+        reference = expected[record.layer_idx]
+        assert record.labels["block"] == num_blocks - 1 and record.labels["step"] == step
+        # The cache holds the sink frames (unless the window is too small to keep them) and the newest
+        # frames up to the query block; the frames it reports are those of the keys.
+        newest = list(range(frames - min(window, frames), frames))
+        assert record.key_frames == reference["key_frames"]
+        assert sorted(record.key_frames) == (newest if window < per_block + sink or newest[0] < sink
+                                             else list(range(sink)) + newest[sink:])
+        heads = record.num_heads
+        logits = torch.stack([record.weights(h) for h in range(heads)], dim=1)
+        torch.testing.assert_close(logits, reference["attn_weights"], rtol=0, atol=0)
+
+
+def test_largest_k_is_not_the_last_block_under_a_window(config):
+    """The spec's rule keeps the first call with the largest key length: with a 6-frame window every
+    block from block 1 on has it, so the rule keeps block 1, not the last block."""
+    pipeline = windowed_pipeline(config, 6, 0)
+    ATTENTION_WEIGHT_CAPTURE.enable([0], keep="largest_k")
+    run_frames(pipeline, config, 12)
+    assert [r.labels["block"] for r in ATTENTION_WEIGHT_CAPTURE.kept_calls] == [1]
+    ATTENTION_WEIGHT_CAPTURE.enable([0], keep="pass")
+    run_frames(pipeline, config, 12)
+    assert [r.labels["block"] for r in ATTENTION_WEIGHT_CAPTURE.kept_calls] == [3]
+
+
+def test_a_second_model_in_the_process_does_not_shift_layers(pipeline, config):
+    """Calls of another model (here 4 layers, outside any labelled pass) before and during capture
+    neither change which calls are kept nor their layers."""
+    ATTENTION_WEIGHT_CAPTURE.enable([0, 5], keep="pass", passes=[1])
+    run(pipeline, config)
+    reference = {r.layer_idx: r for r in ATTENTION_WEIGHT_CAPTURE.kept_calls}
+    other_cfg = OmegaConf.merge(config, {"model_config": {"num_layers": 4}, "init_seed": 5})
+    other = WanDiffusionWrapper.from_config(other_cfg).model
+    x = torch.randn(1, config.model_config.in_dim, 3, config.height // 8, config.width // 8)
+    context = torch.randn(1, config.model_config.text_len, config.model_config.text_dim)
+    ATTENTION_WEIGHT_CAPTURE.enable([0, 5], keep="pass", passes=[1])
+    with torch.no_grad():
+        other(x, torch.full((1, 3), 500.0), context)
+        run(pipeline, config)
+        other(x, torch.full((1, 3), 500.0), context)
+    kept = ATTENTION_WEIGHT_CAPTURE.kept_calls
+    assert [r.layer_idx for r in kept] == [0, 5]
+    for record in kept:
+        assert record.labels == reference[record.layer_idx].labels
+        torch.testing.assert_close(record.k, reference[record.layer_idx].k, rtol=0, atol=0)
+        torch.testing.assert_close(record.q, reference[record.layer_idx].q, rtol=0, atol=0)
+
+
+def test_every_pass_and_block_can_be_kept(pipeline, config):
+    ATTENTION_WEIGHT_CAPTURE.enable([2], keep="pass", passes=["cache", 0, 1, 2, 3], blocks=[0, "last"])
+    run(pipeline, config)
+    kept = ATTENTION_WEIGHT_CAPTURE.kept_calls
+    assert [(r.labels["block"], r.labels["step"]) for r in kept] == [(b, s) for b in (0, 1) for s in (0, 1, 2, 3, "cache")]
+    assert [r.key_frames for r in kept] == [[0, 1, 2]] * 5 + [list(range(6))] * 5
+    assert ATTENTION_WEIGHT_CAPTURE.calls_seen == 10
+
+
+def test_num_layers_is_checked_against_the_model(pipeline, config):
+    ATTENTION_WEIGHT_CAPTURE.enable([0], num_layers=30)
+    with pytest.raises(ValueError, match="30.*6 layers"):
+        run(pipeline, config)

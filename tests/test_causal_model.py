@@ -344,9 +344,9 @@ def dense_attention_with(mask_frames):
     unmasked. q, k, v: [B, L, N, D]."""
     token_mask = mask_frames.repeat_interleave(FSL, 0).repeat_interleave(FSL, 1)
 
-    def attention(q, k, v, self_attention=False):
+    def attention(q, k, v, layer_idx=None, kv_cache=None):
         logits = torch.einsum("blnd,bmnd->bnlm", q, k) * q.shape[-1] ** -0.5
-        if self_attention:
+        if layer_idx is not None:
             assert token_mask.shape == logits.shape[-2:]
             logits = logits.masked_fill(~token_mask, float("-inf"))
         return torch.einsum("bnlm,bmnd->blnd", logits.softmax(dim=-1), v)
@@ -479,14 +479,32 @@ def test_kv_cache_local_window_matches_dense_window(monkeypatch, window, sink):
 
 
 def test_kv_cache_indices_stay_python_ints():
-    cache = KVCache(1, 4 * 2, 1, 2, torch.float32, "cpu")
+    cache = KVCache(1, 4, 2, 1, 2, 0, torch.float32, "cpu")  # 4 frames of 2 tokens, no sink
     k = torch.randn(1, 2, 1, 2)
     for start in (0, 0, 2, 2, 4, 6, 8, 8):  # includes re-runs of a block and evictions
-        keys, values = cache.update(k, k + 1, start, sink_tokens=0)
+        keys, values = cache.update(k, k + 1, start)
         assert type(cache.global_end) is int and type(cache.local_end) is int
         assert cache.global_end == start + 2
         assert keys.shape[1] == cache.local_end == min(start + 2, 8)
         assert torch.equal(keys[:, -2:], k) and torch.equal(values[:, -2:], k + 1)
+        last = start // 2
+        assert cache.key_frames() == list(range(max(0, last - 3), last + 1))
+
+
+@pytest.mark.parametrize("window,sink", [(3, 0), (3, 1), (5, 0), (5, 1), (6, 1), (9, 2)])
+def test_kv_cache_key_frames_follow_the_slots(window, sink):
+    """Each cache slot is written with the frame's index as its value: the frames the cache reports
+    must be the ones its buffer holds, and those the dense window mask lets the block see."""
+    fsl, per_block, frames = 2, 3, 12
+    cache = KVCache(1, window, fsl, 1, 1, sink, torch.float32, "cpu")
+    mask = window_mask(frames, per_block, window, sink)
+    for first in range(0, frames, per_block):
+        block = torch.arange(first, first + per_block, dtype=torch.float32).repeat_interleave(fsl).view(1, -1, 1, 1)
+        for _ in range(2):  # a denoising pass, then the cache pass over the same slots
+            keys, _ = cache.update(block, block, first * fsl)
+        held = keys[0, ::fsl, 0, 0].long().tolist()
+        assert cache.key_frames() == held
+        assert sorted(held) == mask[first].nonzero().flatten().tolist()
 
 
 def test_model_caches_indices_are_python_ints_after_forward():

@@ -1,19 +1,26 @@
 """Attention, and the opt-in capture of self-attention logits.
 
 Every attention call of the causal model goes through ``attention``. With the capture off it is one
-flag check and torch's scaled-dot-product attention. With it on, self-attention calls are counted
-over the whole inference (call ``c`` belongs to transformer block ``c % num_layers``) and the calls
-of the requested layers are recorded. The capture only reads q and k; the attention output is the
-same computation either way, so a run with capture on gives bit-identical latents.
+flag check and torch's scaled-dot-product attention. Each self-attention module passes its own layer
+index (the transformer block it belongs to) and the KV cache its keys come from; the pipeline labels
+every forward with its block and pass. So a recorded call knows its layer, block, pass and the video
+frame of every key by construction: nothing is inferred from call order or tensor sizes. The capture
+only reads q and k; the attention output is the same computation either way, so a run with capture on
+gives bit-identical latents.
 
-Two keep policies:
+Keep policies:
+- ``keep="pass"`` (the CLI's): per requested layer, the calls of the chosen passes (``passes``: pass
+  indices 0.. and/or ``"cache"``) of the chosen blocks (``blocks``: block indices and/or ``"last"``),
+  as labelled by the pipeline. Only those calls' q and a copy of their keys stay on the device (about
+  115 MB per layer and pass at full size); logits are computed from them when asked, one (head, query
+  frame) tile at a time.
+- ``keep="largest_k"``: the spec's rule, per layer the ``keep_pass``-th call among those with the
+  largest key length seen (``keep_pass=0``: what a stable sort by descending K picks). With global
+  attention that is the last block's pass ``keep_pass``; with a local window it is not (every block
+  after the window fills has the same key length), which is why the CLI uses ``keep="pass"``.
 - ``keep="all"`` copies every matching call's [B, N, Lq, Lk] fp32 matrix to the host as it happens
   (waiting for the device each time). Fine for tiny models; at full size one last-block call is
   1.84e9 elements (7.4 GB in fp32) and a 21-frame run has 35 calls per layer, so hundreds of GB.
-- ``keep="largest_k"`` keeps, per layer, only the ``keep_pass``-th call among those with the largest
-  key length seen (``keep_pass=0``: the first, as a stable sort by descending K would pick), holding
-  just that call's q and a copy of its keys on the device (about 115 MB per layer at full size).
-  Logits are computed from them only when asked, one (head, query frame) tile at a time.
 """
 from dataclasses import dataclass, field
 
@@ -22,14 +29,17 @@ import torch.nn.functional as F
 
 from utils.attention_stats import summarize_logits
 
+KEEP_POLICIES = ("pass", "largest_k", "all")
 
-def attention(q, k, v, self_attention=False):
+
+def attention(q, k, v, layer_idx=None, kv_cache=None):
     """Softmax attention without mask. q: [B, Lq, N, D], k and v: [B, Lk, N, D] -> [B, Lq, N, D].
 
-    ``self_attention`` marks the calls the capture may record (cross-attention never is).
+    ``layer_idx``: the transformer block of a self-attention call, which the capture may record;
+    None for cross-attention, which it never records. ``kv_cache``: where k and v were read from.
     """
-    if self_attention and ATTENTION_WEIGHT_CAPTURE.enabled:
-        ATTENTION_WEIGHT_CAPTURE.observe(q, k)
+    if layer_idx is not None and ATTENTION_WEIGHT_CAPTURE.enabled:
+        ATTENTION_WEIGHT_CAPTURE.observe(layer_idx, q, k, kv_cache)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
 
@@ -40,15 +50,22 @@ def attention_logits(q, k, head, rows=slice(None)):
     return torch.einsum("bqd,bkd->bqk", q[:, rows, head].float(), k[:, :, head].float()) * scale
 
 
+def pass_order(step):
+    """Sort key of a pass label: the denoising passes 0, 1, ... then the cache-update pass."""
+    return (1, 0) if step == "cache" else (0, step)
+
+
 @dataclass
 class CapturedCall:
-    """One recorded self-attention call: its place in the run and, while kept, its q and k."""
+    """One recorded self-attention call: its layer, its pass labels (block, step, timestep), the video
+    frame of each of its key frames and, while kept, its q and k."""
 
     layer_idx: int
     call_idx: int
     q_shape: tuple
     k_shape: tuple
     labels: dict
+    key_frames: list
     q: torch.Tensor = field(repr=False)
     k: torch.Tensor = field(repr=False)
 
@@ -98,82 +115,123 @@ class AttentionWeightCapture:
         self._clear()
 
     def _clear(self):
-        self.layer_indices = None
+        self.layer_indices = None  # requested layers in the order given, or None for every layer
+        self._wanted_layers = None
         self.capture_logits = True
         self.num_layers = None
-        self.keep = "all"
+        self.keep = "pass"
         self.keep_pass = 0
-        self.current_layer_idx = 0  # self-attention calls seen since enable()
+        self.passes = ()
+        self.blocks = ()
+        self.current_layer_idx = 0  # self-attention calls seen since enable(), every layer
         self.calls_seen = 0  # of those, calls of a requested layer
-        self.labels = {}
+        self.labels = None  # the current forward's pass labels, set by the pipeline
+        self._selected = False  # keep="pass": whether the current forward is one of the kept passes
         self._records = []  # keep="all": dicts in call order
-        self._kept = {}  # keep="largest_k": layer -> CapturedCall
+        self._kept = {}  # keep="pass": (layer, block, step) -> CapturedCall; keep="largest_k": layer -> CapturedCall
         self._largest = {}  # keep="largest_k": layer -> (largest Lk seen, calls seen with it)
         self._materialized = None
 
-    def enable(self, layer_indices=None, capture_logits=True, num_layers=None, keep="all", keep_pass=0):
-        """Start capturing. ``layer_indices=None`` captures every layer; ``num_layers=None`` takes the
-        model's block count at its first forward."""
-        if keep not in ("all", "largest_k"):
-            raise ValueError(f"keep must be 'all' or 'largest_k', got {keep!r}")
+    def enable(self, layer_indices=None, capture_logits=True, num_layers=None, keep="pass", keep_pass=0,
+               passes=(0,), blocks=("last",)):
+        """Start capturing. ``layer_indices=None`` captures every layer; ``num_layers``, when given, is
+        checked against the model's block count at its first forward. ``passes`` and ``blocks`` choose
+        the kept calls with ``keep="pass"``; ``keep_pass`` with ``keep="largest_k"``."""
+        if keep not in KEEP_POLICIES:
+            raise ValueError(f"keep must be one of {KEEP_POLICIES}, got {keep!r}")
+        bad = [p for p in passes if p != "cache" and not (isinstance(p, int) and p >= 0)]
+        if bad:
+            raise ValueError(f"passes must be pass indices >= 0 or 'cache', got {bad}")
+        bad = [b for b in blocks if b != "last" and not (isinstance(b, int) and b >= 0)]
+        if bad:
+            raise ValueError(f"blocks must be block indices >= 0 or 'last', got {bad}")
         self._clear()
-        self.layer_indices = None if layer_indices is None else frozenset(int(i) for i in layer_indices)
+        if layer_indices is not None:
+            layer_indices = [int(i) for i in layer_indices]
+            if len(set(layer_indices)) != len(layer_indices):
+                raise ValueError(f"layer indices {layer_indices} repeat a layer")
+        self.layer_indices = layer_indices
+        self._wanted_layers = None if layer_indices is None else frozenset(layer_indices)
         self.capture_logits = capture_logits
         self.keep = keep
         self.keep_pass = keep_pass
-        self.enabled = True
+        self.passes = tuple(sorted(set(passes), key=pass_order))
+        self.blocks = tuple(blocks)
         if num_layers is not None:
-            self._set_num_layers(num_layers)
+            self._check_layers(num_layers)
+            self.num_layers = num_layers
+        self.enabled = True
 
     def disable(self):
         """Stop capturing and drop everything captured."""
         self.enabled = False
         self._clear()
 
-    def _set_num_layers(self, num_layers):
+    def _check_layers(self, num_layers):
         bad = sorted(i for i in (self.layer_indices or ()) if not 0 <= i < num_layers)
         if bad:
             raise ValueError(f"layer indices {bad} out of range: the model has {num_layers} layers (0..{num_layers - 1})")
-        self.num_layers = num_layers
 
     def begin_forward(self, num_layers):
-        """Called by the model at the start of each forward while enabled."""
+        """Called by the model at the start of each forward while enabled. The model of a labelled
+        forward (the pipeline's) is the one captured: its layer count is checked; other models'
+        forwards in the same process are not."""
+        if self.labels is None:
+            return
         if self.num_layers is None:
-            self._set_num_layers(num_layers)
+            self._check_layers(num_layers)
+            self.num_layers = num_layers
+        elif num_layers != self.num_layers:
+            raise ValueError(f"enable(num_layers={self.num_layers}) but the model has {num_layers} layers")
 
     def annotate(self, **labels):
-        """Labels (block, pass, timestep, ...) attached to the calls recorded from now on."""
-        self.labels = labels
+        """Pass labels of the forward about to run: block, num_blocks, step (0.. or 'cache'),
+        timestep. ``annotate()`` with none clears them: calls outside a labelled forward are not
+        kept by keep="pass"."""
+        self.labels = labels or None
+        if self.labels is None:
+            self._selected = False
+            return
+        block, last = labels["block"], labels["num_blocks"] - 1
+        in_blocks = block in self.blocks or (block == last and "last" in self.blocks)
+        self._selected = in_blocks and labels["step"] in self.passes
 
-    def observe(self, q, k):
-        """Record one self-attention call (q: [B, Lq, N, D], k: [B, Lk, N, D]). Shapes are Python
-        ints: nothing here waits for the device."""
-        if self.num_layers is None:
-            raise RuntimeError("ATTENTION_WEIGHT_CAPTURE: num_layers unknown; pass it to enable()")
+    def observe(self, layer_idx, q, k, kv_cache=None):
+        """Record one self-attention call of transformer block ``layer_idx`` (q: [B, Lq, N, D],
+        k: [B, Lk, N, D]). Shapes and labels are Python values: nothing here waits for the device."""
         call_idx = self.current_layer_idx
         self.current_layer_idx += 1
-        layer = call_idx % self.num_layers
-        if self.layer_indices is not None and layer not in self.layer_indices:
+        if self._wanted_layers is not None and layer_idx not in self._wanted_layers:
+            return
+        if self.keep == "pass" and self.labels is None:
             return
         self.calls_seen += 1
         self._materialized = None
+        if self.keep == "pass":
+            if self._selected:
+                key = (layer_idx, self.labels["block"], self.labels["step"])
+                self._kept[key] = self._record(layer_idx, call_idx, q, k, kv_cache)
+            return
         if self.keep == "all":
-            record = CapturedCall(layer, call_idx, tuple(q.shape), tuple(k.shape), dict(self.labels), q, k)
+            record = CapturedCall(layer_idx, call_idx, tuple(q.shape), tuple(k.shape), dict(self.labels or {}),
+                                  _key_frames(kv_cache), q, k)
             self._records.append(self._as_dict(record, record.to_host(logits=self.capture_logits)))
             return
         k_len = k.shape[1]
-        largest, count = self._largest.get(layer, (-1, 0))
+        largest, count = self._largest.get(layer_idx, (-1, 0))
         if k_len > largest:
             largest, count = k_len, 0
-            self._kept.pop(layer, None)
+            self._kept.pop(layer_idx, None)
         if k_len == largest:
             if count == self.keep_pass:
-                # q is a fresh tensor nobody writes to again; k is a view of the KV cache, which later
-                # passes overwrite, so it is copied.
-                self._kept[layer] = CapturedCall(
-                    layer, call_idx, tuple(q.shape), tuple(k.shape), dict(self.labels), q, k.clone()
-                )
-            self._largest[layer] = (largest, count + 1)
+                self._kept[layer_idx] = self._record(layer_idx, call_idx, q, k, kv_cache)
+            self._largest[layer_idx] = (largest, count + 1)
+
+    def _record(self, layer_idx, call_idx, q, k, kv_cache):
+        # q is a fresh tensor nobody writes to again; k is a view of the KV cache, which later passes
+        # overwrite, so it is copied.
+        return CapturedCall(layer_idx, call_idx, tuple(q.shape), tuple(k.shape), dict(self.labels or {}),
+                            _key_frames(kv_cache), q, k.clone())
 
     def _as_dict(self, record, weights):
         return {
@@ -183,18 +241,26 @@ class AttentionWeightCapture:
             "is_logits": self.capture_logits,
             "q_shape": torch.Size(record.q_shape),
             "k_shape": torch.Size(record.k_shape),
+            "key_frames": record.key_frames,
             **record.labels,
         }
 
+    def _layer_position(self, layer_idx):
+        return layer_idx if self.layer_indices is None else self.layer_indices.index(layer_idx)
+
     @property
     def kept_calls(self):
-        """keep="largest_k": the kept ``CapturedCall`` per layer, in call order."""
-        return sorted(self._kept.values(), key=lambda r: r.call_idx)
+        """The kept ``CapturedCall``s, in the order of the requested layers, then by block, then by
+        pass (keep="pass" and keep="largest_k")."""
+        return sorted(
+            self._kept.values(),
+            key=lambda r: (self._layer_position(r.layer_idx), r.labels.get("block", -1), pass_order(r.labels.get("step", 0))),
+        )
 
     @property
     def captured_weights(self):
-        """Captured calls as dicts in call order, each with 'attn_weights' [B, N, Lq, Lk] fp32 on the
-        host. With keep="largest_k" the matrices are computed on first access."""
+        """Captured calls as dicts, each with 'attn_weights' [B, N, Lq, Lk] fp32 on the host: in call
+        order for keep="all", else in the order of ``kept_calls`` (computed on first access)."""
         if self.keep == "all":
             return self._records
         if self._materialized is None:
@@ -204,6 +270,11 @@ class AttentionWeightCapture:
     @property
     def calls_kept(self):
         return len(self._records) if self.keep == "all" else len(self._kept)
+
+
+def _key_frames(kv_cache):
+    """The video frame of each key frame of a call: the cache knows; None without one."""
+    return kv_cache.key_frames() if kv_cache is not None else None
 
 
 ATTENTION_WEIGHT_CAPTURE = AttentionWeightCapture()

@@ -106,37 +106,51 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """One transformer block's rotated keys and values, [B, size, N, D], with Python-int bookkeeping.
+    """One transformer block's rotated keys and values, [B, frames * frame_seq_length, N, D], with
+    Python-int bookkeeping.
 
     ``global_end`` is the token index (over the whole video) just after the last written token;
-    ``local_end`` the slot just after it in this buffer. Re-running the same block (the next denoising
-    step, or the cache update) overwrites the same slots. When a new block does not fit, the oldest
-    non-sink tokens are evicted and the rest rolled forward (a local window, ``local_attn_size``)."""
+    ``local_end`` the slot just after it in this buffer; ``frames`` the video frame held by each frame
+    slot of ``[0, local_end)``. Re-running the same block (the next denoising step, or the cache
+    update) overwrites the same slots. When a new block does not fit, the oldest frames after the
+    ``sink_frames`` first ones are evicted and the rest rolled forward (a local window,
+    ``local_attn_size``), as upstream Self-Forcing does."""
 
-    def __init__(self, batch, size, num_heads, head_dim, dtype, device):
-        self.k = torch.zeros(batch, size, num_heads, head_dim, dtype=dtype, device=device)
+    def __init__(self, batch, frames, frame_seq_length, num_heads, head_dim, sink_frames, dtype, device):
+        self.frame_seq_length = frame_seq_length
+        self.sink_tokens = sink_frames * frame_seq_length
+        self.k = torch.zeros(batch, frames * frame_seq_length, num_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.global_end = 0
         self.local_end = 0
+        self.frames = []
 
-    def update(self, k, v, current_start, sink_tokens):
+    def update(self, k, v, current_start):
         """Write this block's k, v [B, L, N, D] at token offset ``current_start``; return the keys and
         values to attend to, [B, local_end, N, D] views of the buffer."""
         num_new = k.shape[1]
         current_end = current_start + num_new
-        size = self.k.shape[1]
+        size, sink, fsl = self.k.shape[1], self.sink_tokens, self.frame_seq_length
         advance = current_end - self.global_end
         if advance > 0 and self.local_end + num_new > size:
             evicted = self.local_end + num_new - size
-            kept = self.local_end - evicted - sink_tokens
+            kept = self.local_end - evicted - sink
             for buf in (self.k, self.v):
-                buf[:, sink_tokens : sink_tokens + kept] = buf[:, sink_tokens + evicted : sink_tokens + evicted + kept].clone()
+                buf[:, sink : sink + kept] = buf[:, sink + evicted : sink + evicted + kept].clone()
+            if kept > 0:
+                first = sink // fsl
+                self.frames[first : first + kept // fsl] = self.frames[first + evicted // fsl : first + (evicted + kept) // fsl]
             advance -= evicted
         local_end = self.local_end + advance
         self.k[:, local_end - num_new : local_end] = k
         self.v[:, local_end - num_new : local_end] = v
+        self.frames[(local_end - num_new) // fsl :] = range(current_start // fsl, current_end // fsl)
         self.global_end, self.local_end = current_end, local_end
         return self.k[:, :local_end], self.v[:, :local_end]
+
+    def key_frames(self):
+        """The video frame of each cached frame, in the order the keys are attended to."""
+        return list(self.frames)
 
 
 class CrossAttnCache:
@@ -162,14 +176,21 @@ class AttentionProjections(nn.Module):
 
 
 class CausalSelfAttention(AttentionProjections):
-    def forward(self, x, freqs, cache, current_start, sink_tokens):
+    """Self-attention of transformer block ``layer_idx`` over the KV cache; the layer index is what the
+    attention capture records the call under."""
+
+    def __init__(self, dim, num_heads, qk_norm, eps, layer_idx):
+        super().__init__(dim, num_heads, qk_norm, eps)
+        self.layer_idx = layer_idx
+
+    def forward(self, x, freqs, cache, current_start):
         heads = (self.num_heads, -1)
         q = apply_rope(self.norm_q(self.q(x)).unflatten(2, heads), freqs)  # [B, L, N, D]
         k = apply_rope(self.norm_k(self.k(x)).unflatten(2, heads), freqs)
         v = self.v(x).unflatten(2, heads)
         if cache is not None:
-            k, v = cache.update(k, v, current_start, sink_tokens)  # [B, Lk, N, D]
-        return self.o(attention(q, k, v, self_attention=True).flatten(2))
+            k, v = cache.update(k, v, current_start)  # [B, Lk, N, D]
+        return self.o(attention(q, k, v, layer_idx=self.layer_idx, kv_cache=cache).flatten(2))
 
 
 class CrossAttention(AttentionProjections):
@@ -187,20 +208,20 @@ class CrossAttention(AttentionProjections):
 
 
 class CausalWanBlock(nn.Module):
-    def __init__(self, dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps):
+    def __init__(self, layer_idx, dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps, elementwise_affine=False)
-        self.self_attn = CausalSelfAttention(dim, num_heads, qk_norm, eps)
+        self.self_attn = CausalSelfAttention(dim, num_heads, qk_norm, eps, layer_idx)
         self.norm3 = nn.LayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
         self.cross_attn = CrossAttention(dim, num_heads, qk_norm, eps)
         self.norm2 = nn.LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, e, freqs, context, cache, crossattn_cache, current_start, sink_tokens):
+    def forward(self, x, e, freqs, context, cache, crossattn_cache, current_start):
         """x [B, F*S, C]; e [B, F, 6, C], the per-frame time modulation."""
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.unsqueeze(1) + e).chunk(6, dim=2)
-        y = self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa), freqs, cache, current_start, sink_tokens)
+        y = self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa), freqs, cache, current_start)
         x = x + gate(y, gate_sa)
         x = x + self.cross_attn(self.norm3(x), context, crossattn_cache)
         y = self.ffn(modulate(self.norm2(x), shift_ff, scale_ff))
@@ -244,7 +265,7 @@ class CausalWanModel(nn.Module):
         self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
         self.blocks = nn.ModuleList(
-            CausalWanBlock(dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps) for _ in range(num_layers)
+            CausalWanBlock(i, dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps) for i in range(num_layers)
         )
         self.head = Head(dim, out_dim, self.patch_size, eps)
         self.rope = RoPE3D(dim // num_heads)
@@ -287,7 +308,10 @@ class CausalWanModel(nn.Module):
         whole video with global attention, ``local_attn_size`` frames with a local window."""
         window = num_frames if self.local_attn_size == -1 else self.local_attn_size
         head_dim = self.config["dim"] // self.num_heads
-        kv = [KVCache(batch, window * frame_seq_length, self.num_heads, head_dim, dtype, device) for _ in self.blocks]
+        kv = [
+            KVCache(batch, window, frame_seq_length, self.num_heads, head_dim, self.sink_size, dtype, device)
+            for _ in self.blocks
+        ]
         return kv, [CrossAttnCache() for _ in self.blocks]
 
     def forward(self, x, t, context, kv_cache=None, crossattn_cache=None, current_start=0):
@@ -308,11 +332,10 @@ class CausalWanModel(nn.Module):
             context = self.text_embedding(context)  # [B, text_len, dim]
         else:
             context = None  # every block reuses its cached text keys and values
-        sink_tokens = self.sink_size * frame_seq_length
         kv_cache = kv_cache or [None] * len(self.blocks)
         crossattn_cache = crossattn_cache or [None] * len(self.blocks)
         for block, cache, xcache in zip(self.blocks, kv_cache, crossattn_cache):
-            x = block(x, e0, freqs, context, cache, xcache, current_start, sink_tokens)
+            x = block(x, e0, freqs, context, cache, xcache, current_start)
         x = self.head(x, e.unflatten(0, (batch, frames)).unsqueeze(2))
         pt, ph, pw = self.patch_size
         return rearrange(
