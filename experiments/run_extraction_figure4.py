@@ -1,44 +1,60 @@
 """Record the pre-softmax self-attention logits of chosen layers for the last temporal block.
 
 Runs the real block-wise, KV-cached inference with ``ATTENTION_WEIGHT_CAPTURE`` on and saves, per
-requested transformer block, the kept self-attention call's (q . k^T) / sqrt(d): the last block's
-queries against every key of the video (Deep Forcing, Figure 4). The capture does not change the
-generated video. See README.md for the output layout.
+requested transformer block, the chosen pass of the last block: its queries against every cached key
+(Deep Forcing, Figure 4). The capture does not change the generated video. One prompt and seed give
+one ``--output_path`` file (the spec's run); several prompts and/or seeds are a sweep into
+``--output_dir``, one file per item, resumable, and shared across processes under torchrun. See
+README.md for the output layout.
 
-    PYTHONPATH=. python experiments/run_extraction_figure4.py --config_path configs/tiny.yaml \\
-        --no_checkpoint --device cpu --output_path cache/tiny.pt
+Arguments and the config are checked before torch and the models are imported: a mistake is
+reported within a second or two.
 """
 import argparse
+import hashlib
+import json
 import os
-import signal
+import re
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from omegaconf import OmegaConf
-
-from pipeline.causal_inference import CausalInferencePipeline
-from utils.attention_cache import CACHE_FORMAT, CACHE_FORMAT_VERSION, SUMMARY_KEYS
-from utils.loading import WeightFileError
-from utils.misc import host_peak_gib, reset_host_peak, set_seed, write_atomically
-from utils.wan_wrapper import WanDiffusionWrapper, load_generator_checkpoint
-from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE
+from utils.config import ConfigError, load_config, model_sizes
+from utils.misc import Interrupted, OutputPathError, OutputSpaceError, check_output_path, exit_on_signals
+from utils.preflight import PreflightError, check_fits, estimate, free_disk_bytes, host_available_bytes
 
 DEFAULT_CONFIG = "configs/default_config.yaml"
+DEFAULT_PROMPT = "A majestic eagle soaring through a cloudy sky, cinematic lighting"
+DEFAULT_OUTPUT = "cache/attention_cache_figure4.pt"
 MODEL_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl/")
+MANIFEST = "manifest.jsonl"
+SWEEP_SETTINGS = "sweep.json"
 
 
 class UsageError(ValueError):
     """Bad input from the command line or the files it names."""
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised like Ctrl-C so that clean-up runs."""
-
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults shown after each option; the examples kept as written."""
+
+
+EPILOG = """examples:
+  # tiny random-weights model, no files, CPU
+  PYTHONPATH=. python experiments/run_extraction_figure4.py --config_path configs/tiny.yaml --no_checkpoint --device cpu
+  # Self-Forcing checkpoint (wan_models/Wan2.1-T2V-1.3B + checkpoints/self_forcing_dmd.pt), one GPU
+  PYTHONPATH=. python experiments/run_extraction_figure4.py --output_path cache/self_forcing.pt
+  # base Wan2.1, 4 layers, exact summaries only
+  PYTHONPATH=. python experiments/run_extraction_figure4.py --no_checkpoint --layer_indices 0 4 8 12 --save_mode summary
+  # a sweep: 2 prompts x 3 seeds, every pass of the last block, one file per item (re-run to resume)
+  PYTHONPATH=. python experiments/run_extraction_figure4.py --prompt "a cat" --prompt "a dog" --seeds 0-2 \\
+      --capture_step all --save_mode summary --output_dir cache/sweep
+  # the same sweep on 4 GPUs
+  PYTHONPATH=. torchrun --nproc_per_node 4 experiments/run_extraction_figure4.py --prompts_file prompts.txt \\
+      --seeds 0-63 --save_mode summary --output_dir cache/sweep
+exit status: 0 done; 1 failed while running (e.g. no space left); 2 bad input (nothing written);
+129 SIGHUP, 130 Ctrl-C, 143 SIGTERM (the file being written is left as it was, no temporary file)"""
 
 
 def parse_args(argv=None):
@@ -46,77 +62,187 @@ def parse_args(argv=None):
         description="Capture the last block's pre-softmax self-attention logits of chosen layers during real "
         "causal inference (Deep Forcing Figure 4).",
         formatter_class=HelpFormatter,
-        epilog="examples:\n"
-        "  # tiny random-weights model, no files, CPU\n"
-        "  PYTHONPATH=. python experiments/run_extraction_figure4.py --config_path configs/tiny.yaml --no_checkpoint --device cpu\n"
-        "  # Self-Forcing checkpoint (wan_models/Wan2.1-T2V-1.3B + checkpoints/self_forcing_dmd.pt), one GPU\n"
-        "  PYTHONPATH=. python experiments/run_extraction_figure4.py --output_path cache/self_forcing.pt\n"
-        "  # base Wan2.1, 4 layers, exact summaries only\n"
-        "  PYTHONPATH=. python experiments/run_extraction_figure4.py --no_checkpoint --layer_indices 0 4 8 12 --save_mode summary\n"
-        "exit status: 0 saved; 2 bad input (nothing written); 130 Ctrl-C; 143 SIGTERM",
+        epilog=EPILOG,
     )
     parser.add_argument("--config_path", default="configs/self_forcing_dmd.yaml",
                         help=f"inference config, merged onto {DEFAULT_CONFIG}; configs/tiny.yaml runs anywhere with random weights")
     parser.add_argument("--checkpoint_path", default="checkpoints/self_forcing_dmd.pt",
                         help="Self-Forcing checkpoint (a dict with 'generator' / 'generator_ema')")
-    parser.add_argument("--output_path", default="cache/attention_cache_figure4.pt", help="where the .pt cache is written (atomically)")
-    parser.add_argument("--prompt", default="A majestic eagle soaring through a cloudy sky, cinematic lighting")
+    parser.add_argument("--output_path", default=None,
+                        help=f"where the .pt cache of a single run is written, atomically (default {DEFAULT_OUTPUT}); "
+                        "a symlink is followed and its target replaced; devices, FIFOs and folders are refused")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help=f"text prompt; repeat for several (default: {DEFAULT_PROMPT!r})")
+    parser.add_argument("--prompts_file", default=None,
+                        help="UTF-8 text file, one prompt per line; blank lines and lines starting with # are skipped")
     parser.add_argument("--num_frames", type=int, default=21, help="latent frames to generate; a multiple of num_frame_per_block")
-    parser.add_argument("--layer_indices", type=int, nargs="+", default=[0, 4],
-                        help="transformer blocks whose self-attention is captured, 0-based (0 4 = the paper's L1 and L5)")
+    parser.add_argument("--layer_indices", nargs="+", default=["0", "4"],
+                        help="transformer blocks whose self-attention is captured, 0-based (0 4 = the paper's L1 and L5), "
+                        "in the order given; 'all' for every layer")
     parser.add_argument("--no_checkpoint", action="store_true", default=False,
                         help="do not load a checkpoint: use the base Wan2.1 weights from the model folder")
     parser.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True,
                         help="load the checkpoint's 'generator_ema' (--no-use_ema: 'generator')")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=None, help="seed of the noise (default 42)")
+    parser.add_argument("--seeds", nargs="+", default=None,
+                        help="several seeds for a sweep: integers and ranges, e.g. 0 1 2 or 0-63 (replaces --seed)")
+    parser.add_argument("--output_dir", default=None,
+                        help=f"folder of a sweep: one cache per item named p<prompt>_s<seed>.pt (e.g. p0003_s0001.pt, "
+                        f"0-based prompt index), {MANIFEST} (a line per finished item) and {SWEEP_SETTINGS}; "
+                        "re-running the same command skips the items already complete")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="in an --output_dir made with other settings: redo every item with the new settings")
     parser.add_argument("--gpu_id", type=int, default=0)
-    parser.add_argument("--device", default=None, help="torch device; default cuda:{gpu_id}. 'cpu' works with configs/tiny.yaml")
+    parser.add_argument("--device", default=None,
+                        help="cpu or cuda[:N]; default cuda:{gpu_id} (under torchrun, cuda:LOCAL_RANK). 'cpu' works with configs/tiny.yaml")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="default: bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--capture_step", default="0",
                         help="which pass of the last block is kept: 0..3 the denoising passes (t = 1000, 937.5, 833.33, 625), "
-                        "'cache' the clean cache-update pass")
+                        "'cache' the clean cache-update pass, 'all' every one of them (one entry per layer and pass)")
     parser.add_argument("--model_dir", default=None, help="overrides the config's model_dir (folder of the official Wan2.1 files)")
     parser.add_argument("--save_mode", choices=("full", "summary"), default="full",
-                        help="full: fp16 logits [B, N, Q, K] per layer (3.7 GB per layer at full size); summary: exact fp32 "
+                        help="full: fp16 logits [B, N, Q, K] per layer and pass (3.7 GB each at full size); summary: exact fp32 "
                         "query-averaged logits, frame-level means and attention mass (kilobytes)")
-    parser.add_argument("--allow_pickle", action="store_true", help="load a checkpoint that holds more than tensors by full unpickling (runs code from the file; only for files you trust)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar and a shorter report (for shell loops)")
+    parser.add_argument("--allow_pickle", action="store_true",
+                        help="load a checkpoint that holds more than tensors by full unpickling (runs code from the file; "
+                        "only for files you trust)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch; default: 1 for small models on the CPU (fastest for them, also on a "
+                        "busy machine), torch's own choice otherwise")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and a shorter report (one line per item)")
     return parser.parse_args(argv)
 
 
-def load_config(args):
-    for path in (DEFAULT_CONFIG, args.config_path):
-        if not Path(path).is_file():
-            raise UsageError(f"--config_path: config file {path} not found")
+# ---------------------------------------------------------------------------------------------
+# the plan: everything checked before torch is imported
+
+
+@dataclass
+class Plan:
+    config: object
+    prompts: list
+    seeds: list
+    layers: list
+    passes: list
+    num_layers: int
+    device: str
+    rank: int = 0
+    world_size: int = 1
+    items: list = field(default_factory=list)  # (prompt index, seed), all ranks
+
+    @property
+    def sweep(self):
+        return len(self.items) > 1
+
+    def my_items(self):
+        """This process's share: every world_size-th item from its rank (none dropped, none twice)."""
+        return self.items[self.rank :: self.world_size]
+
+
+def parse_seeds(words):
+    """'0 1 2', '0-63', '5 10-12' -> a list of distinct seeds in the order given."""
+    seeds = []
+    for word in words:
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", word)
+        if not match:
+            raise UsageError(f"--seeds: {word!r} is not a seed (an integer >= 0) or a range like 0-63")
+        first, last = int(match[1]), int(match[2] or match[1])
+        if last < first:
+            raise UsageError(f"--seeds: range {word!r} runs backwards")
+        seeds.extend(range(first, last + 1))
+    duplicates = sorted({s for s in seeds if seeds.count(s) > 1})
+    if duplicates:
+        raise UsageError(f"--seeds: {duplicates} given more than once")
+    return seeds
+
+
+def read_prompts_file(path):
+    """Prompts of a UTF-8 file, one a line; blank lines and '#' lines skipped."""
     try:
-        config = OmegaConf.merge(OmegaConf.load(DEFAULT_CONFIG), OmegaConf.load(args.config_path))
-    except Exception as err:
-        raise UsageError(f"--config_path: cannot read {args.config_path}: {err}") from err
-    if args.model_dir is not None:
-        config.model_dir = args.model_dir
-    for key in ("denoising_step_list", "num_frame_per_block"):
-        if config.get(key) is None:
-            raise UsageError(f"--config_path: {args.config_path} has no '{key}'")
-    return config
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"--prompts_file: {path} not found") from None
+    except IsADirectoryError:
+        raise UsageError(f"--prompts_file: {path} is a folder; expected a text file") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise UsageError(f"--prompts_file: {path} is not UTF-8 text (line {line}: {err.reason})") from None
+    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise UsageError(f"--prompts_file: {path} holds no prompt (blank and # lines are skipped)")
+    return prompts
 
 
-def check_inputs(args, config):
-    """Everything that can be checked before a model is built."""
+def parse_layers(words, num_layers):
+    if words == ["all"]:
+        return list(range(num_layers))
+    layers = []
+    for word in words:
+        try:
+            layers.append(int(word))
+        except ValueError:
+            raise UsageError(f"--layer_indices: {word!r} is not a layer index (0..{num_layers - 1}) or 'all'") from None
+    duplicates = sorted({i for i in layers if layers.count(i) > 1})
+    if duplicates:
+        raise UsageError(f"--layer_indices: {duplicates} given more than once")
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise UsageError(f"--layer_indices: {bad} out of range; the model has {num_layers} layers (0..{num_layers - 1})")
+    return layers
+
+
+def parse_passes(text, num_steps):
+    if text == "all":
+        return [*range(num_steps), "cache"]
+    if text == "cache":
+        return ["cache"]
+    if text not in {str(i) for i in range(num_steps)}:
+        raise UsageError(f"--capture_step: {text!r}; expected 0..{num_steps - 1}, 'cache' or 'all'")
+    return [int(text)]
+
+
+def parse_device(args):
+    """'cpu' or 'cuda:N' from --device / --gpu_id / LOCAL_RANK, checked without importing torch."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    name = args.device or (f"cuda:{local_rank}" if local_rank is not None else f"cuda:{args.gpu_id}")
+    match = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", name)
+    if not match or (match[1] == "cpu" and match[2] is not None):
+        raise UsageError(f"--device: {name!r} is not supported; expected cpu or cuda[:N] (e.g. cuda:0)")
+    if match[1] == "cuda" and not any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia")):
+        raise UsageError(f"--device: {name} asked for, but this machine has no NVIDIA GPU; use --device cpu with configs/tiny.yaml")
+    return "cpu" if match[1] == "cpu" else f"cuda:{match[2] or 0}"
+
+
+def plan_run(args):
+    """Every check that needs no torch: config, arguments, files, the output. Returns the Plan."""
+    try:
+        config = load_config(args.config_path, DEFAULT_CONFIG, args.model_dir)
+        sizes = model_sizes(config)
+    except ConfigError as err:
+        raise UsageError(f"--config_path: {err}") from err
     per_block = int(config.num_frame_per_block)
     if args.num_frames <= 0 or args.num_frames % per_block:
         raise UsageError(f"--num_frames: {args.num_frames} is not a positive multiple of num_frame_per_block ({per_block})")
-    duplicates = sorted({i for i in args.layer_indices if args.layer_indices.count(i) > 1})
-    if duplicates:
-        raise UsageError(f"--layer_indices: {duplicates} given more than once")
-    if any(i < 0 for i in args.layer_indices):
-        raise UsageError(f"--layer_indices: {args.layer_indices} has a negative index; expected 0 <= index < num_layers")
-    num_steps = len(config.denoising_step_list)
-    if args.capture_step != "cache" and args.capture_step not in {str(i) for i in range(num_steps)}:
-        raise UsageError(f"--capture_step: {args.capture_step!r}; expected 0..{num_steps - 1} or 'cache'")
-    if not 0 <= args.seed < 2**32:
-        raise UsageError(f"--seed: {args.seed} is outside [0, 2**32)")
-    if not args.prompt.strip():
-        raise UsageError("--prompt: empty")
+    num_layers = sizes["num_layers"]
+    layers = parse_layers(args.layer_indices, num_layers)
+    passes = parse_passes(args.capture_step, len(config.denoising_step_list))
+    prompts = list(args.prompt or [])
+    if args.prompts_file is not None:
+        prompts += read_prompts_file(args.prompts_file)
+    if not prompts:
+        prompts = [DEFAULT_PROMPT]
+    empty = [i for i, p in enumerate(prompts) if not p.strip()]
+    if empty:
+        raise UsageError(f"--prompt: prompt {empty[0]} is empty")
+    if args.seeds is not None and args.seed is not None:
+        raise UsageError("--seed and --seeds given together; use --seeds for several seeds")
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else [42 if args.seed is None else args.seed]
+    bad = [s for s in seeds if not 0 <= s < 2**32]
+    if bad:
+        raise UsageError(f"--seed: {bad[0]} is outside [0, 2**32)")
     if not args.no_checkpoint and not Path(args.checkpoint_path).is_file():
         raise UsageError(f"--checkpoint_path: {args.checkpoint_path} not found; pass --no_checkpoint to run the base model without it")
     if not config.get("random_init"):
@@ -125,36 +251,307 @@ def check_inputs(args, config):
         if missing:
             raise UsageError(f"--model_dir: {model_dir} lacks {', '.join(missing)}; it must hold {', '.join(MODEL_FILES)} "
                              "(the official Wan2.1-T2V-1.3B files); configs/tiny.yaml needs none")
-    output = Path(args.output_path)
-    if output.is_dir():
-        raise UsageError(f"--output_path: {output} is a folder; expected a file path")
-    existing = next(p for p in (output.parent, *output.parent.parents) if p.exists())
-    if not existing.is_dir():
-        raise UsageError(f"--output_path: {existing} is not a folder, so {output.parent} cannot be created")
-    if not os.access(existing, os.W_OK):
-        raise UsageError(f"--output_path: folder {existing} is not writable")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads: {args.threads}; expected a positive number")
+    plan = Plan(config, prompts, seeds, layers, passes, num_layers, parse_device(args),
+                rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)))
+    plan.items = [(p, s) for p in range(len(prompts)) for s in seeds]
+    if plan.sweep or args.output_dir is not None:
+        if args.output_path is not None:
+            raise UsageError(f"--output_path: {len(plan.items)} items (prompts x seeds) are written to --output_dir, one file each")
+        if args.output_dir is None:
+            raise UsageError(f"{len(plan.items)} items (prompts x seeds): give --output_dir for their files")
+        check_output_dir(Path(args.output_dir))
+    else:
+        if plan.world_size > 1:
+            raise UsageError(f"torchrun with {plan.world_size} processes and one item: give several prompts or seeds and --output_dir")
+        args.output_path = args.output_path or DEFAULT_OUTPUT
+        try:
+            check_output_path(args.output_path)
+        except OutputPathError as err:
+            raise UsageError(f"--output_path: {err}") from err
+    return plan
 
 
-def pick_device(args):
-    name = args.device or f"cuda:{args.gpu_id}"
+def check_output_dir(folder):
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--output_dir: {folder} exists and is not a folder")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UsageError(f"--output_dir: {existing} is not a writable folder, so {folder} cannot be written")
+
+
+def item_name(prompt_index, seed):
+    return f"p{prompt_index:04d}_s{seed:04d}.pt"
+
+
+def preflight(args, plan, device_free_bytes=None):
+    """Refuse, with the numbers, what cannot fit the device, the host or the output folder."""
+    config = plan.config
+    sizes = model_sizes(config)
+    kwargs = config.get("model_kwargs") or {}
+    cpu = plan.device == "cpu"
+    dtype_bytes = 4 if (args.dtype == "float32" or (args.dtype is None and cpu)) else 2
+    need = estimate(
+        sizes, num_frames=args.num_frames, num_frame_per_block=int(config.num_frame_per_block),
+        height=int(config.height), width=int(config.width), local_attn_size=int(kwargs.get("local_attn_size", -1)),
+        num_captured_layers=len(plan.layers), num_kept_passes=len(plan.passes), save_mode=args.save_mode,
+        dtype_bytes=dtype_bytes,
+    )
+    folder = Path(args.output_dir) if plan.sweep or args.output_dir else Path(args.output_path).parent
+    items_here = len(plan.my_items())
     try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UsageError(f"--device: {name!r} is not a torch device ({err})") from err
+        check_fits(need, device_free_bytes=device_free_bytes if not cpu else None, host_available_bytes=host_available_bytes(),
+                   output_dir=folder, output_files=items_here)
+    except PreflightError as err:
+        raise UsageError(str(err)) from err
+    return need
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+
+def pick_threads(args, plan):
+    """1 thread for small models on the CPU: their ops are too small to split, and on a busy 2-core
+    machine extra threads only wait for each other (measured: 0.44 s vs 4.3 s for the tiny run)."""
+    import torch
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    elif plan.device == "cpu" and model_sizes(plan.config)["dim"] <= 512:
+        torch.set_num_threads(1)
+
+
+def open_device(plan):
+    import torch
+
+    device = torch.device(plan.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"--device: {name} asked for, but CUDA is not available here; use --device cpu with configs/tiny.yaml")
-        index = device.index or 0
-        if index >= torch.cuda.device_count():
-            raise UsageError(f"--device: {name} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
-        device = torch.device("cuda", index)
+            raise UsageError(f"--device: {device} asked for, but CUDA is not available here; use --device cpu with configs/tiny.yaml")
+        if device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device: {device} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+        torch.cuda.set_device(device)
+    return device
+
+
+def settings_of(args, plan, dtype):
+    """Everything that decides an item's tensors besides its prompt and seed: a sweep folder holds
+    files of one setting only."""
+    from omegaconf import OmegaConf
+
+    return {
+        "config": OmegaConf.to_container(plan.config, resolve=True),
+        "num_frames": args.num_frames,
+        "layer_indices": plan.layers,
+        "capture_step": args.capture_step,
+        "save_mode": args.save_mode,
+        "checkpoint_path": None if args.no_checkpoint else str(Path(args.checkpoint_path).resolve()),
+        "use_ema": args.use_ema,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device_type": plan.device.split(":")[0],
+    }
+
+
+def run(args):
+    t_start = time.perf_counter()
+    plan = plan_run(args)
+    preflight(args, plan)
+    say = (lambda *a, **k: None) if (args.quiet or plan.rank) else print
+
+    import torch
+
+    from utils.attention_cache import CacheFileError, describe_cache, save_cache
+    from utils.extraction import Extractor
+    from utils.loading import WeightFileError
+
+    pick_threads(args, plan)
+    device = open_device(plan)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return device, dtype
+    if device.type == "cuda":
+        preflight(args, plan, device_free_bytes=torch.cuda.mem_get_info(device)[0])
+    distributed = init_distributed(plan, device)
+    if plan.rank == 0:
+        print(f"Using device: {device}" + (f" (rank {plan.rank} of {plan.world_size})" if plan.world_size > 1 else ""))
+        if device.type == "cuda":
+            print(f"GPU: {torch.cuda.get_device_name(device)}")
+    torch.set_grad_enabled(False)
+
+    settings = settings_of(args, plan, dtype)
+    folder = Path(args.output_dir) if args.output_dir else None
+    if folder is not None:
+        check_sweep_settings(folder, settings, args.overwrite, plan.rank)
+        if distributed:
+            torch.distributed.barrier()
+    todo = []
+    for prompt_index, seed in plan.my_items():
+        path = folder / item_name(prompt_index, seed) if folder else Path(args.output_path)
+        if folder and is_complete(path, settings, plan.prompts[prompt_index], seed, describe_cache, CacheFileError):
+            continue
+        todo.append((prompt_index, seed, path))
+    if folder is not None and plan.rank == 0:
+        print(f"{len(plan.items)} items ({len(plan.prompts)} prompts x {len(plan.seeds)} seeds) into {folder}; "
+              f"{len(plan.my_items()) - len(todo)} of this process's {len(plan.my_items())} already complete")
+
+    if todo:
+        say("Initializing inference pipeline...")
+        checkpoint = None if args.no_checkpoint else args.checkpoint_path
+        try:
+            extractor = Extractor(plan.config, device, dtype, checkpoint, args.use_ema, args.allow_pickle)
+            encoded, text_len = extractor.encode([plan.prompts[p] for p, _, _ in todo])
+        except WeightFileError as err:
+            raise UsageError(str(err)) from err
+        if args.allow_pickle and checkpoint is not None:
+            print(f"warning: --allow_pickle: {checkpoint} was fully unpickled (it can run code from the file)", file=sys.stderr)
+        say("No checkpoint: random weights (config random_init)" if args.no_checkpoint and plan.config.get("random_init")
+            else "No checkpoint: base Wan2.1 weights" if args.no_checkpoint else f"Loaded '{extractor.checkpoint_key}' from {checkpoint}")
+        for prompt, (_, tokens) in encoded.items():
+            if tokens > text_len:
+                print(f"warning: prompt of {tokens} tokens is longer than the text encoder's {text_len}; its end is cut off: "
+                      f"{prompt[:60]!r}...", file=sys.stderr)
+        bar = items_bar(plan, todo, args)
+        for prompt_index, seed, path in todo:
+            prompt = plan.prompts[prompt_index]
+            context, tokens = encoded[prompt]
+            data, report = extract_item(args, plan, extractor, context, prompt, tokens, text_len, seed, settings,
+                                        quiet=args.quiet or plan.sweep, progress=not (args.quiet or plan.sweep))
+            report["checkpoint_key"] = extractor.checkpoint_key
+            t_save = time.perf_counter()
+            size = save_cache(path, data)
+            report["seconds"]["save"] = round(time.perf_counter() - t_save, 3)
+            del data
+            if folder is not None:
+                append_manifest(folder, prompt_index, prompt, seed, path, size, report, args.save_mode, plan.rank)
+                if bar is not None:
+                    bar.update()
+                elif plan.sweep:
+                    print(f"[rank {plan.rank}] {path.name}: prompt {prompt_index}, seed {seed}, "
+                          f"inference {report['seconds']['inference']:.1f} s, {size / 1e6:.1f} MB")
+            if not plan.sweep:
+                print(f"\nSaved to: {path} ({size / 1e6:.1f} MB, written in {report['seconds']['save']:.1f} s)")
+        if bar is not None:
+            bar.close()
+    if distributed:
+        torch.distributed.barrier()
+    if folder is not None and plan.rank == 0:
+        items = {(p, s): folder / item_name(p, s) for p, s in plan.items}
+        write_manifest(folder, items, plan.prompts, args.save_mode)
+        print(f"Manifest: {folder / MANIFEST} ({len(items)} items)")
+    if plan.rank == 0:
+        print(f"Total: {time.perf_counter() - t_start:.1f} s")
+        if device.type == "cuda":
+            print(f"GPU peak: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+    if distributed:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def init_distributed(plan, device):
+    """Under torchrun (WORLD_SIZE > 1): one process group, NCCL on GPUs, gloo on the CPU. Used only
+    to wait for each other around the shared folder's settings and manifest."""
+    if plan.world_size == 1:
+        return False
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return True
+
+
+def items_bar(plan, todo, args):
+    if not plan.sweep or args.quiet:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=len(todo), desc=f"items (rank {plan.rank})" if plan.world_size > 1 else "items", unit="item",
+                position=plan.rank)
+
+
+def extract_item(args, plan, extractor, context, prompt, tokens, text_len, seed, settings, quiet, progress):
+    """One (prompt, seed): inference with the capture, the entries, the cache dict and a report."""
+    import torch
+
+    from utils.attention_cache import build_cache
+    from utils.extraction import cache_entry
+
+    say = (lambda *a, **k: None) if quiet else print
+    pipeline = extractor.pipeline
+    per_block = pipeline.num_frame_per_block
+    fsl = extractor.frame_seq_length()
+    say(f"\nNum frames: {args.num_frames}\nNum frames per block: {per_block}")
+    say(f"Layer indices to capture: {plan.layers}\nPrompt: {prompt}")
+    say(f"Capture step: {args.capture_step}  (denoising timesteps {[round(t, 2) for t in pipeline.denoising_steps]})")
+    say("\n" + "=" * 60 + "\nCapturing attention during inference (the model's own attention calls)\n" + "=" * 60)
+    say(f"Model layers: {extractor.num_layers}")
+    reset_peaks(extractor.device)
+    kept, calls_seen, seconds = extractor.capture(context, seed, args.num_frames, plan.layers, plan.passes, progress=progress)
+    say(f"Output latent shape: {[1, args.num_frames, *pipeline.latent_shape(1)[1:]]}  (inference {seconds:.2f} s)")
+    expected = len(plan.layers) * len(plan.passes)
+    if len(kept) != expected:
+        raise RuntimeError(f"captured {len(kept)} calls for {len(plan.layers)} layers x {len(plan.passes)} passes")
+    say(f"Self-attention calls seen for layers {plan.layers}: {calls_seen}; kept: {len(kept)}")
+    t_reduce = time.perf_counter()
+    entries = []
+    for record in kept:
+        say(f"Layer {record.layer_idx}: selected attention with Q={list(record.q_shape)}, K={list(record.k_shape)} "
+            f"(block {record.labels['block']}, pass {record.labels['step']}, t={record.labels['timestep']:.2f})")
+        entry, summary = cache_entry(record, fsl, per_block, args.save_mode)
+        entries.append(entry)
+        report_entry(entry, summary, fsl, per_block, quiet)
+    del kept, record
+    t_reduce = time.perf_counter() - t_reduce
+    nonfinite = sum(e["nonfinite"] for e in entries)
+    if nonfinite:
+        bad = [f"layer {e['layer_idx']} pass {e['pass']}" for e in entries if e["nonfinite"]]
+        print(f"warning: {nonfinite} non-finite logits (NaN/Inf) in {', '.join(bad)}; saved as they are", file=sys.stderr)
+    last = entries[-1]
+    say(f"\nInferred parameters:\n  frame_seq_length: {fsl}\n  num_key_frames: {len(last['key_frame_indices'])}\n"
+        f"  num_query_frames: {per_block}")
+    metadata = {
+        "seed": seed,
+        "prompt": prompt,
+        "prompt_tokens": tokens,
+        "prompt_truncated": tokens > text_len,
+        "text_len": text_len,
+        "checkpoint_path": settings["checkpoint_path"],
+        "checkpoint_key": extractor.checkpoint_key,
+        "use_ema": args.use_ema,
+        "capture_step": args.capture_step,
+        "timestep": last["timestep"],
+        "calls_seen": calls_seen,
+        "calls_kept": len(entries),
+        "nonfinite": nonfinite,
+        "key_frame_indices": last["key_frame_indices"],
+        "device": str(extractor.device),
+        "dtype": settings["dtype"],
+        "config_path": str(args.config_path),
+        "config": settings["config"],
+        "model": {name: list(v) if isinstance(v, tuple) else v for name, v in extractor.model.config.items()},
+        "torch_version": str(torch.__version__),
+        "settings": settings,
+    }
+    data = build_cache(prompt=prompt, num_frames=args.num_frames, frame_seq_length=fsl, num_frame_per_block=per_block,
+                       layer_indices=plan.layers, save_mode=args.save_mode, entries=entries, metadata=metadata)
+    report = {"seconds": {"inference": round(seconds, 3), "reduce": round(t_reduce, 3)}}
+    return data, report
+
+
+def report_entry(entry, summary, frame_seq_length, per_block, quiet):
+    """The spec's per-layer line (logit range) and, unless quiet, the per-head sink table."""
+    shape = [1, entry["num_heads"], per_block * frame_seq_length, len(entry["key_frame_indices"]) * frame_seq_length]
+    print(f"Layer {entry['layer_idx']} pass {entry['pass']}: logits {shape} min {entry['logit_min']:.3f} max {entry['logit_max']:.3f}")
+    table = sink_table(summary, frame_seq_length, per_block)
+    if table is not None and not quiet:
+        print("  head  first-frame  middle-frames  first-middle   (query-averaged logits)")
+        for head, (first, middle, delta) in enumerate(table.tolist()):
+            print(f"  {head:4d}  {first:11.3f}  {middle:13.3f}  {delta:12.3f}")
 
 
 def sink_table(summary, frame_seq_length, num_query_frames):
     """Per head: mean query-averaged logit over the first key frame, over the middle key frames (between
     the first and the query block), and their difference. None when there are no middle frames."""
+    import torch
+
     curve = summary["query_mean_logits"][0].unflatten(-1, (-1, frame_seq_length)).mean(-1)  # [N, Fk]
     middle = curve[:, 1 : curve.shape[1] - num_query_frames]
     if middle.shape[1] == 0:
@@ -163,185 +560,112 @@ def sink_table(summary, frame_seq_length, num_query_frames):
     return torch.stack([first, mid, first - mid], dim=1)  # [N, 3]
 
 
-def build_pipeline(args, config, device, dtype, say):
-    """The pipeline on ``device``, with the checkpoint's generator loaded unless --no_checkpoint.
-    Returns (pipeline, the checkpoint entry used or None)."""
-    say("Initializing inference pipeline...")
-    # With a checkpoint, the base transformer weights would be overwritten at once: never read them.
-    generator = WanDiffusionWrapper.from_config(config, device, dtype, load_weights=args.no_checkpoint)
-    num_layers = len(generator.model.blocks)
-    bad = [i for i in args.layer_indices if i >= num_layers]
-    if bad:
-        raise UsageError(f"--layer_indices: {bad} out of range; the model has {num_layers} layers (0..{num_layers - 1})")
-    checkpoint_key = None
-    if args.no_checkpoint:
-        say("No checkpoint: random weights (config random_init)" if config.get("random_init") else "No checkpoint: base Wan2.1 weights")
-    else:
-        checkpoint_key = load_generator_checkpoint(generator, args.checkpoint_path, args.use_ema, args.allow_pickle, device, dtype)
-        say(f"Loaded '{checkpoint_key}' from {args.checkpoint_path}")
-    return CausalInferencePipeline(config, device, generator=generator, dtype=dtype).eval(), checkpoint_key
+def reset_peaks(device):
+    import torch
 
-
-def capture_inference(args, pipeline, device, dtype, say):
-    """Run the inference with the capture on; returns (kept calls, calls seen)."""
-    num_layers = len(pipeline.generator.model.blocks)
-    step = "cache" if args.capture_step == "cache" else int(args.capture_step)
-    say(f"\nNum frames: {args.num_frames}\nNum frames per block: {pipeline.num_frame_per_block}")
-    say(f"Layer indices to capture: {args.layer_indices}\nPrompt: {args.prompt}")
-    say(f"Capture step: {args.capture_step}  (denoising timesteps {[round(t, 2) for t in pipeline.denoising_steps]})")
-    say("\n" + "=" * 60 + "\nCapturing attention during inference (the model's own attention calls)\n" + "=" * 60)
-    say(f"Model layers: {num_layers}")
-    noise = torch.randn((1, *pipeline.latent_shape(args.num_frames)), device=device, dtype=dtype)
-    ATTENTION_WEIGHT_CAPTURE.enable(args.layer_indices, capture_logits=True, num_layers=num_layers, keep="pass", passes=[step])
-    try:
-        start = time.perf_counter()
-        latents = pipeline.inference(noise, [args.prompt], return_latents=True, progress=not args.quiet)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        print(f"Output latent shape: {list(latents.shape)}  (inference {time.perf_counter() - start:.2f} s)")
-        return ATTENTION_WEIGHT_CAPTURE.kept_calls, ATTENTION_WEIGHT_CAPTURE.calls_seen
-    finally:
-        ATTENTION_WEIGHT_CAPTURE.disable()
-
-
-def layer_entry(args, record, frame_seq_length, num_key_frames, per_block, quiet):
-    """The saved entry of one kept call and its metadata; prints its logit range and sink table."""
-    summary = {name: value.cpu() for name, value in record.summary(frame_seq_length).items()}
-    entry = {
-        "layer_idx": record.layer_idx,
-        "is_logits": True,
-        "num_frames": args.num_frames,
-        "frame_seq_length": frame_seq_length,
-        "num_heads": record.num_heads,
-        "num_query_frames": per_block,
-        "num_key_frames": num_key_frames,
-    }
-    if args.save_mode == "full":
-        entry["attn_logits"] = record.to_host(torch.float16, frame_seq_length=frame_seq_length)
-    else:
-        entry.update({name: summary[name] for name in SUMMARY_KEYS})
-    low, high = summary["logit_min"].min().item(), summary["logit_max"].max().item()
-    meta = {
-        "call_idx": record.call_idx, "block": record.labels["block"], "step": record.labels["step"],
-        "timestep": record.labels["timestep"], "q_shape": list(record.q_shape), "k_shape": list(record.k_shape),
-        "logit_min": low, "logit_max": high,
-    }
-    shape = [record.q_shape[0], record.num_heads, record.q_shape[1], record.k_shape[1]]
-    print(f"Layer {record.layer_idx}: logits {shape} min {low:.3f} max {high:.3f}")
-    table = sink_table(summary, frame_seq_length, per_block)
-    if table is not None and not quiet:
-        print("  head  first-frame  middle-frames  first-middle   (query-averaged logits)")
-        for head, (first, middle, delta) in enumerate(table.tolist()):
-            print(f"  {head:4d}  {first:11.3f}  {middle:13.3f}  {delta:12.3f}")
-    return entry, meta
-
-
-def run(args):
-    t_start = time.perf_counter()
-    config = load_config(args)
-    check_inputs(args, config)
-    device, dtype = pick_device(args)
-    say = (lambda *a, **k: None) if args.quiet else print
-    print(f"Using device: {device}")
-    if device.type == "cuda":
-        print(f"GPU: {torch.cuda.get_device_name(device)}")
-    set_seed(args.seed)
-    torch.set_grad_enabled(False)
-    pipeline, checkpoint_key = build_pipeline(args, config, device, dtype, say)
-    model = pipeline.generator.model
+    from utils.misc import reset_host_peak
 
     reset_host_peak()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    kept, calls_seen = capture_inference(args, pipeline, device, dtype, say)
-    print(f"Self-attention calls seen for layers {args.layer_indices}: {calls_seen}; kept: {len(kept)} (one per layer)")
-    if len(kept) != len(args.layer_indices):
-        raise RuntimeError(f"captured {len(kept)} calls for {len(args.layer_indices)} layers")
-    per_block = pipeline.num_frame_per_block
-    first = kept[0]  # every kept call comes from the same pass
-    frame_seq_length = first.q_shape[1] // per_block
-    num_key_frames = first.k_shape[1] // frame_seq_length
-    key_frames_in_video = first.key_frames
-    timestep = first.labels["timestep"]
-    for record in kept:
-        say(f"Layer {record.layer_idx}: selected attention with Q={list(record.q_shape)}, K={list(record.k_shape)} "
-            f"(block {record.labels['block']}, pass {record.labels['step']}, t={record.labels['timestep']:.2f}, call {record.call_idx})")
-    print(f"\nInferred parameters:\n  frame_seq_length: {frame_seq_length}\n  num_key_frames: {num_key_frames}\n  num_query_frames: {per_block}")
 
-    t_reduce = time.perf_counter()
-    entries, layers_meta = [], {}
-    for record in kept:
-        entry, layers_meta[record.layer_idx] = layer_entry(args, record, frame_seq_length, num_key_frames, per_block, args.quiet)
-        entries.append(entry)
-    t_reduce = time.perf_counter() - t_reduce
-    del kept, first  # frees the kept q and keys on the device
 
-    save_data = {
-        "attention_weights": entries,
-        "prompt": args.prompt,
-        "num_frames": args.num_frames,
-        "frame_seq_length": frame_seq_length,
-        "num_frame_per_block": per_block,
-        "layer_indices": list(args.layer_indices),
-        "is_logits": True,
-        "capture_method": "native_inference_capture",
-        "query_frames": list(range(args.num_frames - per_block, args.num_frames)),
-        "key_frames": list(range(num_key_frames)),
-        "metadata": {
-            "format": CACHE_FORMAT,
-            "format_version": CACHE_FORMAT_VERSION,
-            "save_mode": args.save_mode,
-            "seed": args.seed,
-            "prompt": args.prompt,
-            "checkpoint_path": None if args.no_checkpoint else str(args.checkpoint_path),
-            "checkpoint_key": checkpoint_key,
-            "use_ema": args.use_ema,
-            "capture_step": args.capture_step,
-            "timestep": timestep,
-            "calls_seen": calls_seen,
-            "calls_kept": len(entries),
-            "layers": layers_meta,
-            "key_frame_indices": key_frames_in_video,
-            "device": str(device),
-            "dtype": str(dtype).removeprefix("torch."),
-            "config_path": str(args.config_path),
-            "config": OmegaConf.to_container(config, resolve=True),
-            "model": {name: list(v) if isinstance(v, tuple) else v for name, v in model.config.items()},
-            "torch_version": str(torch.__version__),
-        },
-    }
-    t_save = time.perf_counter()
-    Path(args.output_path).parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(args.output_path, lambda handle: torch.save(save_data, handle))
-    t_save = time.perf_counter() - t_save
-    size = Path(args.output_path).stat().st_size
-    print(f"\nSaved to: {args.output_path} ({size / 1e6:.1f} MB, written in {t_save:.1f} s, {size / 1e9 / max(t_save, 1e-9):.2f} GB/s)")
-    print(f"Reductions and host copies: {t_reduce:.2f} s; total: {time.perf_counter() - t_start:.1f} s")
-    gpu_peak = f"; GPU {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda" else ""
-    print(f"Peak memory after loading the models: host {host_peak_gib():.2f} GiB (output file {size / 2**30:.2f} GiB){gpu_peak}")
+# ---------------------------------------------------------------------------------------------
+# the sweep folder: settings, resume, manifest
+
+
+def check_sweep_settings(folder, settings, overwrite, rank):
+    """A folder holds one setting: the first run writes it; a later run with other settings is refused
+    unless --overwrite (which makes every item be redone)."""
+    from utils.misc import write_atomically
+
+    path = folder / SWEEP_SETTINGS
+    if path.is_file():
+        try:
+            stored = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UsageError(f"--output_dir: {path} is unreadable ({err}); remove it or use another folder") from err
+        if stored != settings and not overwrite:
+            changed = sorted(k for k in settings.keys() | stored.keys() if stored.get(k) != settings.get(k))
+            raise UsageError(f"--output_dir: {folder} holds a sweep made with other settings ({', '.join(changed)} differ); "
+                             "use another folder, or --overwrite to redo every item with the new settings")
+        if stored == settings:
+            return
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, lambda f: f.write(json.dumps(settings, indent=1, sort_keys=True).encode()))
+
+
+def is_complete(path, settings, prompt, seed, describe_cache, error):
+    """Whether ``path`` is a complete, valid cache of this item made with these settings (checked, not
+    trusted by name)."""
+    if not path.is_file():
+        return False
+    try:
+        meta = describe_cache(path)["metadata"]
+    except error:
+        return False
+    return meta.get("settings") == settings and meta.get("prompt") == prompt and meta.get("seed") == seed
+
+
+def append_manifest(folder, prompt_index, prompt, seed, path, size, report, save_mode, rank):
+    """One line for a finished item, appended once its file is in place (a single write: lines of
+    several processes do not interleave)."""
+    line = manifest_line(prompt_index, prompt, seed, path, size, save_mode)
+    line.update(seconds=report["seconds"], rank=rank)
+    fd = os.open(folder / MANIFEST, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, (json.dumps(line, ensure_ascii=False) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def manifest_line(prompt_index, prompt, seed, path, size, save_mode):
+    line = {"prompt_index": prompt_index, "prompt": prompt, "seed": seed, "file": path.name, "bytes": size}
+    if save_mode == "summary":
+        line["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return line
+
+
+def write_manifest(folder, items, prompts, save_mode):
+    """At the end: one line per item whose file is in place, in item order, the latest line of each
+    (timings kept from the run that made the file)."""
+    from utils.misc import write_atomically
+
+    path = folder / MANIFEST
+    latest = {}
+    if path.is_file():
+        for text in path.read_text().splitlines():
+            try:
+                line = json.loads(text)
+                latest[(line["prompt_index"], line["seed"])] = line
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    lines = []
+    for (prompt_index, seed), file in items.items():
+        if not file.is_file():
+            continue
+        line = latest.get((prompt_index, seed))
+        if line is None or line.get("bytes") != file.stat().st_size:
+            line = manifest_line(prompt_index, prompts[prompt_index], seed, file, file.stat().st_size, save_mode)
+        lines.append(json.dumps(line, ensure_ascii=False))
+    write_atomically(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
 
 
 def main(argv=None):
     args = parse_args(argv)
-
-    def on_sigterm(signum, frame):
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        run(args)
-        return 0
-    except (UsageError, WeightFileError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except Terminated:
-        print("terminated; nothing was written", file=sys.stderr)
-        return 143
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with exit_on_signals():
+        try:
+            return run(args)
+        except UsageError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except OutputSpaceError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        except Interrupted as err:
+            print(f"{err}; the file being written was left as it was", file=sys.stderr)
+            return err.exit_code
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from utils.wan_wrapper import WanDiffusionWrapper, WanTextEncoder, WanVAEWrapper
+from utils.wan_wrapper import WanDiffusionWrapper, WanTextEncoder
 from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE
 
 VAE_STRIDE = 8  # the Wan2.1 VAE downsamples height and width 8x
@@ -17,13 +17,13 @@ VAE_STRIDE = 8  # the Wan2.1 VAE downsamples height and width 8x
 
 class CausalInferencePipeline(nn.Module):
     def __init__(self, args, device, generator=None, text_encoder=None, vae=None, dtype=None):
-        """``args``: the merged config. Parts not given are built from it; the VAE only when something
-        decodes. Parts built here are loaded straight onto ``device`` (in ``dtype``, if given); parts
-        passed in are moved there."""
+        """``args``: the merged config. Parts not given are built from it: the generator now, the text
+        encoder when prompts are first encoded, the VAE when something decodes. Parts built here are
+        loaded straight onto ``device`` (in ``dtype``, if given); parts passed in are moved there."""
         super().__init__()
         self.args = args
         self.generator = generator if generator is not None else WanDiffusionWrapper.from_config(args, device, dtype)
-        self.text_encoder = text_encoder if text_encoder is not None else WanTextEncoder.from_config(args, device, dtype)
+        self.text_encoder = text_encoder
         self.vae = vae
         self.scheduler = self.generator.get_scheduler()
         steps = list(args.get("denoising_step_list"))
@@ -40,22 +40,37 @@ class CausalInferencePipeline(nn.Module):
 
     def _decoder(self, like):
         if self.vae is None:
+            from utils.vae import WanVAEWrapper  # diffusers takes seconds to import: only when decoding
+
             self.vae = WanVAEWrapper.from_config(self.args, like.device, like.dtype)
         return self.vae
 
     @torch.no_grad()
-    def inference(self, noise, text_prompts, return_latents=False, progress=False):
+    def encode_prompts(self, text_prompts):
+        """Prompts -> text context [B, text_len, text_dim], building the text encoder on first use on
+        the generator's device and in its dtype."""
+        if self.text_encoder is None:
+            parameter = next(self.generator.parameters())
+            self.text_encoder = WanTextEncoder.from_config(self.args, parameter.device, parameter.dtype)
+        return self.text_encoder(text_prompts=list(text_prompts))["prompt_embeds"]
+
+    @torch.no_grad()
+    def inference(self, noise, text_prompts=None, return_latents=False, progress=False, prompt_embeds=None):
         """noise [B, F, C, H, W] -> latents [B, F, C, H, W] if ``return_latents`` (no VAE is built),
-        else the decoded video [B, 1 + 4(F-1), 3, 8H, 8W] in [0, 1]."""
+        else the decoded video [B, 1 + 4(F-1), 3, 8H, 8W] in [0, 1]. The text comes as B prompts, or
+        already encoded (``prompt_embeds`` [B, text_len, text_dim], e.g. from ``encode_prompts``)."""
         batch, num_frames, _, height, width = noise.shape
         per_block = self.num_frame_per_block
         if num_frames <= 0 or num_frames % per_block:
             raise ValueError(f"number of frames {num_frames} is not a positive multiple of num_frame_per_block {per_block}")
-        if len(text_prompts) != batch:
-            raise ValueError(f"{len(text_prompts)} prompts for a batch of {batch}")
+        if (text_prompts is None) == (prompt_embeds is None):
+            raise ValueError("give either text_prompts or prompt_embeds")
+        if prompt_embeds is None:
+            prompt_embeds = self.encode_prompts(text_prompts)
+        if prompt_embeds.shape[0] != batch:
+            raise ValueError(f"{prompt_embeds.shape[0]} prompts for a batch of {batch}")
         model = self.generator.model
-        prompt_embeds = self.text_encoder(text_prompts=list(text_prompts))["prompt_embeds"]
-        conditional_dict = {"prompt_embeds": prompt_embeds.to(noise.dtype)}
+        conditional_dict = {"prompt_embeds": prompt_embeds.to(device=noise.device, dtype=noise.dtype)}
         frame_seq_length = model.frame_seq_length(height, width)
         kv_cache, crossattn_cache = model.new_caches(batch, num_frames, frame_seq_length, noise.dtype, noise.device)
         output = torch.zeros_like(noise)

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import pipeline.causal_inference as pipeline_module
+import utils.vae as vae_module
 from pipeline.causal_inference import CausalInferencePipeline
 from utils.wan_wrapper import WanDiffusionWrapper
 
@@ -188,7 +189,7 @@ def test_return_latents_builds_no_vae(args, generator, monkeypatch):
     def no_vae(*a, **k):
         raise AssertionError("the VAE must not be built when return_latents=True")
 
-    monkeypatch.setattr(pipeline_module.WanVAEWrapper, "from_config", no_vae)
+    monkeypatch.setattr(vae_module.WanVAEWrapper, "from_config", no_vae)
     pipe = make_pipeline(args, generator)
     assert pipe.vae is None
     latents = pipe.inference(make_noise(3, 0, args), ["a prompt"], return_latents=True)

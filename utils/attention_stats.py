@@ -40,12 +40,14 @@ def summarize_logits(
       frame_mean_logits     [B, N, Fq, Fk]  see ``frame_reductions``
       frame_attention_mass  [B, N, Fq, Fk]  see ``frame_reductions``
       logit_min, logit_max  [B, N]          extremes over the whole matrix
+      nonfinite             [B, N]          count of NaN and infinite logits (int64)
     """
-    query_mean, frame_mean, frame_mass, lows, highs = [], [], [], [], []
+    query_mean, frame_mean, frame_mass, lows, highs, bad = [], [], [], [], [], []
     for head in range(num_heads):
-        row_sum, means, masses, low, high = 0.0, [], [], [], []
+        row_sum, means, masses, low, high, nonfinite = 0.0, [], [], [], [], 0
         for frame in range(num_query_frames):
             tile = query_frame_logits(head, frame)  # [B, fsl, Lk]
+            nonfinite = nonfinite + (~torch.isfinite(tile)).sum(dim=(1, 2))
             row_sum = row_sum + tile.sum(dim=1)
             low.append(tile.amin(dim=(1, 2)))
             high.append(tile.amax(dim=(1, 2)))
@@ -57,12 +59,14 @@ def summarize_logits(
         frame_mass.append(torch.cat(masses, dim=1))
         lows.append(torch.stack(low).amin(dim=0))
         highs.append(torch.stack(high).amax(dim=0))
+        bad.append(nonfinite)
     return {
         "query_mean_logits": torch.stack(query_mean, dim=1),
         "frame_mean_logits": torch.stack(frame_mean, dim=1),
         "frame_attention_mass": torch.stack(frame_mass, dim=1),
         "logit_min": torch.stack(lows, dim=1),
         "logit_max": torch.stack(highs, dim=1),
+        "nonfinite": torch.stack(bad, dim=1),
     }
 
 

@@ -141,6 +141,12 @@ class WanTextEncoder(nn.Module):
         context = context.masked_fill(mask[..., None] == 0, 0.0)
         return {"prompt_embeds": context.to(self.encoder.dtype)}
 
+    def count_tokens(self, text_prompts: list[str]) -> list[int]:
+        """Tokens of each prompt as ``forward`` tokenizes it (EOS included) before truncation to
+        ``text_len``: a count above ``text_len`` means the prompt's end is cut off."""
+        tokens = self.tokenizer([clean_prompt(text) for text in text_prompts], add_special_tokens=True)
+        return [len(ids) for ids in tokens["input_ids"]]
+
     @classmethod
     def from_model_dir(cls, model_dir, text_len: int = 512, config: Mapping = UMT5_XXL, device="cpu", dtype=None):
         """Load the official encoder file and the ``google/umt5-xxl`` tokenizer from ``model_dir``.

@@ -3,7 +3,8 @@
 - ``WanDiffusionWrapper``: the causal transformer (``.model``) plus the flow-matching schedule;
   returns (flow_pred, x0_pred). Its state dict has Self-Forcing's ``model.``-prefixed keys, so a
   checkpoint's ``generator`` / ``generator_ema`` loads strictly.
-- ``WanTextEncoder`` (utils/text_encoder.py) and ``WanVAEWrapper`` (utils/vae.py), re-exported here.
+- ``WanTextEncoder`` (utils/text_encoder.py), re-exported here; the VAE is in utils/vae.py (imported
+  only where something decodes: diffusers takes seconds to import).
 
 Each has ``from_config(cfg)``: real weights from ``cfg.model_dir`` or, with ``cfg.random_init``,
 random weights of the sizes in the config, the same for every run (seeded by ``init_seed``).
@@ -15,10 +16,9 @@ from utils.loading import WeightFileError, load_into, read_state_dict
 from utils.misc import seeded
 from utils.scheduler import FlowMatchScheduler
 from utils.text_encoder import WanTextEncoder
-from utils.vae import WanVAEWrapper
 from wan.modules.causal_model import CausalWanModel
 
-__all__ = ["WanDiffusionWrapper", "WanTextEncoder", "WanVAEWrapper", "load_generator_checkpoint"]
+__all__ = ["WanDiffusionWrapper", "WanTextEncoder", "load_generator_checkpoint"]
 
 
 class WanDiffusionWrapper(nn.Module):

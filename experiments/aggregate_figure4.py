@@ -1,0 +1,94 @@
+"""Statistics across the items of a Figure 4 sweep: per (layer, block, pass, head), the mean, standard
+deviation and 95% confidence interval over items of the query-averaged curve, the per-key-frame logit
+and attention mass, and two sink scores (definitions: utils/sweep_stats.py and README.md).
+
+    PYTHONPATH=. python experiments/aggregate_figure4.py cache/sweep
+    PYTHONPATH=. python experiments/aggregate_figure4.py 'cache/sweep_seed*.pt' --out stats/seeds.pt
+
+Inputs: sweep folders (their manifest's files, else every p*_s*.pt) and/or cache files or quoted glob
+patterns. They must share one setting (frames, layers, passes, model, checkpoint): mixed caches are
+refused, not averaged. Writes a small .pt (every statistic, the token-level curve included) and a CSV
+beside it (per-frame quantities and sink scores). Exit status: 0 written; 2 bad input.
+"""
+import argparse
+import glob
+import json
+import sys
+from pathlib import Path
+
+MANIFEST = "manifest.jsonl"
+
+
+class InputError(ValueError):
+    """The inputs cannot be aggregated (missing, unreadable, mixed)."""
+
+
+def sweep_files(folder):
+    """The cache files of a sweep folder: those its manifest lists, else its p*_s*.pt files."""
+    manifest = folder / MANIFEST
+    if manifest.is_file():
+        files = []
+        for number, text in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                files.append(folder / json.loads(text)["file"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise InputError(f"{manifest}: line {number} is not a manifest line with a 'file'") from None
+        return files
+    return sorted(folder.glob("p*_s*.pt"))
+
+
+def input_files(inputs):
+    files = []
+    for text in inputs:
+        path = Path(text)
+        if path.is_dir():
+            found = sweep_files(path)
+        elif glob.has_magic(text):
+            found = [Path(p) for p in sorted(glob.glob(text))]
+        else:
+            found = [path]
+        if not found:
+            raise InputError(f"{text}: no cache file found")
+        files.extend(found)
+    resolved = [f.resolve() for f in files]
+    repeated = sorted({str(f) for f in files if resolved.count(f.resolve()) > 1})
+    if repeated:
+        raise InputError(f"{repeated[0]} is given more than once; each item may count once")
+    return files
+
+
+def default_out(inputs):
+    first = Path(inputs[0])
+    return first / "statistics.pt" if first.is_dir() else Path("statistics.pt")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.split("\n\n")[1:]))
+    parser.add_argument("inputs", nargs="+", help="sweep folders, cache files or quoted glob patterns")
+    parser.add_argument("--out", default=None, help="statistics file (.pt; the CSV goes beside it); default: "
+                        "<first folder>/statistics.pt, or statistics.pt")
+    args = parser.parse_args(argv)
+    out = Path(args.out) if args.out else default_out(args.inputs)
+    if out.suffix != ".pt":
+        print(f"error: --out {out}: expected a .pt file name (the CSV is written beside it)", file=sys.stderr)
+        return 2
+
+    from utils.attention_cache import CacheFileError, open_cache
+    from utils.misc import OutputPathError
+    from utils.sweep_stats import MixedCachesError, save_statistics, sweep_statistics
+
+    try:
+        caches = [open_cache(path) for path in input_files(args.inputs)]
+        stats = sweep_statistics(caches)
+        csv_path = save_statistics(stats, out)
+    except (InputError, CacheFileError, MixedCachesError, OutputPathError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{stats['n_items']} items, {len(stats['groups'])} (layer, block, pass) groups x {stats['num_heads']} heads")
+    print(f"Saved: {out} and {csv_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Attention logits from real inference: the models loaded once, then any number of (prompt, seed)
+items, each run with the capture on and turned into the entries of one cache file.
+
+Nothing here parses a command line or writes a file: experiments/run_extraction_figure4.py plans
+the items and writes each cache through utils/attention_cache.py.
+"""
+import time
+
+import torch
+
+from pipeline.causal_inference import CausalInferencePipeline
+from utils.attention_cache import SUMMARY_KEYS
+from utils.misc import set_seed
+from utils.wan_wrapper import WanDiffusionWrapper, load_generator_checkpoint
+from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE
+
+
+class Extractor:
+    """The pipeline on one device, with a Self-Forcing checkpoint's generator loaded if one is given
+    (the base transformer weights are then never read)."""
+
+    def __init__(self, config, device, dtype, checkpoint_path=None, use_ema=True, allow_pickle=False):
+        generator = WanDiffusionWrapper.from_config(config, device, dtype, load_weights=checkpoint_path is None)
+        self.checkpoint_key = None
+        if checkpoint_path is not None:
+            self.checkpoint_key = load_generator_checkpoint(generator, checkpoint_path, use_ema, allow_pickle, device, dtype)
+        self.pipeline = CausalInferencePipeline(config, device, generator=generator, dtype=dtype).eval()
+        self.model = generator.model
+        self.device, self.dtype = device, dtype
+
+    @property
+    def num_layers(self):
+        return len(self.model.blocks)
+
+    def frame_seq_length(self):
+        """Tokens per latent frame of the config's video size."""
+        _, _, height, width = self.pipeline.latent_shape(1)
+        return self.model.frame_seq_length(height, width)
+
+    def encode(self, prompts):
+        """Each distinct prompt encoded once. Returns ({prompt: (context [1, text_len, text_dim] on the
+        device, its token count before truncation)}, the encoder's text_len). The text encoder is
+        freed afterwards, so during diffusion the device holds the transformer alone."""
+        encoded = {}
+        for prompt in dict.fromkeys(prompts):
+            context = self.pipeline.encode_prompts([prompt])
+            encoded[prompt] = (context, self.pipeline.text_encoder.count_tokens([prompt])[0])
+        text_len = self.pipeline.text_encoder.text_len
+        self.pipeline.text_encoder = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return encoded, text_len
+
+    def capture(self, context, seed, num_frames, layers, passes, blocks=("last",), progress=False):
+        """One item: noise from ``seed`` alone (the same whatever ran before in this process), the
+        inference with the capture on. Returns (kept calls in the order of ``layers``, then block,
+        then pass; self-attention calls seen for those layers; inference seconds)."""
+        set_seed(seed)
+        noise = torch.randn((1, *self.pipeline.latent_shape(num_frames)), device=self.device, dtype=self.dtype)
+        ATTENTION_WEIGHT_CAPTURE.enable(layers, num_layers=self.num_layers, keep="pass", passes=passes, blocks=blocks)
+        try:
+            start = time.perf_counter()
+            self.pipeline.inference(noise, prompt_embeds=context, return_latents=True, progress=progress)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            return ATTENTION_WEIGHT_CAPTURE.kept_calls, ATTENTION_WEIGHT_CAPTURE.calls_seen, time.perf_counter() - start
+        finally:
+            ATTENTION_WEIGHT_CAPTURE.disable()
+
+
+def cache_entry(record, frame_seq_length, frames_per_block, save_mode):
+    """The cache entry of one kept call and its exact fp32 reductions (on the host).
+
+    The entry carries the call's own labels: layer, block, pass, timestep, the video frames of its
+    queries and of each key frame; then either the fp16 logits [B, N, Q, K] (save_mode 'full') or
+    the reductions (SUMMARY_KEYS)."""
+    summary = {name: value.cpu() for name, value in record.summary(frame_seq_length).items()}
+    block = record.labels["block"]
+    entry = {
+        "layer_idx": record.layer_idx,
+        "block": block,
+        "pass": record.labels["step"],
+        "timestep": float(record.labels["timestep"]),
+        "num_heads": record.num_heads,
+        "query_frames": list(range(block * frames_per_block, (block + 1) * frames_per_block)),
+        "key_frame_indices": list(record.key_frames),
+        "nonfinite": int(summary["nonfinite"].sum()),
+        "logit_min": float(summary["logit_min"].min()),
+        "logit_max": float(summary["logit_max"].max()),
+    }
+    if save_mode == "full":
+        entry["attn_logits"] = record.to_host(torch.float16, frame_seq_length=frame_seq_length)
+    else:
+        entry.update({name: summary[name] for name in SUMMARY_KEYS})
+    return entry, summary

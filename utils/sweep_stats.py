@@ -1,0 +1,188 @@
+"""Statistics of Figure 4 quantities across the items (prompts x seeds) of a sweep: computed, written
+and read here only (the statistics file's one owner).
+
+For every captured (layer, block, pass) and head, over the n items (each batch sample of each cache
+file is one item):
+  curve           [K]   the logit averaged over the block's query tokens, per key token (Figure 4)
+  frame_logit     [Fk]  the mean logit per key frame (over the block's query and the frame's key tokens)
+  mass            [Fk]  the attention mass per key frame: softmax over all keys, summed over the
+                        frame's keys, averaged over the block's query tokens (each row sums to 1)
+  sink_ratio      []    mass of the first key frame / mean mass of the middle key frames
+  sink_logit_gap  []    frame_logit of the first key frame - mean frame_logit of the middle frames
+"Middle" key frames are those after the first and before the query block's own frames; with none
+(the first blocks) the two sink scores are NaN. Each quantity gets the mean, the sample standard
+deviation and a two-sided 95% confidence interval of the mean, mean +- t(0.975, n-1) * std / sqrt(n)
+(Student's t; NaN for n = 1).
+"""
+import csv
+import math
+from pathlib import Path
+
+import torch
+
+from utils.misc import write_atomically
+
+STATS_FORMAT = "figure4-sweep-statistics"
+STATS_VERSION = 1
+QUANTITIES = ("curve", "frame_logit", "mass", "sink_ratio", "sink_logit_gap")
+FIELDS = ("mean", "std", "ci_low", "ci_high")
+
+
+class StatsFileError(ValueError):
+    """A file is not a readable sweep-statistics file of the supported version."""
+
+
+class MixedCachesError(ValueError):
+    """Caches of different settings, which must not be averaged together."""
+
+
+def student_t_quantile(p, df):
+    """The p-quantile (0.5 < p < 1) of Student's t distribution with ``df`` degrees of freedom: the
+    CDF is integrated from the density (Simpson's rule) and inverted by bisection."""
+    if not 0.5 < p < 1 or df < 1:
+        raise ValueError(f"student_t_quantile needs 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def density(x):
+        return math.exp(log_norm - (df + 1) / 2 * math.log1p(x * x / df))
+
+    def upper_half_mass(x, steps=2000):  # integral of the density over [0, x]
+        h = x / steps
+        inner = sum((4 if i % 2 else 2) * density(i * h) for i in range(1, steps))
+        return h / 3 * (density(0) + inner + density(x))
+
+    low, high = 0.0, 1.0
+    while 0.5 + upper_half_mass(high) < p:
+        low, high = high, high * 2
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if 0.5 + upper_half_mass(mid) < p else (low, mid)
+    return (low + high) / 2
+
+
+def describe(values):
+    """values [n, ...] (float64) -> {mean, std, ci_low, ci_high}, each [...]: the sample standard
+    deviation and a 95% confidence interval of the mean (NaN for n = 1)."""
+    n = values.shape[0]
+    mean = values.mean(dim=0)
+    if n < 2:
+        nan = torch.full_like(mean, math.nan)
+        return {"mean": mean, "std": nan, "ci_low": nan, "ci_high": nan}
+    std = values.std(dim=0, correction=1)
+    half = student_t_quantile(0.975, n - 1) * std / math.sqrt(n)
+    return {"mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half}
+
+
+def item_quantities(summary, key_frame_indices, query_frames):
+    """Per batch sample and head, the quantities of one entry from its reductions
+    (``AttentionCache.summary``): a dict of [B, N, ...] float64 tensors."""
+    frame_logit = summary["frame_mean_logits"].double().mean(dim=2)  # [B, N, Fk]
+    mass = summary["frame_attention_mass"].double().mean(dim=2)  # [B, N, Fk]
+    first_query_slot = key_frame_indices.index(query_frames[0])
+    middle = slice(1, first_query_slot)
+    if first_query_slot > 1:
+        sink_ratio = mass[..., 0] / mass[..., middle].mean(dim=-1)
+        sink_logit_gap = frame_logit[..., 0] - frame_logit[..., middle].mean(dim=-1)
+    else:
+        sink_ratio = sink_logit_gap = torch.full(mass.shape[:2], math.nan, dtype=torch.float64)
+    return {"curve": summary["query_mean_logits"].double(), "frame_logit": frame_logit, "mass": mass,
+            "sink_ratio": sink_ratio, "sink_logit_gap": sink_logit_gap}
+
+
+def compare_key(cache):
+    """What caches must share to be averaged: the video and capture layout, the model and its weights."""
+    meta = cache.metadata
+    labels = tuple((e.layer_idx, e.block, e.pass_, tuple(e.key_frame_indices)) for e in cache.entries)
+    return {
+        "num_frames": cache.num_frames,
+        "frame_seq_length": cache.frame_seq_length,
+        "num_frame_per_block": cache.num_frame_per_block,
+        "entries (layer, block, pass, key frames)": labels,
+        "num_heads": cache.num_heads,
+        "model": meta.get("model"),
+        "checkpoint": (meta.get("checkpoint_path"), meta.get("checkpoint_key")),
+        "dtype": meta.get("dtype"),
+    }
+
+
+def check_same_setting(caches):
+    """Raise MixedCachesError naming the two files and the field when caches differ in what averaging needs."""
+    first = compare_key(caches[0])
+    for cache in caches[1:]:
+        other = compare_key(cache)
+        for name, value in first.items():
+            if other[name] != value:
+                raise MixedCachesError(f"{caches[0].path} and {cache.path} differ in {name}; statistics need caches of "
+                                 "one setting (same frames, layers, passes, model and checkpoint)")
+
+
+def sweep_statistics(caches):
+    """The statistics over the items of ``caches`` (opened attention caches of one setting)."""
+    check_same_setting(caches)
+    groups = []
+    for entry in caches[0].entries:
+        per_item = [item_quantities(cache.summary(entry.layer_idx, entry.pass_, entry.block), entry.key_frame_indices,
+                                    entry.query_frames) for cache in caches]
+        stacked = {q: torch.cat([item[q] for item in per_item], dim=0) for q in QUANTITIES}  # [n, N, ...]
+        groups.append({
+            "layer_idx": entry.layer_idx, "block": entry.block, "pass": entry.pass_, "timestep": entry.timestep,
+            "query_frames": list(entry.query_frames), "key_frame_indices": list(entry.key_frame_indices),
+            **{q: {k: v.float() for k, v in describe(stacked[q]).items()} for q in QUANTITIES},
+        })
+    first = caches[0]
+    return {
+        "format": STATS_FORMAT, "format_version": STATS_VERSION,
+        "n_items": sum(c.batch_size for c in caches), "files": [str(c.path) for c in caches],
+        "prompts": [c.prompt for c in caches], "seeds": [c.metadata.get("seed") for c in caches],
+        "num_frames": first.num_frames, "frame_seq_length": first.frame_seq_length,
+        "num_heads": first.num_heads, "groups": groups,
+    }
+
+
+def save_statistics(stats, path):
+    """The statistics as ``path`` (.pt) and a CSV beside it (same name, .csv) of the per-frame and
+    per-head quantities (the token-level curve stays in the .pt): one row per layer, block, pass,
+    head, quantity and key frame."""
+    path = Path(path)
+    write_atomically(path, lambda f: torch.save(stats, f))
+    rows = [("layer", "block", "pass", "timestep", "head", "quantity", "key_slot", "video_frame", "n", *FIELDS)]
+    for g in stats["groups"]:
+        for head in range(stats["num_heads"]):
+            for q in ("frame_logit", "mass", "sink_ratio", "sink_logit_gap"):
+                values = {k: g[q][k][head] for k in FIELDS}
+                slots = range(values["mean"].numel()) if values["mean"].dim() else [None]
+                for slot in slots:
+                    frame = "" if slot is None else g["key_frame_indices"][slot]
+                    numbers = [float(values[k] if slot is None else values[k][slot]) for k in FIELDS]
+                    rows.append((g["layer_idx"], g["block"], g["pass"], g["timestep"], head, q,
+                                 "" if slot is None else slot, frame, stats["n_items"], *numbers))
+
+    def write_csv(handle):
+        text = "".join(",".join(str(x) for x in row) + "\n" for row in rows)
+        handle.write(text.encode())
+
+    write_atomically(path.with_suffix(".csv"), write_csv)
+    return path.with_suffix(".csv")
+
+
+def load_statistics(path):
+    """Read and check a statistics file written by ``save_statistics``; StatsFileError otherwise."""
+    path = Path(path)
+    try:
+        stats = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise StatsFileError(f"{path}: file not found") from None
+    except Exception as err:
+        raise StatsFileError(f"{path}: not a readable statistics file ({err})") from err
+    if not isinstance(stats, dict) or stats.get("format") != STATS_FORMAT:
+        raise StatsFileError(f"{path}: not a sweep-statistics file (expected format {STATS_FORMAT!r})")
+    if stats.get("format_version") != STATS_VERSION:
+        raise StatsFileError(f"{path}: format_version {stats.get('format_version')!r}; this reader reads {STATS_VERSION}")
+    groups = stats.get("groups")
+    if not isinstance(groups, list) or not groups:
+        raise StatsFileError(f"{path}: no statistics groups")
+    for g in groups:
+        for q in QUANTITIES:
+            if not isinstance(g.get(q), dict) or any(not isinstance(g[q].get(k), torch.Tensor) for k in FIELDS):
+                raise StatsFileError(f"{path}: group (layer {g.get('layer_idx')}, pass {g.get('pass')}) lacks {q} statistics")
+    return stats
