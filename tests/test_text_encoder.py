@@ -182,6 +182,26 @@ def test_from_model_dir_errors_name_file_and_key(model_dir, change, key):
     assert str(path) in str(error.value) and key in str(error.value)
 
 
+class Step:
+    """An object that the weights_only unpickler refuses."""
+
+
+def test_from_model_dir_refuses_a_file_with_an_object_without_the_allow_pickle_hint(model_dir, capsys):
+    path = _replace(model_dir, lambda w: w.update({"step": Step()}))
+    with pytest.raises(WeightFileError) as error:
+        WanTextEncoder.from_model_dir(model_dir, text_len=8, config=TINY_FILE)
+    message = str(error.value)
+    assert message.startswith(f"{path}: holds objects beyond tensors") and "Step" in message and "\n" not in message
+    assert "allow_pickle" not in message and "opt in" not in message  # no option loads it: none is suggested
+    assert capsys.readouterr().err == ""
+
+
+def test_from_model_dir_refuses_non_string_keys(model_dir):
+    path = _replace(model_dir, lambda w: w.update({7: torch.zeros(2)}))
+    with pytest.raises(WeightFileError, match=re.escape(f"{path}: keys must be strings, found 7 (int)")):
+        WanTextEncoder.from_model_dir(model_dir, text_len=8, config=TINY_FILE)
+
+
 @pytest.mark.parametrize("missing", [T5_CHECKPOINT, "google/umt5-xxl"])
 def test_from_model_dir_missing_file(model_dir, missing):
     path = model_dir / missing

@@ -204,6 +204,20 @@ def test_from_model_dir_errors_name_file_and_key(model_dir, change, key):
     assert str(path) in str(error.value) and key in str(error.value)
 
 
+class Step:
+    """An object that the weights_only unpickler refuses."""
+
+
+def test_from_model_dir_refuses_a_file_with_an_object_without_the_allow_pickle_hint(model_dir):
+    path = model_dir / VAE_CHECKPOINT
+    torch.save({**torch.load(path), "step": Step()}, path)
+    with pytest.raises(WeightFileError) as error:
+        WanVAEWrapper.from_model_dir(model_dir, config=TINY)
+    message = str(error.value)
+    assert message.startswith(f"{path}: holds objects beyond tensors") and "Step" in message
+    assert "allow_pickle" not in message and "opt in" not in message
+
+
 def test_from_model_dir_missing_file(tmp_path):
     with pytest.raises(WeightFileError, match=re.escape(f"{tmp_path / VAE_CHECKPOINT}: file not found")):
         WanVAEWrapper.from_model_dir(tmp_path, config=TINY)

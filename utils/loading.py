@@ -1,9 +1,14 @@
 """Reading weight files from local folders, checked key by key.
 
-Every loader in the project goes through these three functions, so that a missing file, a missing
-or unexpected key and a wrong shape all give the same kind of error: one that names the file and the
-key. Pickled files are read with ``weights_only=True`` unless the caller opts in explicitly.
+Every loader in the project goes through these three functions, so that every problem with a weight
+file (missing, empty, truncated, corrupt, not a weight file, holding objects, a missing or unexpected
+key, a wrong shape or dtype) gives the same kind of error: a one-line ``WeightFileError`` that names
+the file and, where there is one, the key. Torch files are read with ``weights_only=True`` unless the
+caller opts in explicitly.
 """
+import pickle
+import re
+import sys
 from pathlib import Path
 from typing import Mapping
 
@@ -11,17 +16,87 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
+# torch.save's legacy (non-zip) format starts with this pickled number, after the pickle header.
+LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
 
 class WeightFileError(ValueError):
     """A weight file is missing, unreadable, or does not fit the model it is loaded into."""
 
 
-def read_state_dict(path, allow_pickle=False, device="cpu"):
-    """Return the tensors of a ``.safetensors`` file or a torch ``.pth``/``.pt`` file on ``device``.
+def _one_line(err):
+    """The first sentence of an exception's message (after torch's weights_only preamble), on one line."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0].split(". ")[0].rstrip(".") if lines else type(err).__name__
 
-    Both are read through memory maps, tensor by tensor, so loading onto a GPU costs little host
-    memory. ``allow_pickle=True`` unpickles arbitrary objects (it can run code from the file); only
-    for files you trust.
+
+def _refused_object(err):
+    """What the weights_only unpickler refused (a class or function name, or a type), or None when
+    the error is not about an object (a corrupt or truncated stream)."""
+    match = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", str(err)) or re.search(
+        r"but got (.+?)\s*$", str(err), re.MULTILINE
+    )
+    return match[1] if match else None
+
+
+def _torch_file_format(path):
+    """'zip' or 'legacy' for a file written by torch.save; ``WeightFileError`` for anything else."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(32)
+    except OSError as err:
+        raise WeightFileError(f"{path}: cannot be read ({err.strerror or err})") from err
+    if not head:
+        raise WeightFileError(f"{path}: empty file (0 bytes); expected a torch or safetensors weight file")
+    if head.startswith(ZIP_MAGIC):
+        return "zip"
+    if LEGACY_MAGIC in head:
+        return "legacy"
+    if head[0] == pickle.PROTO[0]:
+        raise WeightFileError(f"{path}: a plain pickle, not a file written by torch.save; expected a torch or safetensors weight file")
+    raise WeightFileError(f"{path}: not a torch file (neither torch.save's zip nor its legacy format); expected a torch or safetensors weight file")
+
+
+def _load_torch_file(path, allow_pickle, device, pickle_flag):
+    kind = _torch_file_format(path)
+    if allow_pickle:
+        print(f"warning: {path}: fully unpickling the file ({pickle_flag or 'allow_pickle'}); this can run code from it", file=sys.stderr)
+    try:
+        # Zip files are memory-mapped, tensor by tensor; legacy files cannot be, and are read whole.
+        return torch.load(path, map_location=device, weights_only=not allow_pickle, mmap=kind == "zip")
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as err:
+        if allow_pickle:
+            raise WeightFileError(f"{path}: cannot be unpickled as a {kind}-format torch file ({type(err).__name__}: {_one_line(err)})") from err
+        refused = _refused_object(err)
+        if refused is None:
+            raise WeightFileError(f"{path}: truncated or corrupt {kind}-format torch file ({_one_line(err)})") from err
+        hint = f"; if you trust the file, opt in with {pickle_flag} (full unpickling can run code from it)" if pickle_flag else ""
+        raise WeightFileError(f"{path}: holds objects beyond tensors ({refused}), which weights_only=True refuses{hint}") from err
+
+
+def _check_string_keys(mapping, source):
+    bad = [key for key in mapping if not isinstance(key, str)]
+    if bad:
+        shown = ", ".join(f"{key!r} ({type(key).__name__})" for key in bad[:5])
+        raise WeightFileError(f"{source}: keys must be strings, found {shown}" + (f", ... ({len(bad)} in all)" if len(bad) > 5 else ""))
+
+
+def read_state_dict(path, allow_pickle=False, device="cpu", pickle_flag=None):
+    """Return the dict held by a ``.safetensors`` file or a torch ``.pth``/``.pt`` file, on ``device``.
+
+    Safetensors and torch zip files are read through memory maps, tensor by tensor, so loading onto
+    a GPU costs little host memory; torch's legacy (non-zip) files are read whole. Torch files go
+    through the safe unpickler (``weights_only=True``): tensors, numbers, strings and containers only.
+    ``allow_pickle=True`` unpickles arbitrary objects (it can run code from the file; a warning goes
+    to stderr); only for files you trust. ``pickle_flag`` names the option that sets ``allow_pickle``
+    for this file (e.g. ``"--allow_pickle"``) and is suggested when a file is refused for holding
+    objects; None where no such option applies. Every problem raises ``WeightFileError``.
     """
     path = Path(path)
     if not path.is_file():
@@ -30,44 +105,51 @@ def read_state_dict(path, allow_pickle=False, device="cpu"):
         try:
             return load_file(path, device=str(device))
         except Exception as err:
-            raise WeightFileError(f"{path}: not a readable safetensors file ({err})") from err
-    try:
-        return torch.load(path, map_location=device, weights_only=not allow_pickle, mmap=True)
-    except RuntimeError as err:
-        # Old (non-zip) torch files cannot be memory-mapped; read them whole.
-        if "mmap" not in str(err):
-            raise WeightFileError(f"{path}: not a readable torch file ({err})") from err
-        return torch.load(path, map_location=device, weights_only=not allow_pickle)
-    except Exception as err:
-        hint = "" if allow_pickle else "; it holds objects beyond tensors: if you trust the file, opt in (--allow_pickle)"
-        raise WeightFileError(f"{path}: cannot be read with weights_only=True ({err}){hint}") from err
+            raise WeightFileError(f"{path}: not a readable safetensors file ({_one_line(err)})") from err
+    contents = _load_torch_file(path, allow_pickle, device, pickle_flag)
+    if not isinstance(contents, dict):
+        raise WeightFileError(f"{path}: holds a {type(contents).__name__}; expected a dict of tensors keyed by name")
+    _check_string_keys(contents, path)
+    return contents
 
 
-def check_state_dict(expected: Mapping[str, torch.Size], found: Mapping[str, torch.Tensor], source):
-    """Raise ``WeightFileError`` naming ``source`` and the key unless ``found`` has exactly the
-    keys of ``expected`` with the same shapes."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    wrong = [
-        f"{k} (file {tuple(found[k].shape)}, model {tuple(expected[k])})"
-        for k in expected
-        if k in found and tuple(found[k].shape) != tuple(expected[k])
+def check_state_dict(expected: Mapping[str, torch.Tensor], found: Mapping, source):
+    """Raise ``WeightFileError`` naming ``source`` and the keys unless ``found`` maps exactly the
+    (string) keys of ``expected`` to tensors of the same shapes, floating point where ``expected``'s
+    are. ``expected``: the model's state dict (meta tensors are fine)."""
+    _check_string_keys(found, source)
+    not_tensors = [f"{k} ({type(v).__name__})" for k, v in found.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise WeightFileError(f"{source}: values that are not tensors: {', '.join(not_tensors[:5])}")
+    common = [k for k in expected if k in found]
+    problems = {
+        "missing keys": [k for k in expected if k not in found],
+        "unexpected keys": [k for k in found if k not in expected],
+        "wrong shapes": [
+            f"{k} (file {tuple(found[k].shape)}, model {tuple(expected[k].shape)})"
+            for k in common
+            if found[k].shape != expected[k].shape
+        ],
+        "wrong dtypes": [
+            f"{k} (file {found[k].dtype}, model floating point)"
+            for k in common
+            if expected[k].is_floating_point() and not found[k].is_floating_point()
+        ],
+    }
+    shown = [
+        f"{label}: " + ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
+        for label, keys in problems.items()
+        if keys
     ]
-    problems = []
-    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
-        if keys:
-            shown = ", ".join(keys[:5]) + (f", ... ({len(keys)} in all)" if len(keys) > 5 else "")
-            problems.append(f"{label}: {shown}")
-    if problems:
-        raise WeightFileError(f"{source}: does not fit the model: " + "; ".join(problems))
+    if shown:
+        raise WeightFileError(f"{source}: does not fit the model: " + "; ".join(shown))
 
 
 def load_into(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source, device=None, dtype=None):
     """Check ``state_dict`` against ``module`` and load it by assignment (no init needed: ``module``
     may live on the meta device). Tensors are moved to ``device`` and floating ones cast to ``dtype``
     (where given) one at a time; tensors shared between keys stay shared. Returns ``module``."""
-    expected = {k: v.shape for k, v in module.state_dict().items()}
-    check_state_dict(expected, state_dict, source)
+    check_state_dict(module.state_dict(), state_dict, source)
     moved = {}
     for value in state_dict.values():
         if id(value) not in moved:

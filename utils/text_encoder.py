@@ -18,25 +18,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
+from utils.config import UMT5_XXL
 from utils.loading import WeightFileError, load_into, read_state_dict
 from utils.misc import seeded
 
 T5_CHECKPOINT = "models_t5_umt5-xxl-enc-bf16.pth"
 T5_TOKENIZER = "google/umt5-xxl"
-
-# UMT5Config of Wan's umt5_xxl(encoder_only=True).
-UMT5_XXL = dict(
-    vocab_size=256384,
-    d_model=4096,
-    d_kv=64,
-    d_ff=10240,
-    num_layers=24,
-    num_heads=64,
-    relative_attention_num_buckets=32,
-    relative_attention_max_distance=128,
-    feed_forward_proj="gated-gelu",
-    layer_norm_epsilon=1e-6,
-)
 
 # Wan ``blocks.{i}.<key>`` -> UMT5 ``encoder.block.{i}.<value>``.
 _BLOCK_KEYS = {

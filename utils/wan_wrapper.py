@@ -9,7 +9,6 @@
 Each has ``from_config(cfg)``: real weights from ``cfg.model_dir`` or, with ``cfg.random_init``,
 random weights of the sizes in the config, the same for every run (seeded by ``init_seed``).
 """
-import torch
 from torch import nn
 
 from utils.loading import WeightFileError, load_into, read_state_dict
@@ -58,20 +57,23 @@ class WanDiffusionWrapper(nn.Module):
         return flow, x0.unflatten(0, flow.shape[:2])
 
 
-def load_generator_checkpoint(generator: WanDiffusionWrapper, path, use_ema=True, allow_pickle=False, device=None, dtype=None):
+def load_generator_checkpoint(
+    generator: WanDiffusionWrapper, path, use_ema=True, allow_pickle=False, device=None, dtype=None, pickle_flag="--allow_pickle"
+):
     """Load a Self-Forcing checkpoint's ``generator_ema`` (or ``generator``) state dict strictly, by
     assignment, onto ``device`` in ``dtype`` (default: those of the generator's parameters; give both
     for a generator on the meta device). The file is memory-mapped: the other state dicts it holds
-    are never read. Returns the key used."""
-    checkpoint = read_state_dict(path, allow_pickle=allow_pickle)
+    are never read. ``allow_pickle`` fully unpickles a checkpoint that holds objects beyond tensors;
+    ``pickle_flag`` is the option that sets it, suggested when such a file is refused. Returns the key
+    used; every problem with the file raises ``WeightFileError``."""
+    checkpoint = read_state_dict(path, allow_pickle=allow_pickle, pickle_flag=pickle_flag)
     key = "generator_ema" if use_ema else "generator"
-    if not isinstance(checkpoint, dict) or key not in checkpoint:
-        found = sorted(checkpoint)[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        hint = " (use --no-use_ema for 'generator')" if use_ema and isinstance(checkpoint, dict) and "generator" in checkpoint else ""
-        raise WeightFileError(f"{path}: no '{key}' state dict{hint}; top-level entries: {found}")
+    if key not in checkpoint:
+        hint = " (use --no-use_ema for 'generator')" if use_ema and "generator" in checkpoint else ""
+        raise WeightFileError(f"{path}: no '{key}' state dict{hint}; top-level entries: {sorted(checkpoint)[:10]}")
     state = checkpoint[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightFileError(f"{path}: '{key}' is not a state dict of tensors")
+    if not isinstance(state, dict):
+        raise WeightFileError(f"{path}: '{key}' holds a {type(state).__name__}, not a state dict of tensors")
     parameter = next(generator.parameters())
     load_into(generator, state, f"{path} ['{key}']", device or parameter.device, dtype or parameter.dtype)
     return key

@@ -16,14 +16,10 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from utils.config import CONFIG_JSON_SIZES, MODEL_CONFIG_FILE, WAN_T2V_1_3B
 from utils.loading import WeightFileError, load_into, read_state_dict
 from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE, attention
 
-WAN_T2V_1_3B = dict(
-    patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=1536, ffn_dim=8960, freq_dim=256, text_dim=4096,
-    out_dim=16, num_heads=12, num_layers=30, qk_norm=True, cross_attn_norm=True, eps=1e-6,
-)
-CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
@@ -277,7 +273,7 @@ class CausalWanModel(nn.Module):
         first; with ``load_weights=False`` the model stays on the meta device, for a checkpoint to
         fill. ``overrides``: constructor arguments such as local_attn_size and sink_size."""
         model_dir = Path(model_dir)
-        config_path = model_dir / CONFIG_FILE
+        config_path = model_dir / MODEL_CONFIG_FILE
         if not config_path.is_file():
             raise WeightFileError(f"{config_path}: file not found")
         try:
@@ -286,11 +282,10 @@ class CausalWanModel(nn.Module):
             raise WeightFileError(f"{config_path}: not valid JSON ({err})") from err
         if raw.get("model_type", "t2v") != "t2v":
             raise WeightFileError(f"{config_path}: model_type {raw['model_type']!r}; only 't2v' is supported")
-        sizes = ("text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "out_dim", "num_heads", "num_layers")
-        missing = [key for key in sizes if key not in raw]
+        missing = [key for key in CONFIG_JSON_SIZES if key not in raw]
         if missing:
             raise WeightFileError(f"{config_path}: missing {', '.join(missing)}")
-        config = dict(WAN_T2V_1_3B, **{key: raw[key] for key in sizes + ("eps",) if key in raw}, **overrides)
+        config = dict(WAN_T2V_1_3B, **{key: raw[key] for key in (*CONFIG_JSON_SIZES, "eps") if key in raw}, **overrides)
         with torch.device("meta"):
             model = cls(**config)
         if not load_weights:

@@ -1,0 +1,192 @@
+"""Tests of utils/config.py: every rule of load_config on small YAML files written here, the shipped
+configs, model_sizes, and that the module imports no torch."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from utils.config import BYTE_TOKENIZER_VOCAB, WAN_T2V_1_3B, ConfigError, load_config, model_sizes
+
+CONFIGS = sorted(str(p) for p in Path("configs").glob("*.yaml") if p.name != "default_config.yaml")
+
+
+def write(tmp_path, text, name="run.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def tiny_with(tmp_path, **changes):
+    """configs/tiny.yaml with top-level keys replaced by YAML values given as text."""
+    config = yaml.safe_load(Path("configs/tiny.yaml").read_text())
+    config.update({key: yaml.safe_load(value) for key, value in changes.items()})
+    return write(tmp_path, yaml.safe_dump(config))
+
+
+def refused(path, **kwargs):
+    with pytest.raises(ConfigError) as error:
+        load_config(path, **kwargs)
+    message = str(error.value)
+    assert isinstance(error.value, ValueError) and "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_shipped_configs_validate(path):
+    config = load_config(path)
+    assert list(config.denoising_step_list) == [1000, 750, 500, 250] and config.num_frame_per_block == 3
+
+
+def test_import_is_light():
+    code = "import sys, utils.config; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_byte_tokenizer_vocab_matches_the_tokenizer():
+    from utils.text_encoder import byte_tokenizer
+
+    assert len(byte_tokenizer()) == BYTE_TOKENIZER_VOCAB
+
+
+@pytest.mark.parametrize(
+    "changes, key, value, expected",
+    [
+        ({"num_frame_per_block": "0"}, "num_frame_per_block", "0", "a positive int"),
+        ({"num_frame_per_block": "-3"}, "num_frame_per_block", "-3", "a positive int"),
+        ({"num_frame_per_block": "2.5"}, "num_frame_per_block", "2.5", "a positive int"),
+        ({"height": "60"}, "height", "60", "a positive multiple of 16 pixels"),
+        ({"width": "0"}, "width", "0", "a positive multiple of 16 pixels"),
+        ({"denoising_step_list": "[]"}, "denoising_step_list", "[]", "non-empty list"),
+        ({"denoising_step_list": "[1000, 1500]"}, "denoising_step_list", "[1000, 1500]", "integers in [1, 1000]"),
+        ({"denoising_step_list": "[1000, 937.5]"}, "denoising_step_list", "[1000, 937.5]", "indexes 1000 - t"),
+        ({"denoising_step_list": "[1000, 0]", "warp_denoising_step": "false"}, "denoising_step_list", "[1000, 0]", "numbers in (0, 1000]"),
+        ({"denoising_step_list": "1000"}, "denoising_step_list", "1000", "non-empty list"),
+        ({"warp_denoising_step": "'yes'"}, "warp_denoising_step", "'yes'", "true or false"),
+        ({"context_noise": "-1"}, "context_noise", "-1", "[0, 1000]"),
+        ({"independent_first_frame": "true"}, "independent_first_frame", "True", "not supported"),
+        ({"random_init": "1"}, "random_init", "1", "true or false"),
+        ({"init_seed": "-2"}, "init_seed", "-2", "an int in [0, 2**64)"),
+    ],
+)
+def test_bad_top_level_values_name_file_key_value_and_expectation(tmp_path, changes, key, value, expected):
+    path = tiny_with(tmp_path, **changes)
+    message = refused(path)
+    assert message.startswith(f"{path}: {key} = {value}; expected ") and expected in message
+
+
+@pytest.mark.parametrize(
+    "kwargs, key, expected",
+    [
+        ("{local_attn_size: 2}", "model_kwargs.local_attn_size = 2", "num_frame_per_block + sink_size = 3 + 0"),
+        ("{local_attn_size: 3, sink_size: 1}", "model_kwargs.local_attn_size = 3", "overwrite the sink"),
+        ("{local_attn_size: 0}", "model_kwargs.local_attn_size = 0", "-1 (global attention)"),
+        ("{sink_size: 1}", "model_kwargs.sink_size = 1", "a sink needs a local window"),
+        ("{local_attn_size: 6, sink_size: -1}", "model_kwargs.sink_size = -1", "an int >= 0"),
+        ("{timestep_shift: 0}", "model_kwargs.timestep_shift = 0", "a number > 0"),
+        ("{attn_window: 3}", "model_kwargs.attn_window = 3", "one of the known model_kwargs ['local_attn_size', 'sink_size', 'timestep_shift']"),
+        ("[1, 2]", "model_kwargs = [1, 2]", "a mapping"),
+    ],
+)
+def test_bad_model_kwargs(tmp_path, kwargs, key, expected):
+    path = tiny_with(tmp_path, model_kwargs=kwargs)
+    message = refused(path)
+    assert message.startswith(f"{path}: {key}; expected ") and expected in message
+
+
+def test_valid_local_window_with_sink(tmp_path):
+    config = load_config(tiny_with(tmp_path, model_kwargs="{local_attn_size: 4, sink_size: 1, timestep_shift: 3}"))
+    assert config.model_kwargs.local_attn_size == 4
+
+
+@pytest.mark.parametrize(
+    "edit, key, expected",
+    [
+        (lambda c: c["model_config"].pop("dim"), "model_config.dim = missing", "a positive int"),
+        (lambda c: c["model_config"].update(patch_size=[1, 2]), "model_config.patch_size = [1, 2]", "a list of 3 positive ints"),
+        (lambda c: c["model_config"].update(num_heads=5), "model_config.dim = 64", "a multiple of model_config.num_heads (5)"),
+        (lambda c: c["model_config"].update(num_heads=64), "model_config.dim = 64", "head dim, here 1) even"),
+        (lambda c: c["model_config"].update(eps=0), "model_config.eps = 0", "a number > 0"),
+        (lambda c: c["model_config"].update(layers=3), "model_config.layers = 3", "one of the CausalWanModel sizes"),
+        (lambda c: c["model_config"].update(out_dim=8), "model_config.out_dim = 8", "equal to model_config.in_dim (16)"),
+        (lambda c: c.pop("text_encoder_config"), "text_encoder_config = missing", "a mapping of UMT5 sizes"),
+        (lambda c: c["text_encoder_config"].update(d_ff=0), "text_encoder_config.d_ff = 0", "a positive int"),
+        (lambda c: c["text_encoder_config"].update(d_model=16), "text_encoder_config.d_model = 16", "model_config.text_dim (32)"),
+        (lambda c: c["text_encoder_config"].update(vocab_size=100), "text_encoder_config.vocab_size = 100", "259"),
+        (lambda c: c["text_encoder_config"].update(hidden=3), "text_encoder_config.hidden = 3", "one of ['text_len'"),
+        (lambda c: c.update(random_init=False, model_dir=None), "model_dir = None", "a folder path"),
+    ],
+)
+def test_bad_model_sizes(tmp_path, edit, key, expected):
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(OmegaConf.load("configs/tiny.yaml"))
+    edit(config)
+    path = write(tmp_path, OmegaConf.to_yaml(OmegaConf.create(config)))
+    message = refused(path)
+    assert message.startswith(f"{path}: {key}; expected ") and expected in message
+
+
+def test_bad_value_from_the_defaults_names_the_default_file(tmp_path):
+    text = Path("configs/default_config.yaml").read_text()
+    assert "\ncontext_noise: 0\n" in text
+    default = write(tmp_path, text.replace("\ncontext_noise: 0\n", "\ncontext_noise: 2000\n"), "default.yaml")
+    tiny = yaml.safe_load(Path("configs/tiny.yaml").read_text())
+    del tiny["context_noise"]
+    message = refused(write(tmp_path, yaml.safe_dump(tiny)), default_path=default)
+    assert message.startswith(f"{default}: context_noise = 2000; expected ")
+
+
+def test_interpolations_are_resolved_and_a_broken_one_names_the_key(tmp_path):
+    good = tiny_with(tmp_path, block="3", num_frame_per_block="${block}")
+    assert load_config(good).num_frame_per_block == 3
+    broken = tiny_with(tmp_path, num_frame_per_block="${blocks}")
+    message = refused(broken)
+    assert message.startswith(f"{broken}: num_frame_per_block = '${{blocks}}': the interpolation cannot be resolved")
+    assert "blocks" in message
+
+
+def test_model_dir_argument_replaces_the_config_value(tmp_path):
+    assert load_config("configs/self_forcing_dmd.yaml", model_dir="elsewhere/wan").model_dir == "elsewhere/wan"
+
+
+def test_unreadable_files(tmp_path):
+    assert refused(tmp_path / "none.yaml") == f"{tmp_path / 'none.yaml'}: config file not found"
+    bad = write(tmp_path, "a: [1, 2\n")
+    assert refused(bad).startswith(f"{bad}: not a readable YAML config (")
+    listed = write(tmp_path, "- 1\n- 2\n")
+    assert refused(listed) == f"{listed}: holds a list at the top level; expected a mapping of keys"
+
+
+def test_unknown_top_level_keys_are_kept(tmp_path):
+    assert load_config(tiny_with(tmp_path, lr_critic="4.0e-07", trainer="score_distillation")).trainer == "score_distillation"
+
+
+def test_model_sizes_from_model_config_and_from_config_json(tmp_path):
+    tiny = model_sizes(load_config("configs/tiny.yaml"))
+    assert tiny["dim"] == 64 and tiny["num_layers"] == 6 and tiny["patch_size"] == (1, 2, 2)
+    folder = tmp_path / "wan"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "t2v", **{k: WAN_T2V_1_3B[k] for k in (
+        "text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "out_dim", "num_heads", "num_layers", "eps")}, "num_layers": 2}))
+    sizes = model_sizes(load_config("configs/self_forcing_dmd.yaml", model_dir=str(folder)))
+    assert sizes == dict(WAN_T2V_1_3B, num_layers=2)
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (None, "model config file not found"),
+        ("{not json", "not a readable JSON model config"),
+        ("[1]", "holds a list; expected a JSON object"),
+        ('{"dim": 1536}', "text_len = 'missing'; expected a positive int"),
+    ],
+)
+def test_model_sizes_bad_config_json_names_the_file(tmp_path, content, expected):
+    if content is not None:
+        (tmp_path / "config.json").write_text(content)
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'config.json'}: {expected}")):
+        model_sizes(load_config("configs/self_forcing_dmd.yaml", model_dir=str(tmp_path)))

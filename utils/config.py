@@ -1,0 +1,307 @@
+"""The inference config: loaded, merged and checked before anything heavy is imported.
+
+``load_config`` merges the chosen YAML file onto the defaults (as upstream Self-Forcing does), resolves
+every ``${...}`` interpolation, and checks every value the inference reads, so that a bad value is
+reported at once, in one line naming the file, the key, the value and what was expected, instead of
+as a traceback minutes later. ``model_sizes`` gives the transformer sizes for a pre-flight estimate.
+Only the standard library and omegaconf are imported here (no torch).
+"""
+import json
+import math
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+DEFAULT_CONFIG = "configs/default_config.yaml"
+MODEL_CONFIG_FILE = "config.json"  # of the official model folder
+VAE_STRIDE = 8  # the Wan2.1 VAE downsamples height and width 8x
+NUM_TRAIN_TIMESTEPS = 1000
+BYTE_TOKENIZER_VOCAB = 259  # utils.text_encoder.byte_tokenizer: 3 special tokens + 256 bytes
+
+# CausalWanModel arguments of Wan2.1-T2V-1.3B. The official config.json holds the sizes in
+# CONFIG_JSON_SIZES (and eps); text_dim and patch_size are not in it and come from here.
+WAN_T2V_1_3B = dict(
+    patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=1536, ffn_dim=8960, freq_dim=256, text_dim=4096,
+    out_dim=16, num_heads=12, num_layers=30, qk_norm=True, cross_attn_norm=True, eps=1e-6,
+)
+CONFIG_JSON_SIZES = ("text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "out_dim", "num_heads", "num_layers")
+
+# UMT5Config of Wan's umt5_xxl(encoder_only=True).
+UMT5_XXL = dict(
+    vocab_size=256384,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu",
+    layer_norm_epsilon=1e-6,
+)
+
+
+class ConfigError(ValueError):
+    """A config file is missing, unreadable, or holds a value the inference cannot run with."""
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _positive_int(value):
+    return _is_int(value) and value > 0
+
+
+def _timestep_shift(value, kwargs, per_block):
+    """None if ``value`` is a valid timestep_shift, else what was expected."""
+    return None if _is_number(value) and value > 0 else "a number > 0 (the shift of the flow-matching schedule)"
+
+
+def _local_attn_size(value, kwargs, per_block):
+    sink = kwargs["sink_size"]
+    smallest = per_block + sink if _is_int(sink) else per_block
+    if _is_int(value) and (value == -1 or value >= smallest):
+        return None
+    return (f"-1 (global attention) or an int >= num_frame_per_block + sink_size = {per_block} + {sink}: a smaller "
+            "window could not hold a block next to the sink frames, and writing the block would overwrite the sink")
+
+
+def _sink_size(value, kwargs, per_block):
+    if not (_is_int(value) and value >= 0):
+        return "an int >= 0 (frames kept at the start of a local attention window)"
+    if value > 0 and kwargs["local_attn_size"] == -1:
+        return "0 with global attention: a sink needs a local window (set model_kwargs.local_attn_size)"
+    return None
+
+
+# The model_kwargs the inference knows: key -> (default, check(value, all kwargs with defaults,
+# num_frame_per_block) -> None if fine, else what was expected). A new key is added here only.
+MODEL_KWARGS = {
+    "timestep_shift": (5.0, _timestep_shift),
+    "local_attn_size": (-1, _local_attn_size),
+    "sink_size": (0, _sink_size),
+}
+
+# CausalWanModel arguments that model_config may hold with random_init -> what each must be.
+MODEL_CONFIG = {
+    **{key: "a positive int" for key in ("text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim", "num_heads", "num_layers")},
+    "patch_size": "a list of 3 positive ints (frames, rows, columns)",
+    "eps": "a number > 0",
+    "qk_norm": "true or false",
+    "cross_attn_norm": "true or false",
+}
+REQUIRED_MODEL_CONFIG = [key for key in MODEL_CONFIG if key not in ("qk_norm", "cross_attn_norm")]
+
+
+def _model_config_value_ok(key, value):
+    if key == "patch_size":
+        return isinstance(value, list) and len(value) == 3 and all(_positive_int(v) for v in value)
+    if key == "eps":
+        return _is_number(value) and value > 0
+    if key in ("qk_norm", "cross_attn_norm"):
+        return isinstance(value, bool)
+    return _positive_int(value)
+
+
+def _lookup(tree, key):
+    """(True, value) for a dotted key present in the plain nested dict ``tree``, else (False, None)."""
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False, None
+        tree = tree[part]
+    return True, tree
+
+
+def _origin(sources, key):
+    """(name, raw value) of the last of ``sources`` ([(name, plain dict)] in merge order: the defaults,
+    the chosen config, then any override) that sets ``key``; (the chosen config, None) if none does."""
+    for name, tree in reversed(sources):
+        found, value = _lookup(tree, key)
+        if found:
+            return name, value
+    return sources[1][0], None
+
+
+class _Checker:
+    """Checks the plain (resolved) merged config; errors name the file that set the key."""
+
+    def __init__(self, values, sources):
+        self.values = values
+        self.sources = sources
+
+    def fail(self, key, value, expected):
+        shown = repr(value) if _lookup(self.values, key)[0] else "missing"
+        raise ConfigError(f"{_origin(self.sources, key)[0]}: {key} = {shown}; expected {expected}")
+
+    def get(self, key, default=None):
+        found, value = _lookup(self.values, key)
+        return value if found else default
+
+    def require(self, key, ok, expected, default=None):
+        value = self.get(key, default)
+        if not ok(value):
+            self.fail(key, value, expected)
+        return value
+
+
+def _check_schedule(c):
+    warp = c.require("warp_denoising_step", lambda v: isinstance(v, bool), "true or false", default=False)
+    if warp:
+        step_ok = lambda s: _is_int(s) and 1 <= s <= NUM_TRAIN_TIMESTEPS
+        expected = ("a non-empty list of integers in [1, 1000]: with warp_denoising_step true each step t "
+                    "indexes 1000 - t into the 1000 training timesteps")
+    else:
+        step_ok = lambda s: _is_number(s) and 0 < s <= NUM_TRAIN_TIMESTEPS
+        expected = "a non-empty list of timesteps, numbers in (0, 1000]"
+    c.require("denoising_step_list", lambda v: isinstance(v, list) and v and all(step_ok(s) for s in v), expected)
+    c.require("context_noise", lambda v: _is_number(v) and 0 <= v <= NUM_TRAIN_TIMESTEPS,
+              "a timestep in [0, 1000] (of the clean cache-update pass)", default=0)
+    c.require("independent_first_frame", lambda v: v is False,
+              "false (an independent first frame is not supported: text-to-video uses equal blocks)", default=False)
+    return c.require("num_frame_per_block", _positive_int, "a positive int (latent frames per block)")
+
+
+def _check_model_kwargs(c, per_block):
+    kwargs = c.require("model_kwargs", lambda v: v is None or isinstance(v, dict), "a mapping of model options", default=None) or {}
+    unknown = sorted(set(kwargs) - set(MODEL_KWARGS))
+    if unknown:
+        c.fail(f"model_kwargs.{unknown[0]}", kwargs[unknown[0]], f"one of the known model_kwargs {sorted(MODEL_KWARGS)}")
+    filled = {key: kwargs.get(key, default) for key, (default, _) in MODEL_KWARGS.items()}
+    for key, (_, check) in MODEL_KWARGS.items():
+        expected = check(filled[key], filled, per_block)
+        if expected is not None:
+            c.fail(f"model_kwargs.{key}", filled[key], expected)
+
+
+def _check_random_model(c):
+    """The model_config and text_encoder_config of a random_init config; returns the patch size."""
+    sizes = c.require("model_config", lambda v: isinstance(v, dict), "a mapping of CausalWanModel sizes (random_init is true)")
+    unknown = sorted(set(sizes) - set(MODEL_CONFIG))
+    if unknown:
+        c.fail(f"model_config.{unknown[0]}", sizes[unknown[0]], f"one of the CausalWanModel sizes {sorted(MODEL_CONFIG)}")
+    for key in MODEL_CONFIG:
+        if key in REQUIRED_MODEL_CONFIG or key in sizes:
+            c.require(f"model_config.{key}", lambda v, key=key: _model_config_value_ok(key, v), MODEL_CONFIG[key])
+    dim, heads = sizes["dim"], sizes["num_heads"]
+    if dim % heads:
+        c.fail("model_config.dim", dim, f"a multiple of model_config.num_heads ({heads})")
+    if (dim // heads) % 2:
+        c.fail("model_config.dim", dim, f"dim / num_heads (the head dim, here {dim // heads}) even, for the rotary embedding")
+    if sizes["freq_dim"] % 2:
+        c.fail("model_config.freq_dim", sizes["freq_dim"], "an even int (half cosines, half sines)")
+    if sizes["out_dim"] != sizes["in_dim"]:
+        c.fail("model_config.out_dim", sizes["out_dim"], f"equal to model_config.in_dim ({sizes['in_dim']}): the flow has the latent's channels")
+    _check_random_text_encoder(c, sizes["text_dim"])
+    return tuple(sizes["patch_size"])
+
+
+def _check_random_text_encoder(c, text_dim):
+    fields = c.require("text_encoder_config", lambda v: isinstance(v, dict), "a mapping of UMT5 sizes (random_init is true)")
+    allowed = ["text_len", "init_seed", *UMT5_XXL]
+    unknown = sorted(set(fields) - set(allowed))
+    if unknown:
+        c.fail(f"text_encoder_config.{unknown[0]}", fields[unknown[0]], f"one of {allowed}")
+    c.require("text_encoder_config.text_len", _positive_int, "a positive int (prompt tokens)")
+    for key, default in UMT5_XXL.items():
+        if key in fields and _is_int(default):
+            c.require(f"text_encoder_config.{key}", _positive_int, "a positive int")
+    if "init_seed" in fields:
+        c.require("text_encoder_config.init_seed", lambda v: _is_int(v) and 0 <= v < 2**64, "an int in [0, 2**64)")
+    c.require("text_encoder_config.vocab_size", lambda v: v >= BYTE_TOKENIZER_VOCAB,
+              f"at least the built-in tokenizer's {BYTE_TOKENIZER_VOCAB} tokens", default=BYTE_TOKENIZER_VOCAB)
+    c.require("text_encoder_config.d_model", lambda v: v == text_dim,
+              f"equal to model_config.text_dim ({text_dim}): the transformer reads the encoder's output", default=UMT5_XXL["d_model"])
+
+
+def _check_frame_size(c, patch_size):
+    for key, patch in (("height", patch_size[1]), ("width", patch_size[2])):
+        step = VAE_STRIDE * patch
+        c.require(key, lambda v: _positive_int(v) and v % step == 0,
+                  f"a positive multiple of {step} pixels (VAE stride {VAE_STRIDE} x patch size {patch})")
+
+
+def _validate(config, sources):
+    """Raise ``ConfigError`` unless the resolved, merged ``config`` holds valid values for everything
+    the inference reads. ``sources``: [(file name, its plain dict)] in merge order, to name the file
+    that set a bad key."""
+    c = _Checker(OmegaConf.to_container(config, resolve=True), sources)
+    per_block = _check_schedule(c)
+    _check_model_kwargs(c, per_block)
+    c.require("init_seed", lambda v: _is_int(v) and 0 <= v < 2**64, "an int in [0, 2**64) (seed of the random weights)", default=0)
+    if c.require("random_init", lambda v: isinstance(v, bool), "true or false", default=False):
+        patch_size = _check_random_model(c)
+    else:
+        c.require("model_dir", lambda v: isinstance(v, str) and v.strip(), "a folder path (the official Wan2.1 files)")
+        patch_size = WAN_T2V_1_3B["patch_size"]
+    _check_frame_size(c, patch_size)
+
+
+def _first_line(err):
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def _read_yaml(path):
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as err:
+        raise ConfigError(f"{path}: not a readable YAML config ({_first_line(err)})") from err
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: holds a list at the top level; expected a mapping of keys")
+    return loaded
+
+
+def load_config(config_path, default_path=DEFAULT_CONFIG, model_dir=None) -> DictConfig:
+    """``config_path`` merged onto ``default_path`` (OmegaConf.merge), ``model_dir`` (where given)
+    replacing the config's, every interpolation resolved, every value the inference reads checked.
+    Keys the inference does not read (upstream's training keys) are kept as they are. Raises
+    ``ConfigError`` naming the file, the key, the value and what was expected."""
+    default, chosen = _read_yaml(default_path), _read_yaml(config_path)
+    try:
+        config = OmegaConf.merge(default, chosen)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{config_path}: cannot be merged onto {default_path} ({_first_line(err)})") from err
+    sources = [(str(default_path), OmegaConf.to_container(default)), (str(config_path), OmegaConf.to_container(chosen))]
+    if model_dir is not None:
+        config.model_dir = model_dir
+        sources.append(("the model_dir argument", {"model_dir": model_dir}))
+    try:
+        OmegaConf.resolve(config)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        where, raw = _origin(sources, key)
+        raise ConfigError(f"{where}: {key} = {raw!r}: the interpolation cannot be resolved ({_first_line(err)})") from err
+    _validate(config, sources)
+    return config
+
+
+def model_sizes(config) -> dict:
+    """The transformer's CausalWanModel sizes (patch_size as a tuple): ``model_config`` with
+    ``random_init``, else those of ``<model_dir>/config.json`` (read as JSON; the sizes it does not
+    hold, text_dim and patch_size, are the official model's). Raises ``ConfigError`` naming the file."""
+    if config.get("random_init"):
+        sizes = dict(WAN_T2V_1_3B, **OmegaConf.to_container(config.model_config))
+        return dict(sizes, patch_size=tuple(sizes["patch_size"]))
+    path = Path(config.model_dir) / MODEL_CONFIG_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path}: model config file not found (model_dir = {config.model_dir!r})") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: not a readable JSON model config ({err})") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: holds a {type(raw).__name__}; expected a JSON object of model sizes")
+    for key in CONFIG_JSON_SIZES:
+        if not _positive_int(raw.get(key)):
+            raise ConfigError(f"{path}: {key} = {raw.get(key, 'missing')!r}; expected a positive int")
+    if not (_is_number(raw.get("eps", 1e-6)) and raw.get("eps", 1e-6) > 0):
+        raise ConfigError(f"{path}: eps = {raw['eps']!r}; expected a number > 0")
+    return dict(WAN_T2V_1_3B, **{key: raw[key] for key in (*CONFIG_JSON_SIZES, "eps") if key in raw})
