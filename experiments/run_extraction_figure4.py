@@ -22,7 +22,7 @@ from pathlib import Path
 
 from utils.config import ConfigError, load_config, model_sizes
 from utils.misc import Interrupted, OutputPathError, OutputSpaceError, check_output_path, exit_on_signals
-from utils.preflight import PreflightError, check_fits, estimate, free_disk_bytes, host_available_bytes
+from utils.preflight import PreflightError, check_fits, estimate, host_available_bytes
 
 DEFAULT_CONFIG = "configs/default_config.yaml"
 DEFAULT_PROMPT = "A majestic eagle soaring through a cloudy sky, cinematic lighting"
@@ -286,7 +286,8 @@ def item_name(prompt_index, seed):
 
 
 def preflight(args, plan, device_free_bytes=None):
-    """Refuse, with the numbers, what cannot fit the device, the host or the output folder."""
+    """Refuse, with the numbers, what cannot fit the device (when ``device_free_bytes`` is known), the
+    host or the output folder. The text encoder is left out: it is freed before diffusion starts."""
     config = plan.config
     sizes = model_sizes(config)
     kwargs = config.get("model_kwargs") or {}
@@ -298,14 +299,17 @@ def preflight(args, plan, device_free_bytes=None):
         num_captured_layers=len(plan.layers), num_kept_passes=len(plan.passes), save_mode=args.save_mode,
         dtype_bytes=dtype_bytes,
     )
-    folder = Path(args.output_dir) if plan.sweep or args.output_dir else Path(args.output_path).parent
-    items_here = len(plan.my_items())
+    folder = Path(args.output_dir) if args.output_dir else Path(args.output_path).parent
+    host = host_available_bytes()
     try:
-        check_fits(need, device_free_bytes=device_free_bytes if not cpu else None, host_available_bytes=host_available_bytes(),
-                   output_dir=folder, output_files=items_here)
+        if cpu:  # the model, caches and the output all live in host memory
+            check_fits(need, device_free_bytes=None if host is None else host - need.host_peak, host_available_bytes=host,
+                       output_dir=folder, output_files=len(plan.my_items()))
+        else:
+            check_fits(need, device_free_bytes=device_free_bytes, host_available_bytes=host, output_dir=folder,
+                       output_files=len(plan.my_items()))
     except PreflightError as err:
-        raise UsageError(str(err)) from err
-    return need
+        raise UsageError(f"not enough room for this run: {err}") from err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -121,10 +121,10 @@ def disk_free_bytes(output_dir):
     return shutil.disk_usage(existing).free
 
 
-def check_fits(estimate, *, device_free_bytes, host_available_bytes, output_dir):
+def check_fits(estimate, *, device_free_bytes, host_available_bytes, output_dir, output_files=1):
     """Raise ``PreflightError`` if the run needs more device memory than ``device_free_bytes``, more
-    host memory than ``host_available_bytes`` or more disk space than is free for ``output_dir``.
-    A None budget is not checked (unknown)."""
+    host memory than ``host_available_bytes`` or more disk space than is free for ``output_dir``
+    (``output_files`` files of the estimated size). A None budget is not checked (unknown)."""
     e = estimate
     if device_free_bytes is not None and e.device_total > device_free_bytes:
         raise PreflightError(
@@ -138,8 +138,9 @@ def check_fits(estimate, *, device_free_bytes, host_available_bytes, output_dir)
             "available; capture fewer layers (--layer_indices) or frames (--num_frames), or use --save_mode summary"
         )
     free = disk_free_bytes(output_dir)
-    if e.output_file > free:
+    if e.output_file * output_files > free:
+        files = "the output file needs" if output_files == 1 else f"{output_files} output files need"
         raise PreflightError(
-            f"the output file needs about {e.output_file / GB:.1f} GB but {free / GB:.1f} GB are free for {output_dir}; "
+            f"{files} about {e.output_file * output_files / GB:.1f} GB but {free / GB:.1f} GB are free for {output_dir}; "
             "capture fewer layers (--layer_indices) or frames (--num_frames), or use --save_mode summary"
         )
