@@ -17,6 +17,9 @@ SPEC_TOP_KEYS = {
 SPEC_ENTRY_KEYS = {
     "layer_idx", "is_logits", "num_frames", "frame_seq_length", "num_heads", "num_query_frames", "num_key_frames",
 }
+V2_ENTRY_KEYS = {  # cache format version 2 (utils/attention_cache.py)
+    "block", "pass", "timestep", "query_frames", "key_frame_indices", "nonfinite", "logit_min", "logit_max",
+}
 FSL = 16  # tokens per 8x8 latent frame with 2x2 patches
 HEADS = 4
 
@@ -46,7 +49,13 @@ def test_full_file_has_the_spec_layout(full_and_summary):
     assert data["is_logits"] is True and data["capture_method"] == "native_inference_capture"
     assert [e["layer_idx"] for e in data["attention_weights"]] == [0, 4]
     for entry in data["attention_weights"]:
-        assert set(entry) == SPEC_ENTRY_KEYS | {"attn_logits"}
+        assert set(entry) == SPEC_ENTRY_KEYS | V2_ENTRY_KEYS | {"attn_logits"}
+        assert (entry["block"], entry["pass"], entry["timestep"]) == (1, 0, 1000.0)
+        assert entry["query_frames"] == [3, 4, 5] and entry["key_frame_indices"] == list(range(6))
+        assert entry["nonfinite"] == 0
+        extremes = torch.tensor([entry["logit_min"], entry["logit_max"]])  # of the fp32 logits, stored in fp16
+        torch.testing.assert_close(extremes, torch.stack([entry["attn_logits"].min(), entry["attn_logits"].max()]).float(),
+                                   rtol=0, atol=1e-2)
         logits = entry["attn_logits"]
         assert logits.dtype == torch.float16 and logits.shape == (1, HEADS, 3 * FSL, 6 * FSL)
         assert torch.isfinite(logits).all() and logits.std() > 0
@@ -57,7 +66,7 @@ def test_full_file_has_the_spec_layout(full_and_summary):
     assert meta["calls_seen"] == 2 * 10 and meta["calls_kept"] == 2
     assert meta["model"]["num_layers"] == 6 and meta["model"]["num_heads"] == HEADS
     assert meta["config"]["num_frame_per_block"] == 3
-    assert all(layer["block"] == 1 and layer["step"] == 0 for layer in meta["layers"].values())
+    assert meta["format_version"] == 2
 
 
 def test_summary_equals_means_of_the_full_file(full_and_summary):
@@ -90,8 +99,8 @@ def test_same_seed_same_file_other_seed_other_logits(tmp_path, full_and_summary)
 def test_capture_step_cache_keeps_the_cache_update_pass(tmp_path):
     code, out = extract(tmp_path, "--capture_step", "cache", "--layer_indices", "2")
     assert code == 0
-    meta = torch.load(out, weights_only=True)["metadata"]
-    assert meta["timestep"] == 0.0 and meta["layers"][2]["step"] == "cache" and meta["layers"][2]["block"] == 1
+    (entry,) = torch.load(out, weights_only=True)["attention_weights"]
+    assert (entry["layer_idx"], entry["block"], entry["pass"], entry["timestep"]) == (2, 1, "cache", 0.0)
 
 
 def write_checkpoint(path, **entries):

@@ -6,16 +6,20 @@ project's reductions.
 """
 import math
 import os
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
 
-from experiments.plot_figure4 import layer_values, main, make_figure, sweep_values
-from utils.attention_cache import CacheFileError, open_cache
+from experiments.plot_figure4 import layer_values, main, make_figure, select, sweep_values
+from utils.attention_cache import CacheFileError, build_cache, describe, open_cache, save_cache
 
 B, N, FSL, FQ, FK = 1, 2, 4, 3, 5
 LAYERS = [0, 2]
-QUERY_FRAMES = [2, 3, 4]  # the last block, inside the key range so the shading shows
+NUM_FRAMES = 6  # two blocks of FQ frames; the second block's queries see a window of FK key frames:
+QUERY_FRAMES = [3, 4, 5]
+KEY_FRAME_INDICES = [0, 2, 3, 4, 5]  # the sink frame 0, then the latest frames
 
 
 def make_logits(seed, b=B, fk=FK):
@@ -47,33 +51,39 @@ def expected_reductions(logits):
     return {"query_mean_logits": query_mean, "frame_mean_logits": frame_mean, "frame_attention_mass": frame_mass}
 
 
-def write_cache(path, logits, mode="full", query_frames=QUERY_FRAMES, **overrides):
-    """Save a cache in the format of experiments/run_extraction_figure4.py; ``overrides`` replace
-    top-level keys (a value of None removes the key)."""
-    b, n, q_len, k_len = next(iter(logits.values())).shape
-    entries = []
-    for layer in sorted(logits):
-        entry = {"layer_idx": layer, "is_logits": True, "num_frames": k_len // FSL, "frame_seq_length": FSL,
-                 "num_heads": n, "num_query_frames": q_len // FSL, "num_key_frames": k_len // FSL}
-        if mode == "full":
-            entry["attn_logits"] = logits[layer].half()
-        else:
-            entry.update(expected_reductions(logits[layer]))
-        entries.append(entry)
-    data = {
-        "attention_weights": entries, "prompt": "a cat surfing", "num_frames": k_len // FSL,
-        "frame_seq_length": FSL, "num_frame_per_block": 3, "layer_indices": sorted(logits), "is_logits": True,
-        "capture_method": "native_inference_capture", "query_frames": list(query_frames),
-        "key_frames": list(range(k_len // FSL)),
-        "metadata": {"format": "figure4-attention-cache", "format_version": 1, "save_mode": mode, "seed": 0,
-                     "checkpoint_path": "none", "use_ema": False, "capture_step": 0, "timestep": 1000.0,
-                     "model": {"num_layers": 3, "num_heads": n, "dim": 8}},
-    }
-    for key, value in overrides.items():
-        if value is None:
-            del data[key]
-        else:
-            data[key] = value
+def make_entry(layer, logits, mode, pass_=0, nonfinite=0):
+    """One build_cache entry of the last block for ``logits`` [b, N, Q, K]."""
+    fk = logits.shape[-1] // FSL
+    entry = {"layer_idx": layer, "block": 1, "pass": pass_, "timestep": 0.0 if pass_ == "cache" else 1000.0,
+             "num_heads": logits.shape[1], "query_frames": QUERY_FRAMES,
+             "key_frame_indices": KEY_FRAME_INDICES if fk == FK else list(range(NUM_FRAMES)),
+             "nonfinite": nonfinite, "logit_min": logits.min().item(), "logit_max": logits.max().item()}
+    if mode == "full":
+        entry["attn_logits"] = logits.half()
+    else:
+        entry.update(expected_reductions(logits))
+    return entry
+
+
+def build(logits_by_pass, mode="full", prompt="a cat surfing", layer_indices=LAYERS, nonfinite=0, random_init=False):
+    """A cache dict through build_cache; ``logits_by_pass`` maps a pass to {layer: logits}."""
+    entries = [make_entry(layer, by_layer[layer], mode, pass_, nonfinite)
+               for pass_, by_layer in logits_by_pass.items() for layer in layer_indices]
+    return build_cache(prompt=prompt, num_frames=NUM_FRAMES, frame_seq_length=FSL, num_frame_per_block=FQ,
+                       layer_indices=layer_indices, save_mode=mode, entries=entries,
+                       metadata={"seed": 0, "capture_step": "0", "config": {"random_init": random_init}})
+
+
+def write_cache(path, logits, mode="full", **options):
+    """Save a one-pass cache of ``logits`` {layer: [b, N, Q, K]} with save_cache."""
+    save_cache(path, build({0: logits}, mode, **options))
+    return path
+
+
+def craft(path, logits, change):
+    """Save, bypassing save_cache's checks, a cache dict altered in place by ``change(data)``."""
+    data = build({0: logits})
+    change(data)
     torch.save(data, path)
     return path
 
@@ -97,9 +107,33 @@ def test_reader_exposes_format_fields(full_cache):
     assert cache.save_mode == "full"
     assert cache.layer_indices == LAYERS
     assert (cache.num_heads, cache.batch_size, cache.frame_seq_length) == (N, B, FSL)
-    assert (cache.num_query_frames, cache.num_key_frames) == (FQ, FK)
-    assert cache.query_frames == QUERY_FRAMES and cache.prompt == "a cat surfing"
-    assert cache.metadata["timestep"] == 1000.0
+    assert cache.query_frames == QUERY_FRAMES and cache.key_frames == list(range(FK))
+    assert cache.prompt == "a cat surfing" and cache.labels == [(1, 0)]
+    assert cache.metadata["format_version"] == 2 and cache.metadata["capture_step"] == "0"
+    entry = cache.entry(2)
+    assert (entry.layer_idx, entry.block, entry.pass_, entry.timestep, entry.nonfinite) == (2, 1, 0, 1000.0, 0)
+    assert (entry.num_query_frames, entry.num_key_frames) == (FQ, FK)
+    assert entry.key_frame_indices == KEY_FRAME_INDICES and entry.query_frames == QUERY_FRAMES
+
+
+def test_layer_order_and_several_passes(tmp_path):
+    by_pass = {0: make_logits(seed=4), "cache": make_logits(seed=5)}
+    path = tmp_path / "passes.pt"
+    save_cache(path, build(by_pass, layer_indices=[2, 0]))
+    cache = open_cache(path)
+    assert cache.layer_indices == [2, 0]  # as the run was given them
+    assert [(e.layer_idx, e.pass_) for e in cache.entries] == [(2, 0), (0, 0), (2, "cache"), (0, "cache")]
+    assert cache.labels == [(1, 0), (1, "cache")]
+    with pytest.raises(ValueError, match=r"holds several; .* it holds block 1 pass 0, block 1 pass 'cache'"):
+        cache.summary(0)
+    with pytest.raises(ValueError, match="pass 3: the file holds no such entry"):
+        cache.summary(0, pass_=3)
+    for pass_, by_layer in by_pass.items():
+        want = expected_reductions(by_layer[0])["query_mean_logits"]
+        torch.testing.assert_close(cache.summary(0, pass_=pass_, block=1)["query_mean_logits"], want)
+    assert cache.entry(0, pass_="cache").timestep == 0.0
+    info = describe(path)
+    assert info["labels"] == cache.labels and info["layer_indices"] == [2, 0] and info["save_mode"] == "full"
 
 
 def test_full_cache_summary_matches_hand_computation(full_cache, logits):
@@ -131,9 +165,10 @@ def test_reader_selects_batch_sample(tmp_path):
     cache = open_cache(write_cache(tmp_path / "b2.pt", two))
     assert cache.batch_size == 2
     want = expected_reductions(two[2])
-    torch.testing.assert_close(layer_values(cache, 2, "token_logits", 1), want["query_mean_logits"][1])
+    source = select(cache)
+    torch.testing.assert_close(layer_values(source, 2, "token_logits", 1), want["query_mean_logits"][1])
     frame_logits = want["frame_mean_logits"][1].mean(dim=1)  # over query frames
-    torch.testing.assert_close(layer_values(cache, 2, "frame_logits", 1), frame_logits)
+    torch.testing.assert_close(layer_values(source, 2, "frame_logits", 1), frame_logits)
 
 
 def test_reader_unknown_layer(full_cache):
@@ -167,30 +202,107 @@ def test_reader_rejects_truncated_file(full_cache):
         open_cache(full_cache)
 
 
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        ({"metadata": {"format": "something-else", "format_version": 1, "save_mode": "full"}},
-         "metadata.format is 'something-else'"),
-        ({"metadata": {"format": "figure4-attention-cache", "format_version": 2, "save_mode": "full"}},
-         "format_version is 2"),
-        ({"prompt": None}, "the top level lacks prompt"),
-        ({"is_logits": False}, "is_logits"),
-        ({"layer_indices": [0, 1]}, "do not match the layers stored"),
-        ({"frame_seq_length": 5}, "frame_seq_length is 4, expected 5"),
-        ({"key_frames": [1, 2, 3, 4, 5]}, "expected 0..num_key_frames-1"),
-    ],
-    ids=["format", "version", "missing-key", "not-logits", "layers", "fsl", "key-frames"],
-)
-def test_reader_rejects_malformed_caches(tmp_path, logits, overrides, message):
-    path = write_cache(tmp_path / "bad.pt", logits, **overrides)
-    with pytest.raises(CacheFileError, match=message):
+def _entry(data, key, value, i=0):
+    data["attention_weights"][i][key] = value
+
+
+def _metadata(data, key, value):
+    data["metadata"][key] = value
+
+
+CRAFTED = {  # id: (change to a valid cache dict, words the one-line error must hold)
+    "version-1": (lambda d: _metadata(d, "format_version", 1), "metadata.format_version is 1 (int); this reader "
+                                                               "reads version 2 only"),
+    "format": (lambda d: _metadata(d, "format", "other"), "metadata.format is 'other' (str)"),
+    "metadata-list": (lambda d: d.update(metadata=[1]), "metadata is [1] (list), expected a dict"),
+    "config-str": (lambda d: _metadata(d, "config", "x"), "metadata.config is 'x' (str), expected a dict"),
+    "random-init-int": (lambda d: _metadata(d, "config", {"random_init": 1}), "metadata.config.random_init is 1"),
+    "prompt-bytes": (lambda d: d.update(prompt=b"a cat"), "prompt is b'a cat' (bytes), expected a str"),
+    "missing-key": (lambda d: d.pop("prompt"), "the top level lacks 'prompt'"),
+    "extra-key": (lambda d: d.update(extra=1), "unexpected keys ['extra']"),
+    "not-logits": (lambda d: d.update(is_logits=1), "is_logits is 1 (int), expected True"),
+    "frames-bool": (lambda d: d.update(num_frames=True), "num_frames is True (bool), expected an int >= 1"),
+    "frames-tensor": (lambda d: d.update(num_frames=torch.tensor(6)), "num_frames is tensor(6) (Tensor)"),
+    "layers-non-int": (lambda d: d.update(layer_indices=[0, "2"]), "layer_indices is [0, '2'] (list)"),
+    "layers-mismatch": (lambda d: d.update(layer_indices=[0, 1]), "layer_idx is 2, which is not in layer_indices"),
+    "top-query-frames": (lambda d: d.update(query_frames=[2, 3, 4]), "query_frames is [2, 3, 4] (list), expected "
+                                                                     "[3, 4, 5]"),
+    "top-key-frames": (lambda d: d.update(key_frames=[1, 2]), "key_frames is [1, 2] (list), expected 0..4"),
+    "entries-dict": (lambda d: d.update(attention_weights={}), "attention_weights is {} (dict)"),
+    "entry-missing": (lambda d: d["attention_weights"][0].pop("block"), "attention_weights[0] lacks 'block'"),
+    "heads-str": (lambda d: _entry(d, "num_heads", "2"), "attention_weights[0].num_heads is '2' (str)"),
+    "layer-float": (lambda d: _entry(d, "layer_idx", 0.0), "attention_weights[0].layer_idx is 0.0 (float)"),
+    "block-bool": (lambda d: _entry(d, "block", True), "attention_weights[0].block is True (bool)"),
+    "block-range": (lambda d: _entry(d, "block", 2), "attention_weights[0].block is 2, expected < 2"),
+    "pass-str": (lambda d: _entry(d, "pass", "2"), "attention_weights[0].pass is '2' (str), expected an int >= 0 "
+                                                   "or 'cache'"),
+    "pass-negative": (lambda d: _entry(d, "pass", -1), "attention_weights[0].pass is -1 (int)"),
+    "timestep-int": (lambda d: _entry(d, "timestep", 1000), "attention_weights[0].timestep is 1000 (int), "
+                                                            "expected a float"),
+    "nonfinite-bool": (lambda d: _entry(d, "nonfinite", False), "attention_weights[0].nonfinite is False (bool)"),
+    "logit-max-str": (lambda d: _entry(d, "logit_max", "9"), "attention_weights[0].logit_max is '9' (str)"),
+    "query-frames-float": (lambda d: _entry(d, "query_frames", [3.0, 4, 5]), "attention_weights[0].query_frames is "
+                                                                             "[3.0, 4, 5]"),
+    "key-frames-str": (lambda d: _entry(d, "key_frame_indices", ["0", 2, 3, 4, 5]), "key_frame_indices is ['0', 2"),
+    "key-frames-order": (lambda d: _entry(d, "key_frame_indices", [0, 3, 2, 4, 5]), "increasing list of ints in "
+                                                                                    "[0, 6)"),
+    "num-key-frames": (lambda d: _entry(d, "num_key_frames", 6), "attention_weights[0].num_key_frames is 6 (int), "
+                                                                 "expected 5"),
+    "fsl": (lambda d: _entry(d, "frame_seq_length", 5), "attention_weights[0].frame_seq_length is 5 (int), "
+                                                        "expected 4"),
+    "dtype": (lambda d: _entry(d, "attn_logits", d["attention_weights"][0]["attn_logits"].float()),
+              "attention_weights[0].attn_logits is torch.float32 [1, 2, 12, 20], expected a torch.float16 tensor"),
+    "rank": (lambda d: _entry(d, "attn_logits", d["attention_weights"][0]["attn_logits"][0]),
+             "attn_logits is torch.float16 [2, 12, 20], expected a torch.float16 tensor of shape [B, 2, 12, 20]"),
+    "not-a-tensor": (lambda d: _entry(d, "attn_logits", [1.0]), "attn_logits is [1.0] (list)"),
+    "summary-tensor-in-full": (lambda d: _entry(d, "query_mean_logits", torch.zeros(1)),
+                               "unexpected keys ['query_mean_logits']"),
+    "duplicate-label": (lambda d: _entry(d, "layer_idx", 2), "layer 2 has two entries for block 1, pass 0"),
+    "missing-pass": (lambda d: _entry(d, "pass", "cache"), "every layer must hold the same captured passes"),
+}
+
+
+@pytest.mark.parametrize("case", CRAFTED)
+def test_reader_rejects_crafted_caches(tmp_path, logits, case):
+    change, words = CRAFTED[case]
+    path = craft(tmp_path / "bad.pt", logits, change)
+    with pytest.raises(CacheFileError) as err:
         open_cache(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert words in message
+
+
+def test_build_cache_refuses_programming_errors(logits):
+    with pytest.raises(ValueError, match=r"build_cache: metadata\['t'\] is tensor\(1.\) \(Tensor\)"):
+        build_cache(prompt="p", num_frames=6, frame_seq_length=FSL, num_frame_per_block=FQ, layer_indices=[0],
+                    save_mode="full", entries=[make_entry(0, logits[0], "full")], metadata={"t": torch.tensor(1.0)})
+    with pytest.raises(ValueError, match=r"metadata may not set \['format_version'\]"):
+        build_cache(prompt="p", num_frames=6, frame_seq_length=FSL, num_frame_per_block=FQ, layer_indices=[0],
+                    save_mode="full", entries=[make_entry(0, logits[0], "full")], metadata={"format_version": 3})
+    with pytest.raises(ValueError, match=r"entries\[0\] has keys .*, expected"):
+        build_cache(prompt="p", num_frames=6, frame_seq_length=FSL, num_frame_per_block=FQ, layer_indices=[0],
+                    save_mode="summary", entries=[make_entry(0, logits[0], "full")], metadata={})
+    with pytest.raises(ValueError, match="build_cache: layer 2 holds .* every layer must hold the same"):
+        build_cache(prompt="p", num_frames=6, frame_seq_length=FSL, num_frame_per_block=FQ, layer_indices=[0, 2],
+                    save_mode="full", entries=[make_entry(0, logits[0], "full"), make_entry(2, logits[2], "full"),
+                                               make_entry(0, logits[0], "full", pass_=1)], metadata={})
+
+
+def test_saved_file_keeps_the_given_values(tmp_path, logits):
+    path = write_cache(tmp_path / "c.pt", logits, nonfinite=3)
+    data = torch.load(path, weights_only=True)
+    entry = data["attention_weights"][1]
+    assert entry["nonfinite"] == 3 and entry["layer_idx"] == 2 and entry["pass"] == 0
+    assert entry["logit_min"] == logits[2].min().item() and entry["logit_max"] == logits[2].max().item()
+    assert torch.equal(entry["attn_logits"].float(), logits[2])
+    assert data["key_frames"] == list(range(FK)) and data["query_frames"] == QUERY_FRAMES
 
 
 def test_reader_rejects_wrong_tensor_shape(tmp_path, logits):
-    path = write_cache(tmp_path / "bad.pt", {0: logits[0][..., :-1], 2: logits[2][..., :-1]})
-    with pytest.raises(CacheFileError, match="attn_logits is"):
+    path = craft(tmp_path / "bad.pt", logits, lambda d: _entry(d, "attn_logits", d["attention_weights"][0]
+                                                                ["attn_logits"][..., :-1]))
+    with pytest.raises(CacheFileError, match=r"attn_logits is torch.float16 \[1, 2, 12, 19\]"):
         open_cache(path)
 
 
@@ -230,8 +342,7 @@ def test_plot_other_views(tmp_path, capsys, full_cache, extra):
 
 
 def test_curve_panel_plots_the_named_head(full_cache, logits):
-    cache = open_cache(full_cache)
-    fig = make_figure([cache], [(2, 1)], "curve", softmax=False, batch_index=0)
+    fig = make_figure([select(open_cache(full_cache))], [(2, 1)], "curve", softmax=False, batch_index=0)
     ax = fig.axes[0]
     assert ax.get_title() == "L3H2"
     assert ax.get_xlabel() == "Key Frame Index" and ax.get_ylabel() == "Average Attention Weight"
@@ -308,7 +419,7 @@ def test_sweep_mean_and_std_over_three_caches(tmp_path, capsys):
     modes = ["full", "summary", "full"]  # save modes may be mixed
     for i, (lg, mode) in enumerate(zip(per_file, modes)):
         write_cache(tmp_path / f"sweep_{i}.pt", lg, mode=mode)
-    caches = [open_cache(tmp_path / f"sweep_{i}.pt") for i in range(3)]
+    caches = [select(open_cache(tmp_path / f"sweep_{i}.pt")) for i in range(3)]
 
     curves = torch.stack([expected_reductions(lg[2])["query_mean_logits"][0] for lg in per_file])  # [3, N, K]
     mean, std = sweep_values(caches, 2, "token_logits", 0)
@@ -334,3 +445,114 @@ def test_sweep_mean_and_std_over_three_caches(tmp_path, capsys):
 def test_sweep_rejects_same_file_twice(tmp_path, capsys, full_cache):
     code, _, err = run(capsys, "--cache", full_cache, tmp_path / "*.pt", "--out", tmp_path / "fig.png")
     assert code == 2 and "more than once" in err
+
+
+def test_shading_marks_the_query_frames_slots_in_a_window(full_cache):
+    fig = make_figure([select(open_cache(full_cache))], [(0, 0)], "curve", softmax=False, batch_index=0)
+    (shade,) = [p for p in fig.axes[0].patches if p.get_label().startswith("query block")]
+    assert shade.get_label() == "query block (frames 3-5)"
+    assert (shade.get_x(), shade.get_width()) == (2, 3)  # key slots 2..4 hold video frames 3..5
+
+
+def test_plot_chooses_a_pass(tmp_path, capsys):
+    by_pass = {0: make_logits(seed=6), "cache": make_logits(seed=7)}
+    path, out = tmp_path / "passes.pt", tmp_path / "fig.png"
+    save_cache(path, build(by_pass))
+    code, _, err = run(capsys, "--cache", path, "--panels", "0:0", "--out", out)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "block 1 pass 0, block 1 pass 'cache'" in err and "--pass" in err and not out.exists()
+    code, stdout, err = run(capsys, "--cache", path, "--panels", "0:0", "--pass", "cache", "--block", "1", "--out", out)
+    assert code == 0, err
+    assert "pass cache, timestep 0" in stdout and out.read_bytes().startswith(b"\x89PNG")
+    fig = make_figure([select(open_cache(path), "cache")], [(0, 1)], "curve", softmax=False, batch_index=0)
+    (curve,) = [line for line in fig.axes[0].lines if len(line.get_xdata()) == FK * FSL + 1]
+    want = expected_reductions(by_pass["cache"][0])["query_mean_logits"][0, 1]
+    torch.testing.assert_close(torch.as_tensor(curve.get_ydata()[:-1]), want)
+    code, _, err = run(capsys, "--cache", path, "--pass", "2", "--out", out)
+    assert code == 2 and "pass 2: the file holds no such entry" in err
+
+
+def test_plot_rejects_a_bad_pass_flag(capsys, full_cache):
+    with pytest.raises(SystemExit):
+        main(["--cache", str(full_cache), "--pass", "first"])
+    assert "is not an int >= 0 or 'cache'" in capsys.readouterr().err
+
+
+def test_plot_warns_about_nonfinite_logits(tmp_path, capsys, logits):
+    path = write_cache(tmp_path / "nan.pt", logits, nonfinite=3)
+    code, _, err = run(capsys, "--cache", path, "--panels", "2:0", "--out", tmp_path / "fig.png")
+    assert code == 0
+    assert err.count("warning: non-finite logits") == 1 and f"{path} layer 2: 3" in err
+
+
+def test_default_panels_fall_back_to_existing_ones(tmp_path, capsys, full_cache):
+    out = tmp_path / "fig.png"
+    code, stdout, err = run(capsys, "--cache", full_cache, "--out", out)
+    assert code == 0, err
+    assert "lacks the default panels 0:0 4:9; plotting 0:0 2:1" in stdout and out.exists()
+    code, _, err = run(capsys, "--cache", full_cache, "--panels", "4:9", "--out", out)
+    assert code == 2 and "layer 4 is not in" in err
+
+
+def test_title_of_a_prompt_with_invalid_utf8_and_dollars(tmp_path, capsys, logits):
+    prompt = os.fsdecode(b"caf\xe9 costs $5 and $x$")  # invalid UTF-8, as argv gives it: a lone surrogate
+    path = write_cache(tmp_path / "odd.pt", logits, prompt=prompt)
+    assert open_cache(path).prompt == prompt
+    fig = make_figure([select(open_cache(path))], [(0, 0)], "curve", softmax=False, batch_index=0)
+    assert fig._suptitle.get_text().startswith(r"caf\udce9 costs \$5 and \$x\$")
+    for name in ("fig.svg", "fig.png"):
+        code, _, err = run(capsys, "--cache", path, "--panels", "0:0", "--out", tmp_path / name)
+        assert code == 0, err
+
+
+def test_random_weights_are_flagged_in_the_title(tmp_path, logits):
+    path = write_cache(tmp_path / "random.pt", logits, random_init=True)
+    fig = make_figure([select(open_cache(path))], [(0, 0)], "curve", softmax=False, batch_index=0)
+    assert "RANDOM WEIGHTS" in fig._suptitle.get_text()
+
+
+@pytest.mark.parametrize("case", ["heads-str", "prompt-bytes", "pass-str", "dtype", "metadata-list"])
+def test_plot_gives_one_line_on_crafted_caches(tmp_path, capsys, logits, case):
+    path = craft(tmp_path / "bad.pt", logits, CRAFTED[case][0])
+    code, _, err = run(capsys, "--cache", path, "--panels", "0:0", "--out", tmp_path / "fig.png")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert str(path) in err and CRAFTED[case][1] in err
+
+
+def test_plot_refuses_non_regular_outputs(tmp_path, capsys, full_cache):
+    fifo = tmp_path / "fig.png"
+    os.mkfifo(fifo)
+    code, _, err = run(capsys, "--cache", full_cache, "--panels", "0:0", "--out", fifo)
+    assert code == 2 and "is a FIFO, not a regular file" in err
+    link = tmp_path / "null.png"
+    link.symlink_to("/dev/null")  # only checked, never written
+    code, _, err = run(capsys, "--cache", full_cache, "--panels", "0:0", "--out", link)
+    assert code == 2 and "(a symlink to /dev/null) is a character device" in err
+
+
+def test_plot_writes_through_a_symlink(tmp_path, capsys, full_cache):
+    target = tmp_path / "real.png"
+    link = tmp_path / "link.png"
+    link.symlink_to(target)
+    code, _, err = run(capsys, "--cache", full_cache, "--panels", "0:0", "--out", link)
+    assert code == 0, err
+    assert link.is_symlink() and target.read_bytes().startswith(b"\x89PNG")
+
+
+def test_readme_plot_commands_run_as_written(tmp_path, monkeypatch, capsys, logits):
+    """The README's plot commands, run in a folder holding caches at the paths they name."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    prefix = "PYTHONPATH=. python experiments/plot_figure4.py "
+    commands = [line for line in readme.splitlines() if line.startswith(prefix)]
+    assert len(commands) == 4
+    monkeypatch.chdir(tmp_path)
+    Path("cache").mkdir()
+    Path("docs").mkdir()
+    write_cache(Path("cache/attention_cache_self_forcing.pt"), logits)
+    four_heads = torch.randn(1, 4, FQ * FSL, FK * FSL).half().float()  # the tiny model's 4 heads, layers 0 and 4
+    write_cache(Path("cache/tiny_figure4.pt"), {0: four_heads, 4: four_heads}, layer_indices=[0, 4])
+    for seed in range(2):
+        write_cache(Path(f"cache/sweep_seed{seed}.pt"), make_logits(seed=seed), mode="summary")
+    for command in commands:
+        code, _, err = run(capsys, *shlex.split(command[len(prefix):]))
+        assert code == 0, (command, err)

@@ -1,38 +1,389 @@
-"""Reading Figure 4 attention caches written by experiments/run_extraction_figure4.py.
+"""The Figure 4 attention cache file, format version 2: built, written, read and checked here only.
 
-A cache is a ``torch.save`` dict holding, per captured layer, either the full pre-softmax logit
-matrix of the last temporal block against every key (save_mode 'full', fp16 [B, N, Q, K]) or its
-reductions (save_mode 'summary', fp32). ``open_cache`` checks that a file is such a cache and
-``AttentionCache.summary`` gives the same three reductions for both modes, through the one code path
-in ``utils.attention_stats``.
+A cache is a ``torch.save`` dict. Its entries hold, per captured layer and captured pass, either the
+full pre-softmax logit matrix of one temporal block's queries against every key (save_mode 'full', fp16
+[B, N, Q, K]) or its reductions (save_mode 'summary', fp32). ``build_cache`` makes the dict from the
+capture's results, ``save_cache`` writes it atomically, ``open_cache`` checks every field of a file and
+``AttentionCache.summary`` gives the same three reductions for both modes, through the one code path in
+``utils.attention_stats``. ``build_cache`` and ``open_cache`` run the same checks.
 
-Full caches are memory-mapped: a real layer is 3.7 GB, so a summary reads its layer one
-(head, query frame) tile at a time and nothing else of the file is paged in.
+Full caches are memory-mapped: a real layer is 3.7 GB, so opening a file reads no tensor data and a
+summary reads its entry one (head, query frame) tile at a time.
 """
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from utils.attention_stats import stored_tiles, summarize_logits
+from utils.misc import write_atomically
 
 CACHE_FORMAT = "figure4-attention-cache"
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
+CAPTURE_METHOD = "native_inference_capture"
+CACHE_PASS = "cache"  # the pass label of the clean cache-update pass
 SAVE_MODES = ("full", "summary")
 SUMMARY_KEYS = ("query_mean_logits", "frame_mean_logits", "frame_attention_mass")
 TOP_LEVEL_KEYS = (
     "attention_weights", "prompt", "num_frames", "frame_seq_length", "num_frame_per_block",
     "layer_indices", "is_logits", "capture_method", "query_frames", "key_frames", "metadata",
 )
-ENTRY_KEYS = (
-    "layer_idx", "is_logits", "num_frames", "frame_seq_length", "num_heads",
-    "num_query_frames", "num_key_frames",
+LABEL_KEYS = (
+    "layer_idx", "block", "pass", "timestep", "num_heads", "query_frames", "key_frame_indices",
+    "nonfinite", "logit_min", "logit_max",
 )
+ENTRY_KEYS = ("layer_idx", "is_logits", "num_frames", "frame_seq_length", "num_heads", "num_query_frames",
+              "num_key_frames") + LABEL_KEYS[1:]
+TENSOR_KEYS = {"full": ("attn_logits",), "summary": SUMMARY_KEYS}
+RESERVED_METADATA = ("format", "format_version", "save_mode")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's (zip) format starts with a zip local-file header
 
 
 class CacheFileError(ValueError):
-    """A file is missing, unreadable, or not a Figure 4 attention cache of a supported version."""
+    """A file is missing, unreadable, or not a Figure 4 attention cache of the supported version."""
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One captured (layer, block, pass): its labels and its tensors (memory-mapped when read from a file).
+
+    ``pass_`` is the denoising pass 0.. or ``CACHE_PASS``; ``key_frame_indices[j]`` is the video frame
+    that key frame slot j holds; ``nonfinite`` counts NaN/Inf logits; ``tensors`` maps 'attn_logits'
+    (full) or SUMMARY_KEYS (summary) to tensors of batch size ``batch_size``."""
+
+    layer_idx: int
+    block: int
+    pass_: object
+    timestep: float
+    num_heads: int
+    batch_size: int
+    query_frames: list
+    key_frame_indices: list
+    nonfinite: int
+    logit_min: float
+    logit_max: float
+    tensors: dict
+
+    @property
+    def label(self):
+        """(block, pass) of the entry."""
+        return self.block, self.pass_
+
+    @property
+    def num_query_frames(self):
+        return len(self.query_frames)
+
+    @property
+    def num_key_frames(self):
+        return len(self.key_frame_indices)
+
+
+# ---------------------------------------------------------------------------------------------
+# checks shared by build_cache and open_cache; ``fail(problem)`` raises the caller's error
+
+
+def _shown(value):
+    """A value and its type for an error message, cut to a readable length."""
+    text = repr(value)
+    return f"{text if len(text) <= 60 else text[:57] + '...'} ({type(value).__name__})"
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_int_list(value):
+    return isinstance(value, list) and all(_is_int(i) for i in value)
+
+
+def _field(mapping, key, where, fail):
+    if key not in mapping:
+        fail(f"{where} lacks '{key}'")
+    return mapping[key]
+
+
+def _check_int(value, name, fail, minimum=0):
+    if not _is_int(value) or value < minimum:
+        fail(f"{name} is {_shown(value)}, expected an int >= {minimum}")
+
+
+def _check_float(value, name, fail):
+    if not isinstance(value, float):
+        fail(f"{name} is {_shown(value)}, expected a float")
+
+
+def _check_frames(value, name, fail, num_frames):
+    """A non-empty, strictly increasing list of video frame indices in [0, num_frames)."""
+    if (not _is_int_list(value) or not value
+            or any(b <= a for a, b in zip(value, value[1:])) or value[0] < 0 or value[-1] >= num_frames):
+        fail(f"{name} is {_shown(value)}, expected a non-empty increasing list of ints in [0, {num_frames})")
+
+
+def _check_metadata(metadata, fail):
+    """The format fields, and the types of the open fields this module or the plot reads."""
+    if not isinstance(metadata, dict):
+        fail(f"metadata is {_shown(metadata)}, expected a dict")
+    if not isinstance(metadata.get("format"), str) or metadata["format"] != CACHE_FORMAT:
+        fail(f"not a Figure 4 attention cache: metadata.format is {_shown(metadata.get('format'))}, "
+             f"expected {CACHE_FORMAT!r}")
+    version = _field(metadata, "format_version", "metadata", fail)
+    if not _is_int(version) or version != CACHE_FORMAT_VERSION:
+        fail(f"metadata.format_version is {_shown(version)}; this reader reads version {CACHE_FORMAT_VERSION} only "
+             "(re-run experiments/run_extraction_figure4.py to write the file again)")
+    save_mode = _field(metadata, "save_mode", "metadata", fail)
+    if not isinstance(save_mode, str) or save_mode not in SAVE_MODES:
+        fail(f"metadata.save_mode is {_shown(save_mode)}, expected one of {SAVE_MODES}")
+    bad_keys = [k for k in metadata if not isinstance(k, str)]
+    if bad_keys:
+        fail(f"metadata has non-string keys {bad_keys}")
+    config = metadata.get("config", {})
+    if not isinstance(config, dict):
+        fail(f"metadata.config is {_shown(config)}, expected a dict")
+    if not isinstance(config.get("random_init", False), bool):
+        fail(f"metadata.config.random_init is {_shown(config['random_init'])}, expected a bool")
+
+
+def _check_entry(entry, where, top, save_mode, fail):
+    """One entry of attention_weights against the top level; returns its CacheEntry."""
+    if not isinstance(entry, dict):
+        fail(f"{where} is {_shown(entry)}, expected a dict")
+    tensor_keys = TENSOR_KEYS[save_mode]
+    for key in ENTRY_KEYS + tensor_keys:
+        _field(entry, key, where, fail)
+    unexpected = sorted(map(str, set(entry) - set(ENTRY_KEYS) - set(tensor_keys)))
+    if unexpected:
+        fail(f"{where} has unexpected keys {unexpected} (save_mode {save_mode!r})")
+    if entry["is_logits"] is not True:
+        fail(f"{where}.is_logits is {_shown(entry['is_logits'])}, expected True (pre-softmax logits)")
+    for key in ("num_frames", "frame_seq_length"):
+        if not _is_int(entry[key]) or entry[key] != top[key]:
+            fail(f"{where}.{key} is {_shown(entry[key])}, expected {top[key]} (from the top level)")
+    _check_int(entry["layer_idx"], f"{where}.layer_idx", fail)
+    if entry["layer_idx"] not in top["layer_indices"]:
+        fail(f"{where}.layer_idx is {entry['layer_idx']}, which is not in layer_indices {top['layer_indices']}")
+    num_blocks = top["num_frames"] // top["num_frame_per_block"]
+    _check_int(entry["block"], f"{where}.block", fail)
+    if entry["block"] >= num_blocks:
+        fail(f"{where}.block is {entry['block']}, expected < {num_blocks} (num_frames / num_frame_per_block)")
+    if not (isinstance(entry["pass"], str) and entry["pass"] == CACHE_PASS) and not (
+            _is_int(entry["pass"]) and entry["pass"] >= 0):
+        fail(f"{where}.pass is {_shown(entry['pass'])}, expected an int >= 0 or {CACHE_PASS!r}")
+    for key in ("timestep", "logit_min", "logit_max"):
+        _check_float(entry[key], f"{where}.{key}", fail)
+    _check_int(entry["num_heads"], f"{where}.num_heads", fail, minimum=1)
+    _check_int(entry["nonfinite"], f"{where}.nonfinite", fail)
+    per_block = top["num_frame_per_block"]
+    block_frames = list(range(entry["block"] * per_block, (entry["block"] + 1) * per_block))
+    if not _is_int_list(entry["query_frames"]) or entry["query_frames"] != block_frames:
+        fail(f"{where}.query_frames is {_shown(entry['query_frames'])}, expected {block_frames} (the frames of "
+             f"block {entry['block']})")
+    _check_frames(entry["key_frame_indices"], f"{where}.key_frame_indices", fail, top["num_frames"])
+    fq, fk = len(entry["query_frames"]), len(entry["key_frame_indices"])
+    for key, value in (("num_query_frames", fq), ("num_key_frames", fk)):
+        if not _is_int(entry[key]) or entry[key] != value:
+            fail(f"{where}.{key} is {_shown(entry[key])}, expected {value} (the length of its frame list)")
+    n, fsl = entry["num_heads"], top["frame_seq_length"]
+    if save_mode == "full":
+        shapes = {"attn_logits": (n, fq * fsl, fk * fsl)}
+        dtype = torch.float16
+    else:
+        shapes = {"query_mean_logits": (n, fk * fsl), "frame_mean_logits": (n, fq, fk),
+                  "frame_attention_mass": (n, fq, fk)}
+        dtype = torch.float32
+    batch_sizes = set()
+    for key, shape in shapes.items():
+        tensor = entry[key]
+        if (not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tensor.dim() != len(shape) + 1
+                or tuple(tensor.shape[1:]) != shape or tensor.shape[0] < 1):
+            found = f"{tensor.dtype} {list(tensor.shape)}" if isinstance(tensor, torch.Tensor) else _shown(tensor)
+            fail(f"{where}.{key} is {found}, expected a {dtype} tensor of shape [B, {', '.join(map(str, shape))}]")
+        batch_sizes.add(tensor.shape[0])
+    if len(batch_sizes) != 1:
+        fail(f"{where}: its tensors disagree on the batch size {sorted(batch_sizes)}")
+    return CacheEntry(
+        layer_idx=entry["layer_idx"], block=entry["block"], pass_=entry["pass"], timestep=entry["timestep"],
+        num_heads=n, batch_size=batch_sizes.pop(), query_frames=entry["query_frames"],
+        key_frame_indices=entry["key_frame_indices"], nonfinite=entry["nonfinite"], logit_min=entry["logit_min"],
+        logit_max=entry["logit_max"], tensors={key: entry[key] for key in shapes},
+    )
+
+
+def _check_labels(entries, layer_indices, fail):
+    """Every layer holds the same (block, pass) labels, once each, and the entries of one label agree
+    on their frames and timestep; all entries agree on heads and batch size. Returns the labels in
+    the order they first appear."""
+    by_layer = {layer: [] for layer in layer_indices}
+    for e in entries:
+        if e.label in by_layer[e.layer_idx]:
+            fail(f"layer {e.layer_idx} has two entries for block {e.block}, pass {e.pass_!r}")
+        by_layer[e.layer_idx].append(e.label)
+    labels = list(dict.fromkeys(e.label for e in entries))
+    for layer, held in by_layer.items():
+        if set(held) != set(labels):
+            fail(f"layer {layer} holds (block, pass) {held}, but the file holds {labels}: every layer must hold "
+                 "the same captured passes")
+    for label in labels:
+        same = [e for e in entries if e.label == label]
+        for e in same[1:]:
+            for attr in ("query_frames", "key_frame_indices", "timestep"):
+                if getattr(e, attr) != getattr(same[0], attr):
+                    fail(f"block {label[0]}, pass {label[1]!r}: layers {same[0].layer_idx} and {e.layer_idx} differ "
+                         f"in {attr} ({getattr(same[0], attr)} vs {getattr(e, attr)})")
+    for attr in ("num_heads", "batch_size"):
+        values = sorted({getattr(e, attr) for e in entries})
+        if len(values) != 1:
+            fail(f"entries disagree on {attr}: {values}")
+    return labels
+
+
+def _check_cache(data, fail):
+    """Check a whole cache dict; returns (its CacheEntry list, its labels)."""
+    if not isinstance(data, dict):
+        fail(f"not a Figure 4 attention cache: the file holds {type(data).__name__}, expected a dict")
+    _check_metadata(_field(data, "metadata", "not a Figure 4 attention cache: the top level", fail), fail)
+    for key in TOP_LEVEL_KEYS:
+        _field(data, key, "the top level", fail)
+    unexpected = sorted(map(str, set(data) - set(TOP_LEVEL_KEYS)))
+    if unexpected:
+        fail(f"the top level has unexpected keys {unexpected}")
+    if not isinstance(data["prompt"], str):
+        fail(f"prompt is {_shown(data['prompt'])}, expected a str")
+    if data["is_logits"] is not True:
+        fail(f"is_logits is {_shown(data['is_logits'])}, expected True (pre-softmax logits)")
+    if not isinstance(data["capture_method"], str) or data["capture_method"] != CAPTURE_METHOD:
+        fail(f"capture_method is {_shown(data['capture_method'])}, expected {CAPTURE_METHOD!r}")
+    for key in ("num_frames", "frame_seq_length", "num_frame_per_block"):
+        _check_int(data[key], key, fail, minimum=1)
+    if data["num_frames"] % data["num_frame_per_block"]:
+        fail(f"num_frames {data['num_frames']} is not a multiple of num_frame_per_block {data['num_frame_per_block']}")
+    layers = data["layer_indices"]
+    if not _is_int_list(layers) or not layers or min(layers) < 0 or len(set(layers)) != len(layers):
+        fail(f"layer_indices is {_shown(layers)}, expected a non-empty list of distinct ints >= 0")
+    weights = data["attention_weights"]
+    if not isinstance(weights, list) or not weights:
+        fail(f"attention_weights is {_shown(weights)}, expected a non-empty list of entries")
+    save_mode = data["metadata"]["save_mode"]
+    entries = [_check_entry(e, f"attention_weights[{i}]", data, save_mode, fail) for i, e in enumerate(weights)]
+    labels = _check_labels(entries, layers, fail)
+    last = max(entries, key=lambda e: e.block)
+    if not _is_int_list(data["query_frames"]) or data["query_frames"] != last.query_frames:
+        fail(f"query_frames is {_shown(data['query_frames'])}, expected {last.query_frames} (the last captured block)")
+    key_slots = list(range(last.num_key_frames))
+    if not _is_int_list(data["key_frames"]) or data["key_frames"] != key_slots:
+        fail(f"key_frames is {_shown(data['key_frames'])}, expected 0..{last.num_key_frames - 1} (the key frames of "
+             "the last captured block)")
+    return entries, labels
+
+
+def _check_plain(value, name, fail):
+    """Only what ``torch.load(weights_only=True)`` reads back: None, bool, int, float, str and lists,
+    tuples and dicts of them."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_plain(key, f"{name} key", fail)
+            _check_plain(item, f"{name}[{key!r}]", fail)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{name}[{i}]", fail)
+    elif value is not None and not isinstance(value, (bool, int, float, str)):
+        fail(f"{name} is {_shown(value)}; metadata may hold only None, bool, int, float, str, lists and dicts")
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _programming_error(problem):
+    raise ValueError(f"build_cache: {problem}")
+
+
+def _as_float(value):
+    """ints and floats as float; anything else unchanged, for the check to name."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def build_cache(*, prompt, num_frames, frame_seq_length, num_frame_per_block, layer_indices, save_mode, entries,
+                metadata):
+    """The cache dict of captured entries, checked as ``open_cache`` checks a file (ValueError if not).
+
+    entries: list of dicts, kept in this order, each with LABEL_KEYS (layer_idx, block, pass (int or
+      'cache'), timestep, num_heads, query_frames, key_frame_indices, nonfinite, logit_min, logit_max)
+      and the tensors of ``save_mode``: 'attn_logits' fp16 [B, N, Q, K] for 'full', SUMMARY_KEYS fp32 for
+      'summary'. Every layer of ``layer_indices`` must have an entry for each captured (block, pass).
+    layer_indices: kept in the given order. metadata: an open dict of plain values (no tensors), stored
+      with 'format', 'format_version' and 'save_mode' added.
+    The top-level query_frames / key_frames describe the last captured block."""
+    if not isinstance(metadata, dict):
+        _programming_error(f"metadata is {_shown(metadata)}, expected a dict")
+    reserved = [key for key in RESERVED_METADATA if key in metadata]
+    if reserved:
+        _programming_error(f"metadata may not set {reserved}; build_cache writes them")
+    _check_plain(metadata, "metadata", _programming_error)
+    if save_mode not in SAVE_MODES:
+        _programming_error(f"save_mode is {_shown(save_mode)}, expected one of {SAVE_MODES}")
+    if not isinstance(entries, (list, tuple)):
+        _programming_error(f"entries is {_shown(entries)}, expected a list of dicts")
+    stored = []
+    for i, given in enumerate(entries):
+        expected = set(LABEL_KEYS) | set(TENSOR_KEYS[save_mode])
+        if not isinstance(given, dict) or set(given) != expected:
+            found = sorted(given) if isinstance(given, dict) else _shown(given)
+            _programming_error(f"entries[{i}] has keys {found}, expected {sorted(expected)}")
+        query_frames, key_frames = _as_list(given["query_frames"]), _as_list(given["key_frame_indices"])
+        stored.append({
+            "layer_idx": given["layer_idx"], "is_logits": True, "num_frames": num_frames,
+            "frame_seq_length": frame_seq_length, "num_heads": given["num_heads"],
+            "num_query_frames": _length(query_frames), "num_key_frames": _length(key_frames),
+            "block": given["block"], "pass": given["pass"], "timestep": _as_float(given["timestep"]),
+            "query_frames": query_frames, "key_frame_indices": key_frames, "nonfinite": given["nonfinite"],
+            "logit_min": _as_float(given["logit_min"]), "logit_max": _as_float(given["logit_max"]),
+            **{key: given[key] for key in TENSOR_KEYS[save_mode]},
+        })
+    last = max(stored, key=lambda e: e["block"] if _is_int(e["block"]) else -1, default={"query_frames": [],
+                                                                                        "num_key_frames": 0})
+    data = {
+        "attention_weights": stored,
+        "prompt": prompt,
+        "num_frames": num_frames,
+        "frame_seq_length": frame_seq_length,
+        "num_frame_per_block": num_frame_per_block,
+        "layer_indices": list(layer_indices),
+        "is_logits": True,
+        "capture_method": CAPTURE_METHOD,
+        "query_frames": last["query_frames"],
+        "key_frames": list(range(last["num_key_frames"])),
+        "metadata": {"format": CACHE_FORMAT, "format_version": CACHE_FORMAT_VERSION, "save_mode": save_mode,
+                     **metadata},
+    }
+    _check_cache(data, _programming_error)
+    return data
+
+
+def _as_list(value):
+    """Tuples and ranges as lists; anything else unchanged, for the check to name."""
+    return list(value) if isinstance(value, (list, tuple, range)) else value
+
+
+def _length(value):
+    return len(value) if isinstance(value, list) else None
+
+
+def _tensor_bytes(data):
+    return sum(t.numel() * t.element_size() for e in data["attention_weights"] for t in e.values()
+               if isinstance(t, torch.Tensor))
+
+
+def save_cache(path, data):
+    """Write a ``build_cache`` dict with ``utils.misc.write_atomically`` (symlinks followed, devices,
+    FIFOs and folders refused, the old file intact on any error or signal); returns the bytes written."""
+    _check_cache(data, _programming_error)
+    write_atomically(path, lambda handle: torch.save(data, handle), expected_bytes=_tensor_bytes(data))
+    return Path(path).stat().st_size
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
 
 
 def _load(path):
@@ -52,136 +403,89 @@ def _load(path):
         raise CacheFileError(f"{path}: unreadable torch file, truncated or corrupt? ({err})") from err
 
 
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _require(mapping, keys, where, path):
-    """Raise CacheFileError naming ``path`` and ``where`` unless ``mapping`` has every key of ``keys``."""
-    missing = [k for k in keys if k not in mapping]
-    if missing:
-        raise CacheFileError(f"{path}: not a complete Figure 4 attention cache: {where} lacks {', '.join(missing)}")
+def _pass_name(pass_):
+    return repr(pass_) if isinstance(pass_, str) else str(pass_)
 
 
 class AttentionCache:
-    """One checked cache file.
+    """One checked cache file; opening it reads no tensor data.
 
     Attributes: path, prompt, metadata (dict), save_mode ('full' | 'summary'), num_frames,
-    frame_seq_length, num_frame_per_block, layer_indices (sorted list), num_heads, batch_size,
-    query_frames, key_frames (list[int], key_frames == 0..num_key_frames-1), num_query_frames,
-    num_key_frames.
+    frame_seq_length, num_frame_per_block, layer_indices (in the order the run was given them),
+    num_heads, batch_size, random_init (bool: metadata.config.random_init), entries (CacheEntry list, in
+    file order), labels ((block, pass) pairs, in file order), query_frames and key_frames (the top
+    level's: the last captured block).
     """
 
     def __init__(self, path):
         self.path = Path(path)
         data = _load(self.path)
-        self._check_top_level(data)
+        self.entries, self.labels = _check_cache(data, self._fail)
         self.prompt = data["prompt"]
         self.metadata = data["metadata"]
         self.save_mode = self.metadata["save_mode"]
         self.num_frames = data["num_frames"]
         self.frame_seq_length = data["frame_seq_length"]
         self.num_frame_per_block = data["num_frame_per_block"]
+        self.layer_indices = list(data["layer_indices"])
         self.query_frames = list(data["query_frames"])
         self.key_frames = list(data["key_frames"])
-        self.num_query_frames = len(self.query_frames)
-        self.num_key_frames = len(self.key_frames)
-        self._entries = self._index_entries(data)
-        self.layer_indices = sorted(self._entries)
-        self.num_heads, self.batch_size = self._check_entries()
+        self.num_heads = self.entries[0].num_heads
+        self.batch_size = self.entries[0].batch_size
+        self.random_init = self.metadata.get("config", {}).get("random_init", False)
         self._summaries = {}
 
     def _fail(self, problem):
         raise CacheFileError(f"{self.path}: {problem}")
 
-    def _check_top_level(self, data):
-        if not isinstance(data, dict) or not isinstance(data.get("metadata"), dict):
-            self._fail("not a Figure 4 attention cache (expected a dict with a 'metadata' dict)")
-        fmt = data["metadata"].get("format")
-        if fmt != CACHE_FORMAT:
-            self._fail(f"not a Figure 4 attention cache: metadata.format is {fmt!r}, expected {CACHE_FORMAT!r}")
-        _require(data["metadata"], ("format_version", "save_mode"), "metadata", self.path)
-        version = data["metadata"]["format_version"]
-        if version != CACHE_FORMAT_VERSION:
-            self._fail(f"metadata.format_version is {version!r}; this reader reads version {CACHE_FORMAT_VERSION}")
-        if data["metadata"]["save_mode"] not in SAVE_MODES:
-            self._fail(f"metadata.save_mode is {data['metadata']['save_mode']!r}, expected one of {SAVE_MODES}")
-        _require(data, TOP_LEVEL_KEYS, "the top level", self.path)
-        if not isinstance(data["prompt"], str):
-            self._fail(f"prompt is {type(data['prompt']).__name__}, expected str")
-        if data["is_logits"] is not True:
-            self._fail("is_logits is not True: this reader expects pre-softmax logits")
-        for key in ("num_frames", "frame_seq_length", "num_frame_per_block"):
-            if not _is_int(data[key]) or data[key] < 1:
-                self._fail(f"{key} is {data[key]!r}, expected a positive int")
-        for key in ("query_frames", "key_frames", "layer_indices"):
-            if not isinstance(data[key], list) or not data[key] or not all(_is_int(i) for i in data[key]):
-                self._fail(f"{key} is {data[key]!r}, expected a non-empty list of ints")
-        if data["key_frames"] != list(range(len(data["key_frames"]))):
-            self._fail(f"key_frames is {data['key_frames']}, expected 0..num_key_frames-1")
+    def label(self, pass_=None, block=None):
+        """The one (block, pass) matching the given pass and block (None: any); ValueError listing the
+        labels held when none or several match."""
+        matches = [(b, p) for b, p in self.labels if (pass_ is None or p == pass_) and (block is None or b == block)]
+        if len(matches) != 1:
+            held = ", ".join(f"block {b} pass {_pass_name(p)}" for b, p in self.labels)
+            wanted = ", ".join(f"{name} {value!r}" for name, value in (("block", block), ("pass", pass_))
+                               if value is not None) or "no block or pass given"
+            problem = "holds no such entry" if not matches else "holds several; choose a block and pass"
+            raise ValueError(f"{self.path}: {wanted}: the file {problem}; it holds {held}")
+        return matches[0]
 
-    def _index_entries(self, data):
-        """The layer entries by layer_idx, checked to be exactly the layers of layer_indices."""
-        entries = data["attention_weights"]
-        if not isinstance(entries, list) or not all(isinstance(e, dict) and "layer_idx" in e for e in entries):
-            self._fail("attention_weights is not a list of per-layer dicts with a 'layer_idx'")
-        stored = [e["layer_idx"] for e in entries]
-        if sorted(stored) != sorted(data["layer_indices"]) or len(set(stored)) != len(stored):
-            self._fail(f"layer_indices {data['layer_indices']} do not match the layers stored in attention_weights {stored}")
-        return {e["layer_idx"]: e for e in entries}
+    def entry(self, layer_idx, pass_=None, block=None):
+        """The CacheEntry of a layer and a (block, pass) chosen as in ``label``."""
+        if layer_idx not in self.layer_indices:
+            raise ValueError(f"{self.path}: no layer {layer_idx}; layers stored: {self.layer_indices}")
+        label = self.label(pass_, block)
+        return next(e for e in self.entries if e.layer_idx == layer_idx and e.label == label)
 
-    def _check_entries(self):
-        """Check every layer entry against the top level; return (num_heads, batch_size)."""
-        heads, batches = set(), set()
-        fsl, fq, fk = self.frame_seq_length, self.num_query_frames, self.num_key_frames
-        for layer, entry in self._entries.items():
-            where = f"attention_weights entry of layer {layer}"
-            _require(entry, ENTRY_KEYS, where, self.path)
-            expected = {"is_logits": True, "num_frames": self.num_frames, "frame_seq_length": fsl,
-                        "num_query_frames": fq, "num_key_frames": fk}
-            for key, value in expected.items():
-                if entry[key] != value:
-                    self._fail(f"{where}: {key} is {entry[key]!r}, expected {value!r} (from the top level)")
-            n = entry["num_heads"]
-            if self.save_mode == "full":
-                shapes = {"attn_logits": ("B", n, fq * fsl, fk * fsl)}
-            else:
-                shapes = {"query_mean_logits": ("B", n, fk * fsl),
-                          "frame_mean_logits": ("B", n, fq, fk),
-                          "frame_attention_mass": ("B", n, fq, fk)}
-            _require(entry, shapes, f"{where} (save_mode {self.save_mode!r})", self.path)
-            for key, shape in shapes.items():
-                tensor = entry[key]
-                if (not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point()
-                        or tensor.dim() != len(shape) or tuple(tensor.shape[1:]) != shape[1:]):
-                    found = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-                    self._fail(f"{where}: {key} is {found}, expected a float tensor of shape {shape}")
-                batches.add(tensor.shape[0])
-            heads.add(n)
-        if len(heads) != 1 or len(batches) != 1:
-            self._fail(f"layers disagree on num_heads {sorted(heads)} or batch size {sorted(batches)}")
-        return heads.pop(), batches.pop()
-
-    def summary(self, layer_idx):
-        """The reductions of one layer, fp32 on the CPU:
+    def summary(self, layer_idx, pass_=None, block=None):
+        """The reductions of one entry (chosen as in ``entry``), fp32 on the CPU:
           query_mean_logits     [B, N, K]       K = num_key_frames * frame_seq_length
           frame_mean_logits     [B, N, Fq, Fk]
           frame_attention_mass  [B, N, Fq, Fk]
-        A full cache is reduced here (once per layer, then remembered); a summary cache is read as stored.
+        A full cache is reduced here (once per entry, then remembered); a summary cache is read as stored.
         """
-        if layer_idx not in self._entries:
-            raise ValueError(f"{self.path}: no layer {layer_idx}; layers stored: {self.layer_indices}")
-        if layer_idx not in self._summaries:
-            entry = self._entries[layer_idx]
+        entry = self.entry(layer_idx, pass_, block)
+        key = (layer_idx, entry.label)
+        if key not in self._summaries:
             if self.save_mode == "full":
-                tiles = stored_tiles(entry["attn_logits"], self.frame_seq_length)
-                result = summarize_logits(tiles, self.num_heads, self.num_query_frames, self.frame_seq_length)
+                tiles = stored_tiles(entry.tensors["attn_logits"], self.frame_seq_length)
+                result = summarize_logits(tiles, entry.num_heads, entry.num_query_frames, self.frame_seq_length)
             else:
-                result = {key: entry[key].float() for key in SUMMARY_KEYS}
-            self._summaries[layer_idx] = result
-        return self._summaries[layer_idx]
+                result = {name: entry.tensors[name].float() for name in SUMMARY_KEYS}
+            self._summaries[key] = result
+        return self._summaries[key]
 
 
 def open_cache(path):
     """Open and check a Figure 4 attention cache; raises CacheFileError naming the file and the problem."""
     return AttentionCache(path)
+
+
+def describe(path):
+    """What a cache file holds, checked, without reading its tensor data (cheap even for full caches):
+    a dict of prompt, num_frames, frame_seq_length, num_frame_per_block, layer_indices, save_mode,
+    labels ((block, pass) pairs), num_heads, batch_size and metadata. CacheFileError as ``open_cache``."""
+    cache = open_cache(path)
+    return {name: getattr(cache, name) for name in (
+        "prompt", "num_frames", "frame_seq_length", "num_frame_per_block", "layer_indices", "save_mode", "labels",
+        "num_heads", "batch_size", "metadata")}
