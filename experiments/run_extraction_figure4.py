@@ -366,7 +366,7 @@ def run(args):
 
     import torch
 
-    from utils.attention_cache import CacheFileError, describe_cache, save_cache
+    from utils.attention_cache import CacheFileError, describe, save_cache
     from utils.extraction import Extractor
     from utils.loading import WeightFileError
 
@@ -391,7 +391,7 @@ def run(args):
     todo = []
     for prompt_index, seed in plan.my_items():
         path = folder / item_name(prompt_index, seed) if folder else Path(args.output_path)
-        if folder and is_complete(path, settings, plan.prompts[prompt_index], seed, describe_cache, CacheFileError):
+        if folder and is_complete(path, settings, plan.prompts[prompt_index], seed, describe, CacheFileError):
             continue
         todo.append((prompt_index, seed, path))
     if folder is not None and plan.rank == 0:
