@@ -340,8 +340,8 @@ def build_cache(*, prompt, num_frames, frame_seq_length, num_frame_per_block, la
             "logit_min": _as_float(given["logit_min"]), "logit_max": _as_float(given["logit_max"]),
             **{key: given[key] for key in TENSOR_KEYS[save_mode]},
         })
-    last = max(stored, key=lambda e: e["block"] if _is_int(e["block"]) else -1, default={"query_frames": [],
-                                                                                        "num_key_frames": 0})
+    no_entry = {"query_frames": [], "num_key_frames": 0}  # the check below names the empty list
+    last = max(stored, key=lambda e: e["block"] if _is_int(e["block"]) else -1, default=no_entry)
     data = {
         "attention_weights": stored,
         "prompt": prompt,
