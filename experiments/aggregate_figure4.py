@@ -75,7 +75,7 @@ def main(argv=None):
         return 2
 
     from utils.attention_cache import CacheFileError, open_cache
-    from utils.misc import OutputPathError
+    from utils.output import OutputPathError
     from utils.sweep_stats import MixedCachesError, save_statistics, sweep_statistics
 
     try:

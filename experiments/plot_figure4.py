@@ -41,7 +41,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from utils.attention_cache import CACHE_PASS, AttentionCache, CacheFileError, open_cache  # noqa: E402
-from utils.misc import (Interrupted, OutputPathError, OutputSpaceError, check_output_path,  # noqa: E402
+from utils.output import (Interrupted, OutputPathError, OutputSpaceError, check_output_path,  # noqa: E402
                         exit_on_signals, write_atomically)
 
 OUTPUT_FORMATS = ("png", "pdf", "svg")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.config import ConfigError, load_config, model_sizes
-from utils.misc import Interrupted, OutputPathError, OutputSpaceError, check_output_path, exit_on_signals
+from utils.output import Interrupted, OutputPathError, OutputSpaceError, check_output_path, exit_on_signals
 from utils.preflight import PreflightError, check_fits, estimate, host_available_bytes
 
 DEFAULT_CONFIG = "configs/default_config.yaml"
@@ -212,7 +212,7 @@ def parse_device(args):
     if not match or (match[1] == "cpu" and match[2] is not None):
         raise UsageError(f"--device: {name!r} is not supported; expected cpu or cuda[:N] (e.g. cuda:0)")
     if match[1] == "cuda" and not any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia")):
-        raise UsageError(f"--device: {name} asked for, but this machine has no NVIDIA GPU; use --device cpu with configs/tiny.yaml")
+        raise UsageError(f"--device: {name} asked for, but CUDA is not available here (no NVIDIA GPU found); use --device cpu with configs/tiny.yaml")
     return "cpu" if match[1] == "cpu" else f"cuda:{match[2] or 0}"
 
 
@@ -220,9 +220,18 @@ def plan_run(args):
     """Every check that needs no torch: config, arguments, files, the output. Returns the Plan."""
     try:
         config = load_config(args.config_path, DEFAULT_CONFIG, args.model_dir)
-        sizes = model_sizes(config)
     except ConfigError as err:
         raise UsageError(f"--config_path: {err}") from err
+    if not config.get("random_init"):
+        model_dir = Path(config.model_dir)
+        missing = [name for name in MODEL_FILES if not (model_dir / name).exists()]
+        if missing:
+            raise UsageError(f"--model_dir: {model_dir} lacks {', '.join(missing)}; it must hold {', '.join(MODEL_FILES)} "
+                             "(the official Wan2.1-T2V-1.3B files); configs/tiny.yaml needs none")
+    try:
+        sizes = model_sizes(config)
+    except ConfigError as err:
+        raise UsageError(f"--model_dir: {err}") from err
     per_block = int(config.num_frame_per_block)
     if args.num_frames <= 0 or args.num_frames % per_block:
         raise UsageError(f"--num_frames: {args.num_frames} is not a positive multiple of num_frame_per_block ({per_block})")
@@ -245,12 +254,6 @@ def plan_run(args):
         raise UsageError(f"--seed: {bad[0]} is outside [0, 2**32)")
     if not args.no_checkpoint and not Path(args.checkpoint_path).is_file():
         raise UsageError(f"--checkpoint_path: {args.checkpoint_path} not found; pass --no_checkpoint to run the base model without it")
-    if not config.get("random_init"):
-        model_dir = Path(config.model_dir)
-        missing = [name for name in MODEL_FILES if not (model_dir / name).exists()]
-        if missing:
-            raise UsageError(f"--model_dir: {model_dir} lacks {', '.join(missing)}; it must hold {', '.join(MODEL_FILES)} "
-                             "(the official Wan2.1-T2V-1.3B files); configs/tiny.yaml needs none")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads: {args.threads}; expected a positive number")
     plan = Plan(config, prompts, seeds, layers, passes, num_layers, parse_device(args),
@@ -581,7 +584,7 @@ def reset_peaks(device):
 def check_sweep_settings(folder, settings, overwrite, rank):
     """A folder holds one setting: the first run writes it; a later run with other settings is refused
     unless --overwrite (which makes every item be redone)."""
-    from utils.misc import write_atomically
+    from utils.output import write_atomically
 
     path = folder / SWEEP_SETTINGS
     if path.is_file():
@@ -634,7 +637,7 @@ def manifest_line(prompt_index, prompt, seed, path, size, save_mode):
 def write_manifest(folder, items, prompts, save_mode):
     """At the end: one line per item whose file is in place, in item order, the latest line of each
     (timings kept from the run that made the file)."""
-    from utils.misc import write_atomically
+    from utils.output import write_atomically
 
     path = folder / MANIFEST
     latest = {}

@@ -1,5 +1,6 @@
 """experiments/run_extraction_figure4.py end to end on the tiny config (CPU)."""
 import argparse
+import signal
 
 import pytest
 import torch
@@ -7,7 +8,9 @@ from omegaconf import OmegaConf
 
 import experiments.plot_figure4 as plot_figure4
 import experiments.run_extraction_figure4 as cli
+import utils.attention_cache as attention_cache
 from utils.attention_cache import SUMMARY_KEYS, open_cache
+from utils.output import Interrupted
 from utils.wan_wrapper import WanDiffusionWrapper
 
 SPEC_TOP_KEYS = {
@@ -187,7 +190,8 @@ def test_unwritable_output_folder(tmp_path, capsys):
     assert blocker.read_text() == "not a folder"
 
 
-@pytest.mark.parametrize("failure, code", [(RuntimeError("disk full"), None), (KeyboardInterrupt(), 130), (cli.Terminated(), 143)])
+@pytest.mark.parametrize("failure, code", [(RuntimeError("disk full"), None), (Interrupted(signal.SIGINT), 130),
+                                           (Interrupted(signal.SIGTERM), 143), (Interrupted(signal.SIGHUP), 129)])
 def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch, failure, code):
     out = tmp_path / "out.pt"
     out.write_bytes(b"previous result")
@@ -196,7 +200,7 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch, failure, cod
         handle.write(b"half a file")
         raise failure
 
-    monkeypatch.setattr(cli.torch, "save", broken_save)
+    monkeypatch.setattr(attention_cache.torch, "save", broken_save)
     if code is None:
         with pytest.raises(RuntimeError, match="disk full"):
             extract(tmp_path)

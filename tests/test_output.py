@@ -1,4 +1,4 @@
-"""Tests of the safe output helpers in utils/misc.py: write_atomically, check_output_path, exit_on_signals."""
+"""Tests of the safe output helpers in utils/output.py: write_atomically, check_output_path, exit_on_signals."""
 import errno
 import os
 import signal
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.misc import (Interrupted, OutputPathError, OutputSpaceError, check_output_path, exit_on_signals,
+from utils.output import (Interrupted, OutputPathError, OutputSpaceError, check_output_path, exit_on_signals,
                         write_atomically)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,7 +167,7 @@ import sys
 import torch
 
 from utils.attention_cache import build_cache, save_cache
-from utils.misc import Interrupted, exit_on_signals
+from utils.output import Interrupted, exit_on_signals
 
 fsl, fk = 512, 128  # one 64 MB fp16 tensor
 entry = {"layer_idx": 0, "block": fk - 1, "pass": 0, "timestep": 1000.0, "num_heads": 1, "query_frames": [fk - 1],

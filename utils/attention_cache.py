@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from utils.attention_stats import stored_tiles, summarize_logits
-from utils.misc import write_atomically
+from utils.output import write_atomically
 
 CACHE_FORMAT = "figure4-attention-cache"
 CACHE_FORMAT_VERSION = 2
@@ -375,7 +375,7 @@ def _tensor_bytes(data):
 
 
 def save_cache(path, data):
-    """Write a ``build_cache`` dict with ``utils.misc.write_atomically`` (symlinks followed, devices,
+    """Write a ``build_cache`` dict with ``utils.output.write_atomically`` (symlinks followed, devices,
     FIFOs and folders refused, the old file intact on any error or signal); returns the bytes written."""
     _check_cache(data, _programming_error)
     write_atomically(path, lambda handle: torch.save(data, handle), expected_bytes=_tensor_bytes(data))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from utils.misc import write_atomically
+from utils.output import write_atomically
 
 STATS_FORMAT = "figure4-sweep-statistics"
 STATS_VERSION = 1
