@@ -114,6 +114,11 @@ class DeepSinkCache(KVCache):
         batch = self.k.shape[0]
         return video.expand(batch, -1).clone(), rope.expand(batch, -1).clone()
 
+    def key_tokens(self):
+        """The video token index of each cached token, int64 [B, local_end]."""
+        video, _ = self.key_positions()
+        return video * self.frame_seq_length + torch.arange(video.shape[1], device=video.device) % self.frame_seq_length
+
 
 class ParticipativeCompressionCache:
     """Deep Sink's sink plus per-layer top-C token compression when a block does not fit (module
