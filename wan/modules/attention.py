@@ -58,7 +58,9 @@ def pass_order(step):
 @dataclass
 class CapturedCall:
     """One recorded self-attention call: its layer, its pass labels (block, step, timestep), the video
-    frame of each of its key frames and, while kept, its q and k."""
+    frame of each of its key frames and, while kept, its q and k. ``key_positions``: when the cache
+    labels its tokens, (video frame, temporal RoPE frame) of each key token, int64 [B, Lk] each on the
+    cache's device (they differ under Deep Sink shifts and compression; see deep_forcing.py)."""
 
     layer_idx: int
     call_idx: int
@@ -68,6 +70,7 @@ class CapturedCall:
     key_frames: list
     q: torch.Tensor = field(repr=False)
     k: torch.Tensor = field(repr=False)
+    key_positions: tuple = field(default=None, repr=False)
 
     @property
     def num_heads(self):
@@ -214,7 +217,7 @@ class AttentionWeightCapture:
             return
         if self.keep == "all":
             record = CapturedCall(layer_idx, call_idx, tuple(q.shape), tuple(k.shape), dict(self.labels or {}),
-                                  _key_frames(kv_cache), q, k)
+                                  _key_frames(kv_cache), q, k, _key_positions(kv_cache))
             self._records.append(self._as_dict(record, record.to_host(logits=self.capture_logits)))
             return
         k_len = k.shape[1]
@@ -231,9 +234,13 @@ class AttentionWeightCapture:
         # q is a fresh tensor nobody writes to again; k is a view of the KV cache, which later passes
         # overwrite, so it is copied.
         return CapturedCall(layer_idx, call_idx, tuple(q.shape), tuple(k.shape), dict(self.labels or {}),
-                            _key_frames(kv_cache), q, k.clone())
+                            _key_frames(kv_cache), q, k.clone(), _key_positions(kv_cache))
 
     def _as_dict(self, record, weights):
+        positions = {}
+        if record.key_positions is not None:
+            video, rope = record.key_positions
+            positions = {"key_video_frames": video.cpu(), "key_rope_frames": rope.cpu()}
         return {
             "layer_idx": record.layer_idx,
             "call_idx": record.call_idx,
@@ -242,6 +249,7 @@ class AttentionWeightCapture:
             "q_shape": torch.Size(record.q_shape),
             "k_shape": torch.Size(record.k_shape),
             "key_frames": record.key_frames,
+            **positions,
             **record.labels,
         }
 
@@ -275,6 +283,11 @@ class AttentionWeightCapture:
 def _key_frames(kv_cache):
     """The video frame of each key frame of a call: the cache knows; None without one."""
     return kv_cache.key_frames() if kv_cache is not None else None
+
+
+def _key_positions(kv_cache):
+    """(video frame, temporal RoPE frame) of each key token when the cache labels them, else None."""
+    return kv_cache.key_positions() if hasattr(kv_cache, "key_positions") else None
 
 
 ATTENTION_WEIGHT_CAPTURE = AttentionWeightCapture()

@@ -112,6 +112,8 @@ class KVCache:
     ``sink_frames`` first ones are evicted and the rest rolled forward (a local window,
     ``local_attn_size``), as upstream Self-Forcing does."""
 
+    needs_queries = False  # whether ``update`` also takes the layer's queries (deep_forcing's caches)
+
     def __init__(self, batch, frames, frame_seq_length, num_heads, head_dim, sink_frames, dtype, device):
         self.frame_seq_length = frame_seq_length
         self.sink_tokens = sink_frames * frame_seq_length
@@ -147,6 +149,12 @@ class KVCache:
     def key_frames(self):
         """The video frame of each cached frame, in the order the keys are attended to."""
         return list(self.frames)
+
+    def key_positions(self):
+        """(video frame, temporal RoPE frame) of each cached token, int64 [B, local_end] each; equal
+        here, since keys keep the position they were written at."""
+        video = torch.tensor(self.frames, device=self.k.device).repeat_interleave(self.frame_seq_length)
+        return video.expand(self.k.shape[0], -1).clone(), video.expand(self.k.shape[0], -1).clone()
 
 
 class CrossAttnCache:
@@ -185,7 +193,8 @@ class CausalSelfAttention(AttentionProjections):
         k = apply_rope(self.norm_k(self.k(x)).unflatten(2, heads), freqs)
         v = self.v(x).unflatten(2, heads)
         if cache is not None:
-            k, v = cache.update(k, v, current_start)  # [B, Lk, N, D]
+            queries = {"queries": q} if cache.needs_queries else {}
+            k, v = cache.update(k, v, current_start, **queries)  # [B, Lk, N, D]
         return self.o(attention(q, k, v, layer_idx=self.layer_idx, kv_cache=cache).flatten(2))
 
 
@@ -241,7 +250,16 @@ class CausalWanModel(nn.Module):
     def __init__(
         self, *, patch_size, text_len, in_dim, dim, ffn_dim, freq_dim, text_dim, out_dim, num_heads, num_layers,
         qk_norm=True, cross_attn_norm=True, eps=1e-6, local_attn_size=-1, sink_size=0,
+        attention_mode=None, budget=None, recent=None, topc_max_reuse=7,
     ):
+        """``attention_mode``: ``global`` (every earlier frame), ``window`` (Self-Forcing's
+        ``local_attn_size``-frame window with ``sink_size`` sink frames), ``deep_sink`` or
+        ``participative_compression`` (Deep Forcing, with ``budget``, ``recent`` and
+        ``topc_max_reuse``; see wan/modules/deep_forcing.py); None picks global or window from
+        ``local_attn_size``."""
+        from wan.modules.deep_forcing import resolve_attention_mode  # deep_forcing imports this module
+
+
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -249,13 +267,15 @@ class CausalWanModel(nn.Module):
             patch_size=tuple(patch_size), text_len=text_len, in_dim=in_dim, dim=dim, ffn_dim=ffn_dim,
             freq_dim=freq_dim, text_dim=text_dim, out_dim=out_dim, num_heads=num_heads, num_layers=num_layers,
             qk_norm=qk_norm, cross_attn_norm=cross_attn_norm, eps=eps, local_attn_size=local_attn_size,
-            sink_size=sink_size,
+            sink_size=sink_size, attention_mode=attention_mode, budget=budget, recent=recent,
+            topc_max_reuse=topc_max_reuse,
         )
         self.patch_size = tuple(patch_size)
         self.freq_dim = freq_dim
         self.num_heads = num_heads
         self.local_attn_size = local_attn_size
         self.sink_size = sink_size
+        self.attention_mode = resolve_attention_mode(attention_mode, local_attn_size, sink_size, budget, recent, topc_max_reuse)
         self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=self.patch_size, stride=self.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
         self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
@@ -300,13 +320,21 @@ class CausalWanModel(nn.Module):
 
     def new_caches(self, batch, num_frames, frame_seq_length, dtype, device):
         """Empty self- and cross-attention caches for a video of ``num_frames`` latent frames: the
-        whole video with global attention, ``local_attn_size`` frames with a local window."""
+        whole video with global attention, ``local_attn_size`` frames otherwise. Refuses a video longer
+        than the RoPE table."""
+        from wan.modules.deep_forcing import DeepSinkCache, ParticipativeCompressionCache
+
+        if num_frames > self.rope.max_len:
+            raise ValueError(f"{num_frames} latent frames: the RoPE table covers {self.rope.max_len}")
         window = num_frames if self.local_attn_size == -1 else self.local_attn_size
-        head_dim = self.config["dim"] // self.num_heads
-        kv = [
-            KVCache(batch, window, frame_seq_length, self.num_heads, head_dim, self.sink_size, dtype, device)
-            for _ in self.blocks
-        ]
+        sizes = (batch, window, frame_seq_length, self.num_heads, self.config["dim"] // self.num_heads, self.sink_size, dtype, device)
+        if self.attention_mode == "deep_sink":
+            kv = [DeepSinkCache(*sizes, self.rope) for _ in self.blocks]
+        elif self.attention_mode == "participative_compression":
+            c = self.config
+            kv = [ParticipativeCompressionCache(*sizes, self.rope, c["budget"], c["recent"], c["topc_max_reuse"]) for _ in self.blocks]
+        else:
+            kv = [KVCache(*sizes) for _ in self.blocks]
         return kv, [CrossAttnCache() for _ in self.blocks]
 
     def forward(self, x, t, context, kv_cache=None, crossattn_cache=None, current_start=0):
