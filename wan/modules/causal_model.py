@@ -17,6 +17,7 @@ Two numerics modes (``CausalWanModel.set_numerics``):
   optionally compiled once with ``torch.compile`` and shared by every block. The self-attention call,
   the KV-cache write and the attention capture stay eager between them.
 """
+import functools
 import json
 import math
 from pathlib import Path
@@ -305,6 +306,13 @@ def fast_block_output(block, x, y, mod, text_k, text_v):
     return gated_residual(x, block.ffn(h), mod[:, :, 5:6])
 
 
+@functools.cache
+def compiled(fn):
+    """``fn`` through ``torch.compile(dynamic=False)``, once per process: every block and every model
+    switched to compiled fast mode shares the same compiled function and its graphs."""
+    return torch.compile(fn, dynamic=False)
+
+
 class Head(nn.Module):
     def __init__(self, dim, out_dim, patch_size, eps):
         super().__init__()
@@ -356,9 +364,8 @@ class CausalWanModel(nn.Module):
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.precision = precision
         self.compiled = bool(compile) and precision == "fast"
-        wrap = (lambda fn: torch.compile(fn, dynamic=False)) if self.compiled else (lambda fn: fn)
-        self._attention_inputs = wrap(fast_attention_inputs)
-        self._block_output = wrap(fast_block_output)
+        self._attention_inputs = compiled(fast_attention_inputs) if self.compiled else fast_attention_inputs
+        self._block_output = compiled(fast_block_output) if self.compiled else fast_block_output
 
     @classmethod
     def from_pretrained(cls, model_dir, device="cpu", dtype=None, load_weights=True, **overrides):
