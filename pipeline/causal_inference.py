@@ -4,6 +4,11 @@ Per block of ``num_frame_per_block`` latent frames: the warped denoising steps (
 t = 1000, 937.5, 833.33, 625 for the Self-Forcing config), re-noising x0 with one ``randn_like`` draw
 after every step but the last, then one more forward on the clean x0 at t = ``context_noise`` that
 rewrites the block's KV-cache slots. The draw order equals upstream's, so a seed gives upstream's noise.
+The last block's cache update writes keys and values that nothing reads: it is skipped unless the
+attention capture wants that pass (the latents are the same either way).
+
+Numerics come from the config: ``precision`` ("exact", upstream's arithmetic, or "fast") and
+``compile`` (fast mode through ``torch.compile``; null: on for fast on CUDA, off elsewhere).
 """
 import torch
 from torch import nn
@@ -33,6 +38,11 @@ class CausalInferencePipeline(nn.Module):
         if args.get("independent_first_frame"):
             raise ValueError("independent_first_frame: true is not supported (text-to-video uses equal blocks)")
         self.to(device=device, dtype=dtype)
+        precision = args.get("precision", "exact")
+        compile = args.get("compile")
+        if compile is None:
+            compile = precision == "fast" and torch.device(device).type == "cuda"
+        self.generator.model.set_numerics(precision, compile=compile)
 
     def latent_shape(self, num_frames):
         """[F, C, H, W] of the latent video for the config's pixel height and width."""
@@ -75,7 +85,9 @@ class CausalInferencePipeline(nn.Module):
         kv_cache, crossattn_cache = model.new_caches(batch, num_frames, frame_seq_length, noise.dtype, noise.device)
         output = torch.zeros_like(noise)
         num_blocks = num_frames // per_block
-        bar = tqdm(total=num_blocks * (len(self.denoising_steps) + 1), desc="inference", unit="pass", disable=not progress)
+        last_cache_pass = ATTENTION_WEIGHT_CAPTURE.wants(num_blocks - 1, num_blocks, "cache")
+        passes = num_blocks * (len(self.denoising_steps) + 1) - (not last_cache_pass)
+        bar = tqdm(total=passes, desc="inference", unit="pass", disable=not progress)
         for block in range(num_blocks):
             first = block * per_block
             current_start = first * frame_seq_length
@@ -89,6 +101,8 @@ class CausalInferencePipeline(nn.Module):
                     noisy = self.scheduler.add_noise(flat, torch.randn_like(flat), t_next).unflatten(0, x0.shape[:2])
                 bar.update()
             output[:, first : first + per_block] = x0
+            if block == num_blocks - 1 and not last_cache_pass:
+                break
             self._forward(x0, conditional_dict, self.context_noise, kv_cache, crossattn_cache, current_start, (block, num_blocks, "cache"))
             bar.update()
         bar.close()

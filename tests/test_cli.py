@@ -66,7 +66,7 @@ def test_full_file_has_the_spec_layout(full_and_summary):
     meta = data["metadata"]
     assert meta["save_mode"] == "full" and meta["seed"] == 7 and meta["use_ema"] is True
     assert meta["checkpoint_path"] is None and meta["capture_step"] == "0" and meta["timestep"] == 1000.0
-    assert meta["calls_seen"] == 2 * 10 and meta["calls_kept"] == 2
+    assert meta["calls_seen"] == 2 * 9 and meta["calls_kept"] == 2  # the last block's cache pass is skipped
     assert meta["model"]["num_layers"] == 6 and meta["model"]["num_heads"] == HEADS
     assert meta["config"]["num_frame_per_block"] == 3
     assert meta["format_version"] == 2

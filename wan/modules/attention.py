@@ -192,12 +192,17 @@ class AttentionWeightCapture:
         timestep. ``annotate()`` with none clears them: calls outside a labelled forward are not
         kept by keep="pass"."""
         self.labels = labels or None
-        if self.labels is None:
-            self._selected = False
-            return
-        block, last = labels["block"], labels["num_blocks"] - 1
-        in_blocks = block in self.blocks or (block == last and "last" in self.blocks)
-        self._selected = in_blocks and labels["step"] in self.passes
+        self._selected = self.labels is not None and self.wants(labels["block"], labels["num_blocks"], labels["step"])
+
+    def wants(self, block, num_blocks, step):
+        """Whether a forward with these pass labels may keep a call: False while disabled; always True
+        for keep="all" and keep="largest_k"; for keep="pass", whether the pass is a chosen one."""
+        if not self.enabled:
+            return False
+        if self.keep != "pass":
+            return True
+        in_blocks = block in self.blocks or (block == num_blocks - 1 and "last" in self.blocks)
+        return in_blocks and step in self.passes
 
     def observe(self, layer_idx, q, k, kv_cache=None):
         """Record one self-attention call of transformer block ``layer_idx`` (q: [B, Lq, N, D],

@@ -7,12 +7,23 @@ equal the official ``WanModel`` checkpoint, so ``diffusion_pytorch_model.safeten
 
 Token layout: a latent video [B, C, F, H, W] becomes F * (H/ph) * (W/pw) tokens, frame-major, then
 row, then column; ``frame_seq_length`` is the number of tokens of one frame.
+
+Two numerics modes (``CausalWanModel.set_numerics``):
+- ``exact``: upstream Self-Forcing's arithmetic (RoPE in complex128, every op in the weights' dtype).
+- ``fast``: the same model with the elementwise work fused: RoPE in fp32 real arithmetic from cos/sin
+  tables cached per (grid, start frame, device), each norm and its modulation, gate or RoPE computed in
+  fp32 and rounded once. Each block runs as two functions, ``fast_attention_inputs`` (norm1 +
+  modulation + q/k/v + q/k norms + RoPE) and ``fast_block_output`` (o + gate + cross-attention + FFN),
+  optionally compiled once with ``torch.compile`` and shared by every block. The self-attention call,
+  the KV-cache write and the attention capture stay eager between them.
 """
+import functools
 import json
 import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -20,6 +31,7 @@ from utils.config import CONFIG_JSON_SIZES, MODEL_CONFIG_FILE, WAN_T2V_1_3B
 from utils.loading import WeightFileError, load_into, read_state_dict
 from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE, attention
 
+PRECISIONS = ("exact", "fast")
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
@@ -42,6 +54,7 @@ class RoPE3D:
         self.max_len = max_len
         self.theta = theta
         self._tables = {}  # device -> complex128 [max_len, D/2]; built on first use on that device
+        self._cos_sin = {}  # (grid, start frame, device) -> fp32 (cos, sin), each [f*h*w, 1, D/2]
 
     def _table(self, device):
         if device not in self._tables:
@@ -70,11 +83,26 @@ class RoPE3D:
         )
         return freqs.reshape(f * h * w, 1, -1)
 
+    def cos_sin(self, grid, start_frame, device):
+        """The rotations of ``freqs`` as fp32 (cos, sin) tables [f*h*w, 1, D/2], built once per grid,
+        start frame and device (each is the correctly rounded fp32 value of the complex128 one)."""
+        key = (tuple(grid), start_frame, device)
+        if key not in self._cos_sin:
+            freqs = self.freqs(grid, start_frame, device)
+            self._cos_sin[key] = (freqs.real.float().contiguous(), freqs.imag.float().contiguous())
+        return self._cos_sin[key]
+
 
 def apply_rope(x, freqs):
     """Rotate consecutive pairs of x [B, L, N, D] by freqs [L, 1, D/2], in complex128."""
     pairs = torch.view_as_complex(x.to(torch.float64).unflatten(-1, (-1, 2)))  # [B, L, N, D/2]
     return torch.view_as_real(pairs * freqs).flatten(-2).type_as(x)
+
+
+def apply_rope_fp32(x, cos, sin):
+    """``apply_rope`` in fp32 real arithmetic: x [B, L, N, D] fp32, cos and sin [L, 1, D/2] -> fp32."""
+    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
 
 
 def modulate(x, shift, scale):
@@ -86,6 +114,26 @@ def modulate(x, shift, scale):
 def gate(x, g):
     """x [B, F*S, C] times a per-frame gate [B, F, 1, C]."""
     return (x.unflatten(1, (g.shape[1], -1)) * g).flatten(1, 2)
+
+
+def layer_norm_modulate(x, shift, scale, eps):
+    """LayerNorm without affine of x [B, F*S, C], then the per-frame modulation (fp32 shift/scale
+    [B, F, 1, C]), in fp32, rounded once to x's dtype."""
+    normed = F.layer_norm(x.float(), x.shape[-1:], eps=eps).unflatten(1, (shift.shape[1], -1))
+    return (normed * (1 + scale) + shift).flatten(1, 2).type_as(x)
+
+
+def gated_residual(x, y, g):
+    """x + y * g for x, y [B, F*S, C] and a per-frame fp32 gate [B, F, 1, C], in fp32, rounded once."""
+    return (x.float() + (y.float().unflatten(1, (g.shape[1], -1)) * g).flatten(1, 2)).type_as(x)
+
+
+def rms_norm_fp32(x, norm):
+    """``norm`` (an RMSNorm or nn.Identity) of x, computed and returned in fp32."""
+    xf = x.float()
+    if isinstance(norm, nn.Identity):
+        return xf
+    return xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + norm.eps) * norm.weight.float()
 
 
 class RMSNorm(nn.Module):
@@ -200,16 +248,20 @@ class CausalSelfAttention(AttentionProjections):
 
 class CrossAttention(AttentionProjections):
     def forward(self, x, context, cache):
-        heads = (self.num_heads, -1)
-        q = self.norm_q(self.q(x)).unflatten(2, heads)
-        if cache is not None and cache.k is not None:
-            k, v = cache.k, cache.v
-        else:
-            k = self.norm_k(self.k(context)).unflatten(2, heads)  # [B, text_len, N, D]
-            v = self.v(context).unflatten(2, heads)
-            if cache is not None:
-                cache.k, cache.v = k, v
+        q = self.norm_q(self.q(x)).unflatten(2, (self.num_heads, -1))
+        k, v = self.text_kv(context, cache)
         return self.o(attention(q, k, v).flatten(2))
+
+    def text_kv(self, context, cache):
+        """Keys and values of the text context, [B, text_len, N, D]: the cached ones once filled."""
+        if cache is not None and cache.k is not None:
+            return cache.k, cache.v
+        heads = (self.num_heads, -1)
+        k = self.norm_k(self.k(context)).unflatten(2, heads)
+        v = self.v(context).unflatten(2, heads)
+        if cache is not None:
+            cache.k, cache.v = k, v
+        return k, v
 
 
 class CausalWanBlock(nn.Module):
@@ -231,6 +283,39 @@ class CausalWanBlock(nn.Module):
         x = x + self.cross_attn(self.norm3(x), context, crossattn_cache)
         y = self.ffn(modulate(self.norm2(x), shift_ff, scale_ff))
         return x + gate(y, gate_ff)
+
+
+def fast_attention_inputs(block, x, e, cos, sin):
+    """Fast mode, first half of a block: norm1 + modulation, the q/k/v projections, the q/k RMS norms
+    and RoPE, each elementwise chain in fp32 and rounded once. x [B, F*S, C], e [B, F, 6, C], cos/sin
+    [F*S, 1, D/2] -> q, k, v [B, F*S, N, D] in x's dtype and the fp32 modulation [B, F, 6, C]."""
+    attn = block.self_attn
+    heads = (attn.num_heads, -1)
+    mod = block.modulation.float().unsqueeze(1) + e.float()
+    h = layer_norm_modulate(x, mod[:, :, 0:1], mod[:, :, 1:2], block.norm1.eps)
+    q = apply_rope_fp32(rms_norm_fp32(attn.q(h), attn.norm_q).unflatten(2, heads), cos, sin).type_as(x)
+    k = apply_rope_fp32(rms_norm_fp32(attn.k(h), attn.norm_k).unflatten(2, heads), cos, sin).type_as(x)
+    v = attn.v(h).unflatten(2, heads)
+    return q, k, v, mod
+
+
+def fast_block_output(block, x, y, mod, text_k, text_v):
+    """Fast mode, second half of a block: output projection + gate, cross-attention to the text keys
+    and values [B, text_len, N, D], FFN + gate. y [B, F*S, N, D] is the self-attention output."""
+    x = gated_residual(x, block.self_attn.o(y.flatten(2)), mod[:, :, 2:3])
+    cross = block.cross_attn
+    q = rms_norm_fp32(cross.q(block.norm3(x)), cross.norm_q).type_as(x).unflatten(2, (cross.num_heads, -1))
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), text_k.transpose(1, 2), text_v.transpose(1, 2))
+    x = x + cross.o(out.transpose(1, 2).flatten(2))
+    h = layer_norm_modulate(x, mod[:, :, 3:4], mod[:, :, 4:5], block.norm2.eps)
+    return gated_residual(x, block.ffn(h), mod[:, :, 5:6])
+
+
+@functools.cache
+def compiled(fn):
+    """``fn`` through ``torch.compile(dynamic=False)``, once per process: every block and every model
+    switched to compiled fast mode shares the same compiled function and its graphs."""
+    return torch.compile(fn, dynamic=False)
 
 
 class Head(nn.Module):
@@ -285,6 +370,18 @@ class CausalWanModel(nn.Module):
         )
         self.head = Head(dim, out_dim, self.patch_size, eps)
         self.rope = RoPE3D(dim // num_heads)
+        self.set_numerics("exact")
+
+    def set_numerics(self, precision, compile=False):
+        """``precision``: "exact" (upstream's arithmetic) or "fast" (see the module docstring).
+        ``compile``: in fast mode, run the two block halves through ``torch.compile`` (dynamic=False),
+        compiled at their first call and shared by every block; ignored in exact mode."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.precision = precision
+        self.compiled = bool(compile) and precision == "fast"
+        self._attention_inputs = compiled(fast_attention_inputs) if self.compiled else fast_attention_inputs
+        self._block_output = compiled(fast_block_output) if self.compiled else fast_block_output
 
     @classmethod
     def from_pretrained(cls, model_dir, device="cpu", dtype=None, load_weights=True, **overrides):
@@ -348,7 +445,6 @@ class CausalWanModel(nn.Module):
         grid = x.shape[2:]
         x = rearrange(x, "b c f h w -> b (f h w) c")
         frame_seq_length = self.frame_seq_length(height, width)
-        freqs = self.rope.freqs(grid, current_start // frame_seq_length, x.device)
         e = self.time_embedding(sinusoidal_embedding(self.freq_dim, t.flatten()).to(x.dtype))  # [B*F, dim]
         e0 = self.time_projection(e).unflatten(1, (6, -1)).unflatten(0, (batch, frames))  # [B, F, 6, dim]
         if crossattn_cache is None or any(cache.k is None for cache in crossattn_cache):
@@ -357,10 +453,27 @@ class CausalWanModel(nn.Module):
             context = None  # every block reuses its cached text keys and values
         kv_cache = kv_cache or [None] * len(self.blocks)
         crossattn_cache = crossattn_cache or [None] * len(self.blocks)
-        for block, cache, xcache in zip(self.blocks, kv_cache, crossattn_cache):
-            x = block(x, e0, freqs, context, cache, xcache, current_start)
+        if self.precision == "fast":
+            x = self._fast_blocks(x, e0, grid, frame_seq_length, context, kv_cache, crossattn_cache, current_start)
+        else:
+            freqs = self.rope.freqs(grid, current_start // frame_seq_length, x.device)
+            for block, cache, xcache in zip(self.blocks, kv_cache, crossattn_cache):
+                x = block(x, e0, freqs, context, cache, xcache, current_start)
         x = self.head(x, e.unflatten(0, (batch, frames)).unsqueeze(2))
         pt, ph, pw = self.patch_size
         return rearrange(
             x, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)", f=grid[0], h=grid[1], w=grid[2], pt=pt, ph=ph, pw=pw
         )
+
+    def _fast_blocks(self, x, e0, grid, frame_seq_length, context, kv_cache, crossattn_cache, current_start):
+        """The transformer blocks in fast mode: the two fused halves of each block around the eager
+        self-attention call, which writes K/V into the cache and is what the capture observes."""
+        cos, sin = self.rope.cos_sin(grid, current_start // frame_seq_length, x.device)
+        for block, cache, xcache in zip(self.blocks, kv_cache, crossattn_cache):
+            q, k, v, mod = self._attention_inputs(block, x, e0, cos, sin)
+            if cache is not None:
+                k, v = cache.update(k, v, current_start)
+            y = attention(q, k, v, layer_idx=block.self_attn.layer_idx, kv_cache=cache)
+            text_k, text_v = block.cross_attn.text_kv(context, xcache)
+            x = self._block_output(block, x, y, mod, text_k, text_v)
+        return x

@@ -1,0 +1,218 @@
+"""The fast numerics mode against the exact one, in fp32 on the CPU: each fused piece, the whole model
+(global cache and local windows), the pipeline, the capture in fast mode, the skipped last cache pass,
+and one small torch.compile run."""
+import shutil
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from pipeline.causal_inference import CausalInferencePipeline
+from test_capture import FixedTextEncoder
+from test_causal_model import inputs, run_blocks, tiny_model
+from utils.wan_wrapper import WanDiffusionWrapper
+from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE
+from wan.modules.causal_model import (
+    RMSNorm, RoPE3D, apply_rope, apply_rope_fp32, gate, gated_residual, layer_norm_modulate, modulate, rms_norm_fp32,
+)
+
+
+@pytest.fixture(autouse=True)
+def capture_off():
+    yield
+    ATTENTION_WEIGHT_CAPTURE.disable()
+
+
+def assert_near(fast, exact, rel=2e-6):
+    scale = exact.abs().max().item()
+    err = (fast - exact).abs().max().item()
+    assert scale > 0.1 and err <= rel * scale, f"max|diff| {err:.3g}, max|exact| {scale:.3g}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces
+
+
+def test_rope_tables_match_complex128_rope():
+    rope = RoPE3D(head_dim=16)
+    grid = (3, 4, 6)
+    x = torch.randn(2, 3 * 4 * 6, 4, 16, generator=torch.Generator().manual_seed(0))
+    for start_frame in (0, 5, 700):
+        cos, sin = rope.cos_sin(grid, start_frame, x.device)
+        assert cos.dtype == sin.dtype == torch.float32 and cos.shape == (72, 1, 8)
+        assert_near(apply_rope_fp32(x, cos, sin), apply_rope(x, rope.freqs(grid, start_frame, x.device)))
+    first = rope.cos_sin(grid, 5, x.device)
+    assert rope.cos_sin(torch.Size(grid), 5, x.device) is first  # cached, whatever the grid's type
+    assert not torch.equal(rope.cos_sin(grid, 6, x.device)[0], first[0])
+
+
+def test_fused_norms_match_the_modules():
+    gen = torch.Generator().manual_seed(1)
+    frames, tokens, dim = 3, 5, 32
+    x = torch.randn(2, frames * tokens, dim, generator=gen)
+    y = torch.randn(2, frames * tokens, dim, generator=gen)
+    shift, scale, g = torch.randn(3, 2, frames, 1, dim, generator=gen)
+    norm = nn.LayerNorm(dim, 1e-6, elementwise_affine=False)
+    assert_near(layer_norm_modulate(x, shift, scale, 1e-6), modulate(norm(x), shift, scale))
+    assert_near(gated_residual(x, y, g), x + gate(y, g))
+    rms = RMSNorm(dim, 1e-6)
+    with torch.no_grad():
+        rms.weight.copy_(1 + 0.3 * torch.randn(dim, generator=gen))
+    assert_near(rms_norm_fp32(x, rms), rms(x))
+    assert torch.equal(rms_norm_fp32(x, nn.Identity()), x)
+
+
+def test_fast_cache_holds_the_exact_keys_and_values():
+    model = tiny_model(seed=5)
+    x, context = inputs(frames=6, seed=2)
+    t = torch.full((1, 6), 937.5)
+    caches = {}
+    with torch.no_grad():
+        for precision in ("exact", "fast"):
+            model.set_numerics(precision)
+            caches[precision] = run_blocks(model, x, t, context, 3)[1]
+    for exact, fast in zip(caches["exact"], caches["fast"]):
+        assert (fast.global_end, fast.local_end, fast.key_frames()) == (exact.global_end, exact.local_end, exact.key_frames())
+        assert_near(fast.k, exact.k)
+        assert_near(fast.v, exact.v)
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole model
+
+
+@pytest.mark.parametrize("window,sink", [(-1, 0), (3, 1), (5, 1), (9, 1)])
+def test_fast_model_matches_exact(window, sink):
+    model = tiny_model(seed=21, local_attn_size=window, sink_size=sink)
+    x, context = inputs(frames=12, batch=2, seed=4)
+    t = torch.tensor([[1000.0, 937.5, 833.3, 625.0] * 3, [250.0, 0.0, 500.0, 750.0] * 3])
+    junk = (torch.randn(x.shape, generator=torch.Generator().manual_seed(9)), torch.full_like(t, 1000.0))
+    outs = {}
+    with torch.no_grad():
+        for precision in ("exact", "fast"):
+            model.set_numerics(precision)
+            outs[precision] = run_blocks(model, x, t, context, 3, rerun_first_with=junk)[0] + [model(x, t, context)]
+    for fast, exact in zip(outs["fast"], outs["exact"]):
+        assert_near(fast, exact, rel=1e-5)
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="precision"):
+        tiny_model().set_numerics("fastest")
+
+
+# ------------------------------------------------------------------------------------------------
+# Pipeline: config keys, capture in fast mode, the skipped last cache pass
+
+
+@pytest.fixture(scope="module")
+def config():
+    return OmegaConf.merge(OmegaConf.load("configs/default_config.yaml"), OmegaConf.load("configs/tiny.yaml"))
+
+
+def make_pipeline(config, precision, frames_window=-1, sink=0):
+    cfg = OmegaConf.merge(config, {"precision": precision, "model_kwargs": {"local_attn_size": frames_window, "sink_size": sink}})
+    sizes = cfg.model_config
+    return CausalInferencePipeline(cfg, "cpu", generator=WanDiffusionWrapper.from_config(cfg),
+                                   text_encoder=FixedTextEncoder(sizes.text_len, sizes.text_dim))
+
+
+def run(pipeline, config, frames=6, seed=0):
+    torch.manual_seed(seed)
+    shape = (1, frames, config.model_config.in_dim, config.height // 8, config.width // 8)
+    return pipeline.inference(torch.randn(shape), ["a prompt"], return_latents=True)
+
+
+def test_config_chooses_the_numerics(config):
+    exact, fast = make_pipeline(config, "exact"), make_pipeline(config, "fast")
+    assert exact.generator.model.precision == "exact" and fast.generator.model.precision == "fast"
+    assert not fast.generator.model.compiled  # compile: null means off on the CPU
+
+
+@pytest.mark.parametrize("frames,window,sink", [(6, -1, 0), (12, 9, 1)])
+def test_fast_pipeline_matches_exact(config, frames, window, sink):
+    exact = run(make_pipeline(config, "exact", window, sink), config, frames)
+    fast = run(make_pipeline(config, "fast", window, sink), config, frames)
+    assert_near(fast, exact, rel=1e-5)
+
+
+def test_fast_capture_is_bit_identical_and_labelled_like_exact(config):
+    fast = make_pipeline(config, "fast")
+    plain = run(fast, config)
+    everything = dict(passes=[0, 1, 2, 3, "cache"], blocks=[0, "last"])
+    ATTENTION_WEIGHT_CAPTURE.enable([1, 4], keep="pass", **everything)
+    assert torch.equal(run(fast, config), plain)
+    fast_calls = ATTENTION_WEIGHT_CAPTURE.kept_calls
+    ATTENTION_WEIGHT_CAPTURE.enable([1, 4], keep="pass", **everything)
+    run(make_pipeline(config, "exact"), config)
+    exact_calls = ATTENTION_WEIGHT_CAPTURE.kept_calls
+    labels = [(r.layer_idx, r.labels["block"], r.labels["step"]) for r in exact_calls]
+    assert [(r.layer_idx, r.labels["block"], r.labels["step"]) for r in fast_calls] == labels
+    assert len(labels) == 2 * 2 * 5
+    for f, e in zip(fast_calls, exact_calls):
+        assert (f.call_idx, f.q_shape, f.k_shape, f.key_frames) == (e.call_idx, e.q_shape, e.k_shape, e.key_frames)
+        for head in range(f.num_heads):
+            logits = f.weights(head)
+            assert logits.dtype == torch.float32
+            assert_near(logits, e.weights(head), rel=1e-5)
+
+
+def test_capture_wants_the_passes_it_keeps():
+    assert not ATTENTION_WEIGHT_CAPTURE.wants(1, 2, "cache")
+    ATTENTION_WEIGHT_CAPTURE.enable([0], keep="pass", passes=[0])
+    assert ATTENTION_WEIGHT_CAPTURE.wants(1, 2, 0) and not ATTENTION_WEIGHT_CAPTURE.wants(1, 2, "cache")
+    assert not ATTENTION_WEIGHT_CAPTURE.wants(0, 2, 0)
+    ATTENTION_WEIGHT_CAPTURE.enable([0], keep="pass", passes=["cache"], blocks=[0])
+    assert ATTENTION_WEIGHT_CAPTURE.wants(0, 2, "cache") and not ATTENTION_WEIGHT_CAPTURE.wants(1, 2, "cache")
+    for keep in ("all", "largest_k"):
+        ATTENTION_WEIGHT_CAPTURE.enable([0], keep=keep)
+        assert ATTENTION_WEIGHT_CAPTURE.wants(1, 2, "cache")
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_skipping_the_last_cache_pass_changes_no_latents(config, precision, monkeypatch):
+    pipeline = make_pipeline(config, precision)
+    forwards = []
+    real_forward = pipeline._forward
+    monkeypatch.setattr(pipeline, "_forward", lambda *a: forwards.append(a[-1]) or real_forward(*a))
+    skipped = run(pipeline, config)
+    assert len(forwards) == 2 * 5 - 1 and (1, 2, "cache") not in forwards
+    monkeypatch.setattr(ATTENTION_WEIGHT_CAPTURE, "wants", lambda *labels: True)
+    forwards.clear()
+    assert torch.equal(run(pipeline, config), skipped)
+    assert len(forwards) == 2 * 5 and forwards[-1] == (1, 2, "cache")
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_capturing_the_cache_pass_still_runs_it(config, precision):
+    pipeline = make_pipeline(config, precision)
+    plain = run(pipeline, config)
+    ATTENTION_WEIGHT_CAPTURE.enable([0, 3], keep="pass", passes=["cache"])
+    assert torch.equal(run(pipeline, config), plain)
+    kept = ATTENTION_WEIGHT_CAPTURE.kept_calls
+    assert [(r.layer_idx, r.labels["block"], r.labels["step"], r.labels["timestep"]) for r in kept] == [
+        (0, 1, "cache", 0.0), (3, 1, "cache", 0.0)]
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile
+
+
+@pytest.mark.skipif(not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")),
+                    reason="torch.compile on the CPU needs a C++ compiler (inductor), none found")
+def test_compiled_fast_model_matches_exact_with_one_graph_per_half():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model(seed=21, num_layers=3)
+    x, context = inputs(frames=6, seed=4)
+    t = torch.full((1, 6), 625.0)
+    with torch.no_grad():
+        exact = run_blocks(model, x, t, context, 3)[0]
+        model.set_numerics("fast", compile=True)
+        compiled = run_blocks(model, x, t, context, 3)[0]
+    for fast, reference in zip(compiled, exact):
+        assert_near(fast, reference, rel=1e-5)
+    assert counters["stats"]["unique_graphs"] == 2  # one per block half, shared by every block and block position
