@@ -99,6 +99,12 @@ def parse_args(argv=None):
     parser.add_argument("--capture_step", default="0",
                         help="which pass of the last block is kept: 0..3 the denoising passes (t = 1000, 937.5, 833.33, 625), "
                         "'cache' the clean cache-update pass, 'all' every one of them (one entry per layer and pass)")
+    parser.add_argument("--capture_blocks", nargs="+", default=["last"],
+                        help="temporal blocks whose pass is kept, 0-based block indices and/or 'last' (e.g. 6 20 40 last); "
+                        "one entry per layer, block and pass")
+    parser.add_argument("--precision", choices=("exact", "fast"), default=None,
+                        help="exact: upstream Self-Forcing's arithmetic (bit-identical bf16 latents); fast: the same model "
+                        "with fp32 RoPE tables, fused norms and torch.compile (default: fast on a GPU, exact on the CPU)")
     parser.add_argument("--model_dir", default=None, help="overrides the config's model_dir (folder of the official Wan2.1 files)")
     parser.add_argument("--save_mode", choices=("full", "summary"), default="full",
                         help="full: fp16 logits [B, N, Q, K] per layer and pass (3.7 GB each at full size); summary: exact fp32 "
@@ -124,6 +130,7 @@ class Plan:
     seeds: list
     layers: list
     passes: list
+    blocks: list
     num_layers: int
     device: str
     rank: int = 0
@@ -204,6 +211,24 @@ def parse_passes(text, num_steps):
     return [int(text)]
 
 
+def parse_blocks(words, num_blocks):
+    """Block indices and/or 'last' -> distinct labels in block order ('last' after the numbers unless
+    it names one of them)."""
+    blocks = []
+    for word in words:
+        if word == "last":
+            block = num_blocks - 1
+        elif word.isdigit() and int(word) < num_blocks:
+            block = int(word)
+        else:
+            raise UsageError(f"--capture_blocks: {word!r}; expected a block index 0..{num_blocks - 1} (num_frames / "
+                             "num_frame_per_block blocks) or 'last'")
+        if block in blocks:
+            raise UsageError(f"--capture_blocks: block {block} given more than once")
+        blocks.append(block)
+    return sorted(blocks)
+
+
 def parse_device(args):
     """'cpu' or 'cuda:N' from --device / --gpu_id / LOCAL_RANK, checked without importing torch."""
     local_rank = os.environ.get("LOCAL_RANK")
@@ -238,6 +263,7 @@ def plan_run(args):
     num_layers = sizes["num_layers"]
     layers = parse_layers(args.layer_indices, num_layers)
     passes = parse_passes(args.capture_step, len(config.denoising_step_list))
+    blocks = parse_blocks(args.capture_blocks, args.num_frames // per_block)
     prompts = list(args.prompt or [])
     if args.prompts_file is not None:
         prompts += read_prompts_file(args.prompts_file)
@@ -256,7 +282,9 @@ def plan_run(args):
         raise UsageError(f"--checkpoint_path: {args.checkpoint_path} not found; pass --no_checkpoint to run the base model without it")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads: {args.threads}; expected a positive number")
-    plan = Plan(config, prompts, seeds, layers, passes, num_layers, parse_device(args),
+    device = parse_device(args)
+    config.precision = args.precision or ("exact" if device == "cpu" else "fast")
+    plan = Plan(config, prompts, seeds, layers, passes, blocks, num_layers, device,
                 rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)))
     plan.items = [(p, s) for p in range(len(prompts)) for s in seeds]
     if plan.sweep or args.output_dir is not None:
@@ -299,7 +327,7 @@ def preflight(args, plan, device_free_bytes=None):
     need = estimate(
         sizes, num_frames=args.num_frames, num_frame_per_block=int(config.num_frame_per_block),
         height=int(config.height), width=int(config.width), local_attn_size=int(kwargs.get("local_attn_size", -1)),
-        num_captured_layers=len(plan.layers), num_kept_passes=len(plan.passes), save_mode=args.save_mode,
+        num_captured_layers=len(plan.layers), num_kept_passes=len(plan.passes) * len(plan.blocks), save_mode=args.save_mode,
         dtype_bytes=dtype_bytes,
     )
     folder = Path(args.output_dir) if args.output_dir else Path(args.output_path).parent
@@ -353,6 +381,7 @@ def settings_of(args, plan, dtype):
         "num_frames": args.num_frames,
         "layer_indices": plan.layers,
         "capture_step": args.capture_step,
+        "capture_blocks": plan.blocks,
         "save_mode": args.save_mode,
         "checkpoint_path": None if args.no_checkpoint else str(Path(args.checkpoint_path).resolve()),
         "use_ema": args.use_ema,
@@ -487,15 +516,18 @@ def extract_item(args, plan, extractor, context, prompt, tokens, text_len, seed,
     fsl = extractor.frame_seq_length()
     say(f"\nNum frames: {args.num_frames}\nNum frames per block: {per_block}")
     say(f"Layer indices to capture: {plan.layers}\nPrompt: {prompt}")
-    say(f"Capture step: {args.capture_step}  (denoising timesteps {[round(t, 2) for t in pipeline.denoising_steps]})")
+    say(f"Capture step: {args.capture_step}  (denoising timesteps {[round(t, 2) for t in pipeline.denoising_steps]}); "
+        f"blocks {plan.blocks}; precision {extractor.model.precision}")
     say("\n" + "=" * 60 + "\nCapturing attention during inference (the model's own attention calls)\n" + "=" * 60)
     say(f"Model layers: {extractor.num_layers}")
     reset_peaks(extractor.device)
-    kept, calls_seen, seconds = extractor.capture(context, seed, args.num_frames, plan.layers, plan.passes, progress=progress)
+    kept, calls_seen, seconds = extractor.capture(context, seed, args.num_frames, plan.layers, plan.passes, plan.blocks,
+                                                  progress=progress)
     say(f"Output latent shape: {[1, args.num_frames, *pipeline.latent_shape(1)[1:]]}  (inference {seconds:.2f} s)")
-    expected = len(plan.layers) * len(plan.passes)
+    expected = len(plan.layers) * len(plan.passes) * len(plan.blocks)
     if len(kept) != expected:
-        raise RuntimeError(f"captured {len(kept)} calls for {len(plan.layers)} layers x {len(plan.passes)} passes")
+        raise RuntimeError(f"captured {len(kept)} calls for {len(plan.layers)} layers x {len(plan.passes)} passes x "
+                           f"{len(plan.blocks)} blocks")
     say(f"Self-attention calls seen for layers {plan.layers}: {calls_seen}; kept: {len(kept)}")
     t_reduce = time.perf_counter()
     entries = []
@@ -524,6 +556,8 @@ def extract_item(args, plan, extractor, context, prompt, tokens, text_len, seed,
         "checkpoint_key": extractor.checkpoint_key,
         "use_ema": args.use_ema,
         "capture_step": args.capture_step,
+        "capture_blocks": plan.blocks,
+        "precision": extractor.model.precision,
         "timestep": last["timestep"],
         "calls_seen": calls_seen,
         "calls_kept": len(entries),

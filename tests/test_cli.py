@@ -22,6 +22,7 @@ SPEC_ENTRY_KEYS = {
 }
 V2_ENTRY_KEYS = {  # cache format version 2 (utils/attention_cache.py)
     "block", "pass", "timestep", "query_frames", "key_frame_indices", "nonfinite", "logit_min", "logit_max",
+    "key_video_frames", "key_rope_frames",
 }
 FSL = 16  # tokens per 8x8 latent frame with 2x2 patches
 HEADS = 4

@@ -87,7 +87,13 @@ def test_bad_top_level_values_name_file_key_value_and_expectation(tmp_path, chan
         ("{sink_size: 1}", "model_kwargs.sink_size = 1", "a sink needs a local window"),
         ("{local_attn_size: 6, sink_size: -1}", "model_kwargs.sink_size = -1", "an int >= 0"),
         ("{timestep_shift: 0}", "model_kwargs.timestep_shift = 0", "a number > 0"),
-        ("{attn_window: 3}", "model_kwargs.attn_window = 3", "one of the known model_kwargs ['local_attn_size', 'sink_size', 'timestep_shift']"),
+        ("{attn_window: 3}", "model_kwargs.attn_window = 3", "one of the known model_kwargs ['attention_mode', 'budget', "
+         "'local_attn_size', 'recent', 'sink_size', 'timestep_shift', 'topc_max_reuse']"),
+        ("{attention_mode: deep_sink}", "model_kwargs.attention_mode = 'deep_sink'", "needs 0 <= sink_size < local_attn_size"),
+        ("{attention_mode: participative_compression, local_attn_size: 21, sink_size: 10}",
+         "model_kwargs.attention_mode = 'participative_compression'", "needs budget and recent"),
+        ("{attention_mode: rolling}", "model_kwargs.attention_mode = 'rolling'", "attention_mode must be one of"),
+        ("{budget: 0}", "model_kwargs.budget = 0", "a positive int"),
         ("[1, 2]", "model_kwargs = [1, 2]", "a mapping"),
     ],
 )
@@ -190,3 +196,19 @@ def test_model_sizes_bad_config_json_names_the_file(tmp_path, content, expected)
         (tmp_path / "config.json").write_text(content)
     with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'config.json'}: {expected}")):
         model_sizes(load_config("configs/self_forcing_dmd.yaml", model_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [("precision", "turbo", "one of ('exact', 'fast')"), ("compile", "2", "true, false or null")],
+)
+def test_bad_numerics_keys(tmp_path, key, value, expected):
+    path = tiny_with(tmp_path, **{key: value})
+    message = refused(path)
+    assert message.startswith(f"{path}: {key} = ") and expected in message
+
+
+def test_deep_forcing_modes_validate(tmp_path):
+    kwargs = "{attention_mode: participative_compression, local_attn_size: 21, sink_size: 10, budget: 16, recent: 4}"
+    config = load_config(tiny_with(tmp_path, model_kwargs=kwargs, precision="fast"))
+    assert config.model_kwargs.budget == 16 and config.precision == "fast"

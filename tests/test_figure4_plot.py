@@ -54,9 +54,11 @@ def expected_reductions(logits):
 def make_entry(layer, logits, mode, pass_=0, nonfinite=0):
     """One build_cache entry of the last block for ``logits`` [b, N, Q, K]."""
     fk = logits.shape[-1] // FSL
+    key_frames = KEY_FRAME_INDICES if fk == FK else list(range(NUM_FRAMES))
+    per_token = torch.tensor(key_frames, dtype=torch.int32).repeat_interleave(FSL).expand(logits.shape[0], -1)
     entry = {"layer_idx": layer, "block": 1, "pass": pass_, "timestep": 0.0 if pass_ == "cache" else 1000.0,
-             "num_heads": logits.shape[1], "query_frames": QUERY_FRAMES,
-             "key_frame_indices": KEY_FRAME_INDICES if fk == FK else list(range(NUM_FRAMES)),
+             "num_heads": logits.shape[1], "query_frames": QUERY_FRAMES, "key_frame_indices": key_frames,
+             "key_video_frames": per_token.clone(), "key_rope_frames": per_token.clone(),
              "nonfinite": nonfinite, "logit_min": logits.min().item(), "logit_max": logits.max().item()}
     if mode == "full":
         entry["attn_logits"] = logits.half()
@@ -244,7 +246,7 @@ CRAFTED = {  # id: (change to a valid cache dict, words the one-line error must 
     "query-frames-float": (lambda d: _entry(d, "query_frames", [3.0, 4, 5]), "attention_weights[0].query_frames is "
                                                                              "[3.0, 4, 5]"),
     "key-frames-str": (lambda d: _entry(d, "key_frame_indices", ["0", 2, 3, 4, 5]), "key_frame_indices is ['0', 2"),
-    "key-frames-order": (lambda d: _entry(d, "key_frame_indices", [0, 3, 2, 4, 5]), "increasing list of ints in "
+    "key-frames-order": (lambda d: _entry(d, "key_frame_indices", [0, 3, 2, 4, 5]), "non-decreasing list of ints in "
                                                                                     "[0, 6)"),
     "num-key-frames": (lambda d: _entry(d, "num_key_frames", 6), "attention_weights[0].num_key_frames is 6 (int), "
                                                                  "expected 5"),

@@ -35,7 +35,8 @@ LABEL_KEYS = (
 )
 ENTRY_KEYS = ("layer_idx", "is_logits", "num_frames", "frame_seq_length", "num_heads", "num_query_frames",
               "num_key_frames") + LABEL_KEYS[1:]
-TENSOR_KEYS = {"full": ("attn_logits",), "summary": SUMMARY_KEYS}
+POSITION_KEYS = ("key_video_frames", "key_rope_frames")  # per key token: int32 [B, K]
+TENSOR_KEYS = {"full": ("attn_logits", *POSITION_KEYS), "summary": (*SUMMARY_KEYS, *POSITION_KEYS)}
 RESERVED_METADATA = ("format", "format_version", "save_mode")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's (zip) format starts with a zip local-file header
 
@@ -49,8 +50,11 @@ class CacheEntry:
     """One captured (layer, block, pass): its labels and its tensors (memory-mapped when read from a file).
 
     ``pass_`` is the denoising pass 0.. or ``CACHE_PASS``; ``key_frame_indices[j]`` is the video frame
-    that key frame slot j holds; ``nonfinite`` counts NaN/Inf logits; ``tensors`` maps 'attn_logits'
-    (full) or SUMMARY_KEYS (summary) to tensors of batch size ``batch_size``."""
+    of the first token of key frame slot j (a compressed cache may fill a slot from several frames);
+    per key token, ``key_video_frames`` [B, K] is the video frame it came from and ``key_rope_frames``
+    [B, K] the temporal RoPE position it was attended at (they differ for Deep Sink's shifted sink);
+    ``nonfinite`` counts NaN/Inf logits; ``tensors`` maps 'attn_logits' (full) or SUMMARY_KEYS
+    (summary) to tensors of batch size ``batch_size``."""
 
     layer_idx: int
     block: int
@@ -64,6 +68,8 @@ class CacheEntry:
     logit_min: float
     logit_max: float
     tensors: dict
+    key_video_frames: torch.Tensor
+    key_rope_frames: torch.Tensor
 
     @property
     def label(self):
@@ -114,10 +120,11 @@ def _check_float(value, name, fail):
 
 
 def _check_frames(value, name, fail, num_frames):
-    """A non-empty, strictly increasing list of video frame indices in [0, num_frames)."""
+    """A non-empty, non-decreasing list of video frame indices in [0, num_frames) (a compressed cache
+    may hold tokens of one frame in several slots)."""
     if (not _is_int_list(value) or not value
-            or any(b <= a for a, b in zip(value, value[1:])) or value[0] < 0 or value[-1] >= num_frames):
-        fail(f"{name} is {_shown(value)}, expected a non-empty increasing list of ints in [0, {num_frames})")
+            or any(b < a for a, b in zip(value, value[1:])) or value[0] < 0 or value[-1] >= num_frames):
+        fail(f"{name} is {_shown(value)}, expected a non-empty non-decreasing list of ints in [0, {num_frames})")
 
 
 def _check_metadata(metadata, fail):
@@ -191,21 +198,30 @@ def _check_entry(entry, where, top, save_mode, fail):
         shapes = {"query_mean_logits": (n, fk * fsl), "frame_mean_logits": (n, fq, fk),
                   "frame_attention_mass": (n, fq, fk)}
         dtype = torch.float32
+    dtypes = dict.fromkeys(shapes, dtype)
+    for key in POSITION_KEYS:
+        shapes[key], dtypes[key] = (fk * fsl,), torch.int32
     batch_sizes = set()
     for key, shape in shapes.items():
         tensor = entry[key]
-        if (not isinstance(tensor, torch.Tensor) or tensor.dtype != dtype or tensor.dim() != len(shape) + 1
+        if (not isinstance(tensor, torch.Tensor) or tensor.dtype != dtypes[key] or tensor.dim() != len(shape) + 1
                 or tuple(tensor.shape[1:]) != shape or tensor.shape[0] < 1):
             found = f"{tensor.dtype} {list(tensor.shape)}" if isinstance(tensor, torch.Tensor) else _shown(tensor)
-            fail(f"{where}.{key} is {found}, expected a {dtype} tensor of shape [B, {', '.join(map(str, shape))}]")
+            fail(f"{where}.{key} is {found}, expected a {dtypes[key]} tensor of shape [B, {', '.join(map(str, shape))}]")
         batch_sizes.add(tensor.shape[0])
     if len(batch_sizes) != 1:
         fail(f"{where}: its tensors disagree on the batch size {sorted(batch_sizes)}")
+    video, rope = entry["key_video_frames"], entry["key_rope_frames"]
+    if video[0, ::fsl].tolist() != entry["key_frame_indices"]:
+        fail(f"{where}.key_video_frames does not start each key frame slot with its key_frame_indices")
+    if int(video.min()) < 0 or int(video.max()) >= top["num_frames"] or int(rope.min()) < 0:
+        fail(f"{where}.key_video_frames / key_rope_frames hold frames outside [0, {top['num_frames']}) / below 0")
     return CacheEntry(
         layer_idx=entry["layer_idx"], block=entry["block"], pass_=entry["pass"], timestep=entry["timestep"],
         num_heads=n, batch_size=batch_sizes.pop(), query_frames=entry["query_frames"],
         key_frame_indices=entry["key_frame_indices"], nonfinite=entry["nonfinite"], logit_min=entry["logit_min"],
-        logit_max=entry["logit_max"], tensors={key: entry[key] for key in shapes},
+        logit_max=entry["logit_max"], tensors={key: entry[key] for key in shapes if key not in POSITION_KEYS},
+        key_video_frames=video, key_rope_frames=rope,
     )
 
 
@@ -226,7 +242,7 @@ def _check_labels(entries, layer_indices, fail):
     for label in labels:
         same = [e for e in entries if e.label == label]
         for e in same[1:]:
-            for attr in ("query_frames", "key_frame_indices", "timestep"):
+            for attr in ("query_frames", "num_key_frames", "timestep"):
                 if getattr(e, attr) != getattr(same[0], attr):
                     fail(f"block {label[0]}, pass {label[1]!r}: layers {same[0].layer_idx} and {e.layer_idx} differ "
                          f"in {attr} ({getattr(same[0], attr)} vs {getattr(e, attr)})")

@@ -80,13 +80,56 @@ def _sink_size(value, kwargs, per_block):
     return None
 
 
+ATTENTION_MODES = ("global", "window", "deep_sink", "participative_compression")
+
+
+def resolve_attention_mode(mode, local_attn_size, sink_size, budget, recent, topc_max_reuse):
+    """The attention mode the model's settings ask for, checked: ``mode=None`` means today's behaviour
+    (``global`` with ``local_attn_size=-1``, else ``window``)."""
+    if mode is None:
+        mode = "global" if local_attn_size == -1 else "window"
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {mode!r}")
+    if mode == "global" and local_attn_size != -1:
+        raise ValueError(f"attention_mode 'global' needs local_attn_size -1, got {local_attn_size}")
+    if mode in ("deep_sink", "participative_compression") and not 0 <= sink_size < local_attn_size:
+        raise ValueError(f"{mode} needs 0 <= sink_size < local_attn_size, got sink_size {sink_size}, local_attn_size {local_attn_size}")
+    if mode == "participative_compression":
+        if budget is None or recent is None:
+            raise ValueError("participative_compression needs budget and recent (frames)")
+        if not sink_size + recent <= budget <= local_attn_size:
+            raise ValueError(f"participative_compression needs sink_size + recent <= budget <= local_attn_size, "
+                             f"got {sink_size} + {recent}, {budget}, {local_attn_size}")
+        if topc_max_reuse < 1:
+            raise ValueError(f"topc_max_reuse must be >= 1, got {topc_max_reuse}")
+    return mode
+
+
+def _attention_mode(value, kwargs, per_block):
+    try:
+        resolve_attention_mode(value, kwargs["local_attn_size"], kwargs["sink_size"], kwargs["budget"], kwargs["recent"],
+                               kwargs["topc_max_reuse"])
+    except (ValueError, TypeError) as err:
+        return f"a valid attention mode and sizes ({err})"
+    return None
+
+
+def _optional_positive_int(value, kwargs, per_block):
+    return None if value is None or _positive_int(value) else "a positive int (frames), or absent"
+
+
 # The model_kwargs the inference knows: key -> (default, check(value, all kwargs with defaults,
 # num_frame_per_block) -> None if fine, else what was expected). A new key is added here only.
 MODEL_KWARGS = {
     "timestep_shift": (5.0, _timestep_shift),
     "local_attn_size": (-1, _local_attn_size),
     "sink_size": (0, _sink_size),
+    "attention_mode": (None, _attention_mode),
+    "budget": (None, _optional_positive_int),
+    "recent": (None, _optional_positive_int),
+    "topc_max_reuse": (7, lambda v, kwargs, per_block: None if _positive_int(v) else "a positive int"),
 }
+PRECISIONS = ("exact", "fast")
 
 # CausalWanModel arguments that model_config may hold with random_init -> what each must be.
 MODEL_CONFIG = {
@@ -240,6 +283,9 @@ def _validate(config, sources):
         c.require("model_dir", lambda v: isinstance(v, str) and v.strip(), "a folder path (the official Wan2.1 files)")
         patch_size = WAN_T2V_1_3B["patch_size"]
     _check_frame_size(c, patch_size)
+    c.require("precision", lambda v: v in PRECISIONS, f"one of {PRECISIONS}", default="exact")
+    c.require("compile", lambda v: v is None or isinstance(v, bool), "true, false or null (null: on for fast on a GPU)",
+              default=None)
 
 
 def _first_line(err):

@@ -72,10 +72,12 @@ def cache_entry(record, frame_seq_length, frames_per_block, save_mode):
     """The cache entry of one kept call and its exact fp32 reductions (on the host).
 
     The entry carries the call's own labels: layer, block, pass, timestep, the video frames of its
-    queries and of each key frame; then either the fp16 logits [B, N, Q, K] (save_mode 'full') or
-    the reductions (SUMMARY_KEYS)."""
+    queries and of each key frame, and per key token its video frame and temporal RoPE position (from
+    the KV cache); then either the fp16 logits [B, N, Q, K] (save_mode 'full') or the reductions
+    (SUMMARY_KEYS)."""
     summary = {name: value.cpu() for name, value in record.summary(frame_seq_length).items()}
     block = record.labels["block"]
+    video, rope = (positions.to(device="cpu", dtype=torch.int32) for positions in record.key_positions)  # [B, Lk]
     entry = {
         "layer_idx": record.layer_idx,
         "block": block,
@@ -83,7 +85,9 @@ def cache_entry(record, frame_seq_length, frames_per_block, save_mode):
         "timestep": float(record.labels["timestep"]),
         "num_heads": record.num_heads,
         "query_frames": list(range(block * frames_per_block, (block + 1) * frames_per_block)),
-        "key_frame_indices": list(record.key_frames),
+        "key_frame_indices": video[0, ::frame_seq_length].tolist(),
+        "key_video_frames": video,
+        "key_rope_frames": rope,
         "nonfinite": int(summary["nonfinite"].sum()),
         "logit_min": float(summary["logit_min"].min()),
         "logit_max": float(summary["logit_max"].max()),

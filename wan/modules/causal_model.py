@@ -27,11 +27,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from utils.config import CONFIG_JSON_SIZES, MODEL_CONFIG_FILE, WAN_T2V_1_3B
+from utils.config import CONFIG_JSON_SIZES, MODEL_CONFIG_FILE, PRECISIONS, WAN_T2V_1_3B, resolve_attention_mode
 from utils.loading import WeightFileError, load_into, read_state_dict
 from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE, attention
 
-PRECISIONS = ("exact", "fast")
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
@@ -342,7 +341,6 @@ class CausalWanModel(nn.Module):
         ``participative_compression`` (Deep Forcing, with ``budget``, ``recent`` and
         ``topc_max_reuse``; see wan/modules/deep_forcing.py); None picks global or window from
         ``local_attn_size``."""
-        from wan.modules.deep_forcing import resolve_attention_mode  # deep_forcing imports this module
 
 
         super().__init__()

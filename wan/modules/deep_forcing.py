@@ -48,31 +48,6 @@ import torch
 
 from wan.modules.causal_model import KVCache
 
-ATTENTION_MODES = ("global", "window", "deep_sink", "participative_compression")
-
-
-def resolve_attention_mode(mode, local_attn_size, sink_size, budget, recent, topc_max_reuse):
-    """The attention mode the model's settings ask for, checked: ``mode=None`` means today's behaviour
-    (``global`` with ``local_attn_size=-1``, else ``window``)."""
-    if mode is None:
-        mode = "global" if local_attn_size == -1 else "window"
-    if mode not in ATTENTION_MODES:
-        raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {mode!r}")
-    if mode == "global" and local_attn_size != -1:
-        raise ValueError(f"attention_mode 'global' needs local_attn_size -1, got {local_attn_size}")
-    if mode in ("deep_sink", "participative_compression") and not 0 <= sink_size < local_attn_size:
-        raise ValueError(f"{mode} needs 0 <= sink_size < local_attn_size, got sink_size {sink_size}, local_attn_size {local_attn_size}")
-    if mode == "participative_compression":
-        if budget is None or recent is None:
-            raise ValueError("participative_compression needs budget and recent (frames)")
-        if not sink_size + recent <= budget <= local_attn_size:
-            raise ValueError(f"participative_compression needs sink_size + recent <= budget <= local_attn_size, "
-                             f"got {sink_size} + {recent}, {budget}, {local_attn_size}")
-        if topc_max_reuse < 1:
-            raise ValueError(f"topc_max_reuse must be >= 1, got {topc_max_reuse}")
-    return mode
-
-
 def shift_time(keys, delta, rope):
     """Multiply, in place, the temporal complex pairs of rotated keys [B, L, N, D] by exp(i ω_t Δ),
     i.e. move them Δ frames; the product is computed in float64 and stored in the keys' dtype."""
