@@ -407,7 +407,7 @@ def run(args):
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if device.type == "cuda":
         preflight(args, plan, device_free_bytes=torch.cuda.mem_get_info(device)[0])
-    distributed = init_distributed(plan, device)
+    distributed = init_distributed(plan)
     if plan.rank == 0:
         print(f"Using device: {device}" + (f" (rank {plan.rank} of {plan.world_size})" if plan.world_size > 1 else ""))
         if device.type == "cuda":
@@ -483,14 +483,15 @@ def run(args):
     return 0
 
 
-def init_distributed(plan, device):
-    """Under torchrun (WORLD_SIZE > 1): one process group, NCCL on GPUs, gloo on the CPU. Used only
-    to wait for each other around the shared folder's settings and manifest."""
+def init_distributed(plan):
+    """Under torchrun (WORLD_SIZE > 1): one gloo process group, used only for the processes to wait
+    for each other around the shared folder's settings and manifest (no tensor crosses it, so gloo
+    serves GPUs too, even several processes on one GPU)."""
     if plan.world_size == 1:
         return False
     import torch.distributed as dist
 
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    dist.init_process_group("gloo")
     return True
 
 
