@@ -1,6 +1,12 @@
 """experiments/run_extraction_figure4.py end to end on the tiny config (CPU)."""
 import argparse
+import os
 import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,3 +228,98 @@ def test_reader_and_plot_on_the_tiny_run(full_and_summary, tmp_path):
     out = tmp_path / "figure4.png"
     assert plot_figure4.main(["--cache", str(full_path), "--panels", "0:0", "4:3", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue "Trustworthy under any input": the CLI end to end
+
+
+def test_layer_order_follows_the_command_line(tmp_path):
+    code, out = extract(tmp_path, "--layer_indices", "4", "0", "--save_mode", "summary")
+    assert code == 0
+    data = torch.load(out, weights_only=True)
+    assert data["layer_indices"] == [4, 0]
+    assert [e["layer_idx"] for e in data["attention_weights"]] == [4, 0]
+
+
+def test_output_path_fifo_refused_symlink_followed(tmp_path, capsys):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    code, _ = extract(tmp_path, name="pipe")
+    assert code == 2 and "FIFO" in capsys.readouterr().err
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+    target = tmp_path / "real.pt"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o640)
+    (tmp_path / "link.pt").symlink_to(target)
+    code, _ = extract(tmp_path, "--save_mode", "summary", name="link.pt")
+    assert code == 0 and (tmp_path / "link.pt").is_symlink()
+    assert torch.load(target, weights_only=True)["layer_indices"] == [0, 4]
+    assert stat.S_IMODE(os.stat(target).st_mode) == 0o640
+
+
+def test_preflight_refuses_what_cannot_fit_before_building_anything(tmp_path, capsys, monkeypatch):
+    import utils.extraction
+
+    def never(*args, **kwargs):
+        raise AssertionError("no model may be built for a run that cannot fit")
+
+    monkeypatch.setattr(utils.extraction, "Extractor", never)
+    argv = ["--config_path", "configs/random_1_3b.yaml", "--no_checkpoint", "--device", "cpu", "--quiet",
+            "--num_frames", "3000", "--output_path", str(tmp_path / "big.pt")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "not enough room" in err and "GB" in err and ("--num_frames" in err or "--layer_indices" in err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_long_prompt_warns_and_records_its_token_count(tmp_path, capsys):
+    long_prompt = "a slow pan over a mountain lake at dawn " * 8  # 320 bytes: over the tiny encoder's 128 tokens
+    code, out = extract(tmp_path, "--prompt", long_prompt, "--save_mode", "summary")
+    assert code == 0
+    assert "longer than the text encoder's 128" in capsys.readouterr().err
+    meta = torch.load(out, weights_only=True)["metadata"]
+    assert meta["prompt_tokens"] == len(long_prompt.strip()) + 1 and meta["prompt_truncated"] is True
+    code, out = extract(tmp_path, "--prompt", "a cat", "--save_mode", "summary", name="short.pt")
+    meta = torch.load(out, weights_only=True)["metadata"]
+    assert code == 0 and meta["prompt_tokens"] == 6 and meta["prompt_truncated"] is False
+
+
+def test_nonfinite_logits_warn_and_are_recorded(tmp_path, capsys):
+    state = tiny_state_dict(1)
+    state["model.blocks.4.self_attn.q.weight"][0, 0] = float("nan")
+    ckpt = write_checkpoint(tmp_path / "nan.pt", generator_ema=state)
+    argv = ["--config_path", "configs/tiny.yaml", "--checkpoint_path", str(ckpt), "--device", "cpu", "--quiet",
+            "--num_frames", "3", "--save_mode", "summary", "--output_path", str(tmp_path / "out.pt")]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "non-finite logits" in err and "layer 4" in err and "layer 0" not in err
+    data = torch.load(tmp_path / "out.pt", weights_only=True)
+    by_layer = {e["layer_idx"]: e["nonfinite"] for e in data["attention_weights"]}
+    assert by_layer[0] == 0 and by_layer[4] == 4 * 48 * 48  # every logit of layer 4: 4 heads, 48 queries, 48 keys
+    assert data["metadata"]["nonfinite"] == by_layer[4]
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_signal_during_a_slow_save_exits_cleanly(tmp_path, signum, code):
+    """The CLI in a subprocess, signalled while it writes a ~60 MB full cache (frames of 256 tokens):
+    the exit code is the signal's, the previous file is intact and no temporary file is left."""
+    config = tmp_path / "big.yaml"
+    config.write_text(Path("configs/tiny.yaml").read_text().replace("height: 64", "height: 256").replace("width: 64", "width: 256"))
+    folder = tmp_path / "out"
+    folder.mkdir()
+    out = folder / "cache.pt"
+    out.write_bytes(b"previous cache")
+    argv = [sys.executable, "experiments/run_extraction_figure4.py", "--config_path", str(config), "--no_checkpoint",
+            "--device", "cpu", "--quiet", "--num_frames", "6", "--layer_indices", "all", "--output_path", str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": "."})
+    deadline = time.monotonic() + 120
+    while not any(p.name.endswith(".tmp") for p in folder.iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline, f"the CLI ended before saving: {proc.stderr.read()}"
+        time.sleep(0.002)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert out.read_bytes() == b"previous cache"
+    assert [p.name for p in folder.iterdir()] == ["cache.pt"]
