@@ -67,6 +67,9 @@ def assert_manifest_complete(folder, names=ITEM_NAMES, prompts=PROMPTS, seeds=(0
         data = (folder / line["file"]).read_bytes()
         assert line["bytes"] == len(data)
         assert line["sha256"] == hashlib.sha256(data).hexdigest()
+        seconds = line["seconds"]  # of the run that made the file
+        assert seconds["item"] >= seconds["inference"] + seconds["save"] and seconds["inference"] > 0
+        assert line["peak_gib"]["host"] > 0.05 and line["peak_gib"]["gpu"] is None  # on the CPU
     return lines
 
 
