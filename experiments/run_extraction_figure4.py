@@ -448,6 +448,7 @@ def run(args):
                       f"{prompt[:60]!r}...", file=sys.stderr)
         bar = items_bar(plan, todo, args)
         for prompt_index, seed, path in todo:
+            t_item = time.perf_counter()
             prompt = plan.prompts[prompt_index]
             context, tokens = encoded[prompt]
             data, report = extract_item(args, plan, extractor, context, prompt, tokens, text_len, seed, settings,
@@ -456,6 +457,8 @@ def run(args):
             t_save = time.perf_counter()
             size = save_cache(path, data)
             report["seconds"]["save"] = round(time.perf_counter() - t_save, 3)
+            report["seconds"]["item"] = round(time.perf_counter() - t_item, 3)
+            report["peak_gib"] = peaks_gib(device)
             del data
             if folder is not None:
                 append_manifest(folder, prompt_index, prompt, seed, path, size, report, args.save_mode, plan.rank)
@@ -602,6 +605,16 @@ def sink_table(summary, frame_seq_length, num_query_frames):
     return torch.stack([first, mid, first - mid], dim=1)  # [N, 3]
 
 
+def peaks_gib(device):
+    """Peak host (resident) and device memory since the last ``reset_peaks``, in GiB (device: None on the CPU)."""
+    import torch
+
+    from utils.misc import host_peak_gib
+
+    gpu = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"host": round(host_peak_gib(), 3), "gpu": None if gpu is None else round(gpu, 3)}
+
+
 def reset_peaks(device):
     import torch
 
@@ -654,7 +667,7 @@ def append_manifest(folder, prompt_index, prompt, seed, path, size, report, save
     """One line for a finished item, appended once its file is in place (a single write: lines of
     several processes do not interleave)."""
     line = manifest_line(prompt_index, prompt, seed, path, size, save_mode)
-    line.update(seconds=report["seconds"], rank=rank)
+    line.update(seconds=report["seconds"], peak_gib=report["peak_gib"], rank=rank)
     fd = os.open(folder / MANIFEST, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         os.write(fd, (json.dumps(line, ensure_ascii=False) + "\n").encode())
