@@ -720,8 +720,9 @@ def test_stats_plot_draws_the_mean_and_its_confidence_interval(tmp_path, capsys)
         code, stdout, err = run(capsys, "--stats", stats_path, "--panels", "2:1", "--out", out, *extra)
         assert code == 0, err
         assert "statistics over 3 items" in stdout
-    code, _, err = run(capsys, "--stats", stats_path, "--cache", paths[0], "--out", out)
-    assert code == 2 and "not allowed with argument" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--stats", str(stats_path), "--cache", str(paths[0]), "--out", str(out)])
+    assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
     code, _, err = run(capsys, "--stats", stats_path, "--block", "4", "--out", out)
     assert code == 2 and "block 4: the file holds no such entry" in err
 
