@@ -13,6 +13,7 @@ import pytest
 import torch
 from matplotlib.container import BarContainer
 
+from experiments.aggregate_figure4 import main as aggregate_main
 from experiments.plot_figure4 import (StatsFile, column_band, layer_values, main, make_figure, select, select_blocks,
                                       sweep_values, true_frame_tokens)
 from utils.attention_cache import CacheFileError, build_cache, describe, open_cache, save_cache
@@ -544,25 +545,6 @@ def test_plot_writes_through_a_symlink(tmp_path, capsys, full_cache):
     assert link.is_symlink() and target.read_bytes().startswith(b"\x89PNG")
 
 
-def test_readme_plot_commands_run_as_written(tmp_path, monkeypatch, capsys, logits):
-    """The README's plot commands, run in a folder holding caches at the paths they name."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    prefix = "PYTHONPATH=. python experiments/plot_figure4.py "
-    commands = [line for line in readme.splitlines() if line.startswith(prefix)]
-    assert len(commands) == 4
-    monkeypatch.chdir(tmp_path)
-    Path("cache").mkdir()
-    Path("docs").mkdir()
-    write_cache(Path("cache/attention_cache_self_forcing.pt"), logits)
-    four_heads = torch.randn(1, 4, FQ * FSL, FK * FSL).half().float()  # the tiny model's 4 heads, layers 0 and 4
-    write_cache(Path("cache/tiny_figure4.pt"), {0: four_heads, 4: four_heads}, layer_indices=[0, 4])
-    for seed in range(2):
-        write_cache(Path(f"cache/sweep_seed{seed}.pt"), make_logits(seed=seed), mode="summary")
-    for command in commands:
-        code, _, err = run(capsys, *shlex.split(command[len(prefix):]))
-        assert code == 0, (command, err)
-
-
 # ---------------------------------------------------------------------------------------------
 # statistics files, mixed caches, the true-frame axis, several blocks
 
@@ -572,17 +554,17 @@ def tokens_of(frames):
     return torch.tensor(frames).repeat_interleave(FSL)
 
 
-def layout_cache(path, layouts, *, num_frames=12, pass_=0, model_kwargs=None, model=None, seed=0):
+def layout_cache(path, layouts, *, num_frames=12, pass_=0, model_kwargs=None, model=None, seed=0, layers=LAYERS,
+                 heads=N):
     """Save a summary cache with known logits whose blocks have the given key tokens: ``layouts`` maps a
-    block to (video frame, RoPE frame) per key token, both [K]; layers LAYERS. Returns the logits by
-    (block, layer)."""
+    block to (video frame, RoPE frame) per key token, both [K]. Returns the logits by (block, layer)."""
     gen = torch.Generator().manual_seed(seed)
     entries, logits = [], {}
     for block, (video, rope) in layouts.items():
-        for layer in LAYERS:
-            lg = 3 * torch.randn(B, N, FQ * FSL, len(video), generator=gen)
+        for layer in layers:
+            lg = 3 * torch.randn(B, heads, FQ * FSL, len(video), generator=gen)
             logits[block, layer] = lg
-            entries.append({"layer_idx": layer, "block": block, "pass": pass_, "timestep": 1000.0, "num_heads": N,
+            entries.append({"layer_idx": layer, "block": block, "pass": pass_, "timestep": 1000.0, "num_heads": heads,
                             "query_frames": list(range(block * FQ, block * FQ + FQ)),
                             "key_frame_indices": video[::FSL].tolist(),
                             "key_video_frames": video.to(torch.int32).expand(B, -1).clone(),
@@ -591,7 +573,7 @@ def layout_cache(path, layouts, *, num_frames=12, pass_=0, model_kwargs=None, mo
                             **expected_reductions(lg)})
     metadata = {"seed": seed, "model": model or {"dim": 64}, "config": {"model_kwargs": model_kwargs or {}}}
     save_cache(path, build_cache(prompt="p", num_frames=num_frames, frame_seq_length=FSL, num_frame_per_block=FQ,
-                                 layer_indices=LAYERS, save_mode="summary", entries=entries, metadata=metadata))
+                                 layer_indices=layers, save_mode="summary", entries=entries, metadata=metadata))
     return logits
 
 
@@ -748,3 +730,29 @@ def test_several_blocks_side_by_side(tmp_path, capsys):
     assert code == 2 and "holds several" in err
     code, _, err = run(capsys, "--cache", path, "--panels", "0:0", "--block", "all", "2", "--out", out)
     assert code == 2 and "'all' alone" in err
+
+
+def test_readme_plot_commands_run_as_written(tmp_path, monkeypatch, capsys, logits):
+    """The README's plot commands, run in a folder holding caches at the paths they name (the statistics
+    file made by the README's aggregate command)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    prefix = "PYTHONPATH=. python experiments/plot_figure4.py "
+    commands = [line for line in readme.splitlines() if line.startswith(prefix)]
+    assert len(commands) == 8
+    aggregate_prefix = "PYTHONPATH=. python experiments/aggregate_figure4.py "
+    (aggregate,) = [line for line in readme.splitlines() if line.startswith(aggregate_prefix)]
+    monkeypatch.chdir(tmp_path)
+    Path("cache").mkdir()
+    Path("docs").mkdir()
+    write_cache(Path("cache/attention_cache_self_forcing.pt"), logits)
+    four_heads = torch.randn(1, 4, FQ * FSL, FK * FSL).half().float()  # the tiny model's 4 heads, layers 0 and 4
+    write_cache(Path("cache/tiny_figure4.pt"), {0: four_heads, 4: four_heads}, layer_indices=[0, 4])
+    for seed in range(2):
+        write_cache(Path(f"cache/sweep_seed{seed}.pt"), make_logits(seed=seed), mode="summary")
+    Path("stats").mkdir()
+    assert aggregate_main(shlex.split(aggregate[len(aggregate_prefix):])) == 0
+    layout_cache(Path("cache/tiny_df.pt"), {1: (tokens_of(range(6)),) * 2, 3: COMPRESSED}, model_kwargs=PC_KWARGS,
+                 layers=[0, 4], heads=4)
+    for command in commands:
+        code, _, err = run(capsys, *shlex.split(command[len(prefix):]))
+        assert code == 0, (command, err)
