@@ -293,8 +293,9 @@ def check_same_key_tokens(column, layers, batch_index):
                 if not torch.equal(getattr(first.entry(layer), name)[batch_index],
                                    getattr(other.entry(layer), name)[batch_index]):
                     raise PlotInputError(
-                        f"cannot average {first.file.path} and {other.file.path} on the true-frame axis: {name} of layer "
-                        f"{layer}, block {first.block} differs (other key tokens per item); --x slots averages per key slot")
+                        f"cannot average {first.file.path} and {other.file.path} on the true-frame axis: {name} of "
+                        f"layer {layer}, block {first.block} differs (other key tokens per item); --x slots averages "
+                        "per key slot")
 
 
 def check_output(out):
@@ -593,11 +594,11 @@ def make_figure(sources, panels, view, softmax, batch_index, x_axis="slots"):
     else:
         height = 2.8 * len(panels)
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(width, height), squeeze=False)
+    quantity, label = ("frame_mass", "Attention Mass") if softmax else ("frame_logits", "Average Attention Weight")
     for col, column in enumerate(columns):
         suffix = f", {_column_name(column)}" if len(columns) > 1 else ""
         for ax, row in zip(axes[:, col], rows):
             if view == "heatmap":
-                quantity, label = ("frame_mass", "Attention Mass") if softmax else ("frame_logits", "Average Attention Weight")
                 mean = column_band(column, row, quantity, batch_index)[0]
                 draw_heatmap(fig, ax, column[0].entry(row), mean, label)
                 ax.set_title(f"L{row + 1}, all heads{suffix}")
@@ -698,7 +699,8 @@ def stats_sources(args):
     sources = select_blocks(stats, args.pass_, args.block)
     panels, note = choose_panels(stats, args.panels)
     check_panels(stats, panels)
-    print(f"using {stats.path}: statistics over {stats.n_items} items, block(s) {', '.join(str(s.block) for s in sources)}, "
+    blocks = ", ".join(str(s.block) for s in sources)
+    print(f"using {stats.path}: statistics over {stats.n_items} items, block(s) {blocks}, "
           f"pass {sources[0].pass_}, layers {stats.layer_indices}, {stats.num_heads} heads")
     return sources, panels, note
 
