@@ -3,6 +3,8 @@ from one or more attention caches written by experiments/run_extraction_figure4.
 
     PYTHONPATH=. python experiments/plot_figure4.py --cache cache/figure4.pt --out figure4.png
     PYTHONPATH=. python experiments/plot_figure4.py --cache 'cache/sweep_seed*.pt' --view frames
+    PYTHONPATH=. python experiments/plot_figure4.py --stats stats/seeds.pt
+    PYTHONPATH=. python experiments/plot_figure4.py --cache cache/tiny_df.pt --block all
 
 Views (one panel per ``layer:head`` of --panels, 0-based; titles are 1-based like the paper):
   curve    the paper's layout: the logit averaged over the last block's query tokens, per key token,
@@ -15,11 +17,23 @@ keys, averaged over queries) instead of logits; the curve view then draws it per
 since caches keep no token-level mass.
 
 Several caches (paths or quoted glob patterns) are averaged, with a band (curve) or error bars
-(frames) of +- one sample standard deviation over the files.
+(frames) of +- one sample standard deviation over the files; they must share the pass, block, frames,
+layers, heads and model (utils/sweep_stats.compare_key: model sizes, checkpoint, dtype, model_kwargs).
+--stats draws a statistics file of experiments/aggregate_figure4.py instead: the mean over its items
+with the 95% confidence interval of the mean as the band or error bars.
 
-A cache may hold several captured passes or blocks: --pass and --block choose one (needed only when
-the file holds more than one). Without --panels, the paper's 0:0 4:9 are drawn, or, when a cache lacks
-them, the first head of its first two layers (clipped to the heads it has).
+True frames: when the keys of a window, Deep Sink or compressed cache are not video frames 0..Fk-1,
+the curve view puts each key token at its video frame (x = frame + its rank among the frame's cached
+tokens / frame_seq_length, so frame j's tokens fall in [j, j+1)), evicted frames left as gaps, and
+marks the sink (RoPE-shifted keys and the first sink_size frames), the top-C tokens of participative
+compression and the query block. --x slots keeps the key slot axis; global-attention caches, the
+per-slot views (frames, heatmap, --softmax) and statistics files (which keep no per-token frames)
+always use it.
+
+A cache may hold several captured passes or blocks: --pass and --block choose (needed only when the
+file holds more than one); --block all, or several blocks, draws one column per block. Without
+--panels, the paper's 0:0 4:9 are drawn, or, when a cache lacks them, the first head of its first two
+layers (clipped to the heads it has).
 
 --out follows a symlink to its target; an existing --out that is a folder, FIFO, socket or device is
 refused. A new file gets the umask's mode, a replaced one keeps its mode.
@@ -41,11 +55,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from utils.attention_cache import CACHE_PASS, AttentionCache, CacheFileError, open_cache  # noqa: E402
+from utils.sweep_stats import StatsFileError, compare_key, load_statistics  # noqa: E402
 from utils.output import (Interrupted, OutputPathError, OutputSpaceError, check_output_path,  # noqa: E402
                         exit_on_signals, write_atomically)
 
 OUTPUT_FORMATS = ("png", "pdf", "svg")
 QUERY_SHADE = dict(color="tab:orange", alpha=0.15)
+SINK_SHADE = dict(color="tab:purple", alpha=0.12)
+TOPC_SHADE = dict(color="tab:green", alpha=0.12)
+STATS_QUANTITY = {"token_logits": "curve", "frame_logits": "frame_logit", "frame_mass": "mass"}
 DEFAULT_PANELS = ((0, 0), (4, 9))  # the paper's L1H1 and L5H10
 
 
@@ -78,33 +96,99 @@ def parse_pass(text):
 
 
 def parse_block(text):
+    """'6' -> 6; 'all' as given."""
+    if text == "all":
+        return text
     if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"block {text!r} is not an int >= 0")
+        raise argparse.ArgumentTypeError(f"block {text!r} is not an int >= 0 or 'all'")
     return int(text)
 
 
 @dataclass(frozen=True)
-class Source:
-    """One cache and the captured (block, pass) of it that is plotted."""
+class StatsGroup:
+    """One (layer, block, pass) of a statistics file, with the attributes of a CacheEntry that the
+    axes and titles read; ``values`` maps a quantity to its mean, std, ci_low and ci_high."""
 
-    cache: AttentionCache
+    layer_idx: int
+    block: int
+    pass_: object
+    timestep: float
+    query_frames: list
+    key_frame_indices: list
+    values: dict
+
+    @property
+    def num_key_frames(self):
+        return len(self.key_frame_indices)
+
+
+class StatsFile:
+    """A statistics file of experiments/aggregate_figure4.py, read with utils.sweep_stats.load_statistics
+    and opened for plotting like a cache: path, labels, layer_indices, num_heads, frame_seq_length,
+    n_items, entry(layer, pass_, block)."""
+
+    label = AttentionCache.label  # the same (block, pass) choice, and messages, as a cache
+
+    def __init__(self, path):
+        self.path = Path(path)
+        stats = load_statistics(self.path)
+        self.n_items = stats["n_items"]
+        self.num_heads = stats["num_heads"]
+        self.frame_seq_length = stats["frame_seq_length"]
+        self.groups = [StatsGroup(g["layer_idx"], g["block"], g["pass"], g["timestep"], g["query_frames"],
+                                  g["key_frame_indices"], {q: g[q] for q in STATS_QUANTITY.values()})
+                       for g in stats["groups"]]
+        self.labels = list(dict.fromkeys((g.block, g.pass_) for g in self.groups))
+        self.layer_indices = list(dict.fromkeys(g.layer_idx for g in self.groups))
+
+    def entry(self, layer_idx, pass_=None, block=None):
+        label = self.label(pass_, block)
+        return next(g for g in self.groups if g.layer_idx == layer_idx and (g.block, g.pass_) == label)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One file (an AttentionCache, or a StatsFile for --stats) and the captured (block, pass) of it
+    that is plotted."""
+
+    file: object
     block: int
     pass_: object
 
     def entry(self, layer):
-        return self.cache.entry(layer, self.pass_, self.block)
+        return self.file.entry(layer, self.pass_, self.block)
 
     def summary(self, layer):
-        return self.cache.summary(layer, self.pass_, self.block)
+        return self.file.summary(layer, self.pass_, self.block)
 
 
-def select(cache, pass_=None, block=None):
-    """The Source of ``cache`` for --pass / --block (None: the file's only one)."""
+def select(file, pass_=None, block=None):
+    """The Source of ``file`` for --pass / --block (None: the file's only one)."""
     try:
-        block, pass_ = cache.label(pass_, block)
+        block, pass_ = file.label(pass_, block)
     except ValueError as err:
         raise PlotInputError(f"{err} (--pass / --block choose)") from None
-    return Source(cache, block, pass_)
+    return Source(file, block, pass_)
+
+
+def select_blocks(file, pass_=None, blocks=None):
+    """The Sources of ``file`` for --pass and --block: ``blocks`` None (the file's only one), ['all']
+    (every block holding the pass, in order) or a list of blocks (in the given order)."""
+    if blocks is None:
+        return [select(file, pass_)]
+    if "all" in blocks:
+        if blocks != ["all"]:
+            raise PlotInputError("--block takes 'all' alone or block numbers")
+        blocks = sorted({b for b, p in file.labels if pass_ is None or p == pass_})
+    if len(set(blocks)) != len(blocks):
+        raise PlotInputError(f"--block {' '.join(map(str, blocks))}: a block is given more than once")
+    return [select(file, pass_, block) for block in blocks]
+
+
+def columns_of(sources):
+    """Sources grouped by block, one figure column each, in the order the blocks first appear."""
+    blocks = dict.fromkeys(s.block for s in sources)
+    return [[s for s in sources if s.block == block] for block in blocks]
 
 
 def expand_cache_paths(patterns):
@@ -125,25 +209,30 @@ def expand_cache_paths(patterns):
     return paths
 
 
+def _shown(value):
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _shape(source):
-    """What must agree between averaged sources."""
-    entry = source.entry(source.cache.layer_indices[0])
+    """What must agree between averaged sources: the plotted entry's pass and axes, then what
+    utils/sweep_stats.compare_key asks of caches averaged over (frames, layers, heads and model)."""
+    entry = source.entry(source.file.layer_indices[0])
     return {"block": source.block, "pass": source.pass_, "num_key_frames": entry.num_key_frames,
-            "key_frame_indices": entry.key_frame_indices, "frame_seq_length": source.cache.frame_seq_length,
-            "query_frames": entry.query_frames, "layer_indices": sorted(source.cache.layer_indices),
-            "num_heads": source.cache.num_heads}
+            "key_frame_indices": entry.key_frame_indices, "query_frames": entry.query_frames,
+            "layer_indices": sorted(source.file.layer_indices), **compare_key(source.file)}
 
 
 def check_compatible(sources):
-    """All sources must share the pass, the key axis, the query block, layers and heads to be averaged."""
+    """All sources of one column must share the pass, the key axis, the query block, layers, heads and
+    model to be averaged."""
     first = _shape(sources[0])
     for other in sources[1:]:
         for attr, b in _shape(other).items():
             a = first[attr]
             if a != b:
-                raise PlotInputError(
-                    f"cannot average {sources[0].cache.path} and {other.cache.path}: {attr} differs ({a} vs {b})"
-                )
+                raise PlotInputError(f"cannot average {sources[0].file.path} and {other.file.path}: {attr} differs "
+                                     f"({_shown(a)} vs {_shown(b)})")
 
 
 def _panel_exists(cache, panel):
@@ -168,28 +257,45 @@ def choose_panels(cache, given):
 def nonfinite_warning(sources, panels):
     """One line naming the plotted entries that hold NaN or Inf logits, or None."""
     layers = list(dict.fromkeys(layer for layer, _ in panels))
-    found = [f"{s.cache.path} layer {layer}: {s.entry(layer).nonfinite}"
+    found = [f"{s.file.path} layer {layer}: {s.entry(layer).nonfinite}"
              for s in sources for layer in layers if s.entry(layer).nonfinite]
     if not found:
         return None
     return f"warning: non-finite logits (NaN/Inf) in the plotted entries, which the curves include: {'; '.join(found)}"
 
 
-def check_request(caches, panels, batch_index):
-    """Every panel's layer and head, and the batch index, must exist in the (compatible) caches."""
-    cache = caches[0]
+def check_panels(file, panels):
+    """Every panel's layer and head must exist in ``file`` (and so in the files compatible with it)."""
     for layer, head in panels:
-        if layer not in cache.layer_indices:
+        if layer not in file.layer_indices:
             raise PlotInputError(
-                f"panel {layer}:{head}: layer {layer} is not in {cache.path}; layers available: {cache.layer_indices}"
+                f"panel {layer}:{head}: layer {layer} is not in {file.path}; layers available: {file.layer_indices}"
             )
-        if head >= cache.num_heads:
+        if head >= file.num_heads:
             raise PlotInputError(
-                f"panel {layer}:{head}: head {head} out of range; heads available: 0..{cache.num_heads - 1}"
+                f"panel {layer}:{head}: head {head} out of range; heads available: 0..{file.num_heads - 1}"
             )
+
+
+def check_batch_index(caches, batch_index):
     for c in caches:
         if not 0 <= batch_index < c.batch_size:
             raise PlotInputError(f"--batch_index {batch_index} out of range for {c.path} (batch size {c.batch_size})")
+
+
+def check_same_key_tokens(column, layers, batch_index):
+    """Averaged caches drawn on the true-frame axis must hold the same key tokens: a compressed cache's
+    top-C tokens depend on the item, and then only the key slots line up."""
+    first = column[0]
+    for other in column[1:]:
+        for layer in layers:
+            for name in ("key_video_frames", "key_rope_frames"):
+                if not torch.equal(getattr(first.entry(layer), name)[batch_index],
+                                   getattr(other.entry(layer), name)[batch_index]):
+                    raise PlotInputError(
+                        f"cannot average {first.file.path} and {other.file.path} on the true-frame axis: {name} of "
+                        f"layer {layer}, block {first.block} differs (other key tokens per item); --x slots averages "
+                        "per key slot")
 
 
 def check_output(out):
@@ -236,6 +342,94 @@ def sweep_values(sources, layer, quantity, batch_index):
     return aggregate(torch.stack([layer_values(s, layer, quantity, batch_index) for s in sources]))
 
 
+def column_band(column, layer, quantity, batch_index):
+    """What a column (the sources of one block) plots for every head of a layer: (mean, low, high,
+    band label), each [N, L] as in ``layer_values``; low and high None without a band. A statistics
+    file gives its mean and 95% confidence interval, caches their mean +- one standard deviation."""
+    source = column[0]
+    if isinstance(source.file, StatsFile):
+        values = source.entry(layer).values[STATS_QUANTITY[quantity]]
+        return values["mean"], values["ci_low"], values["ci_high"], "95% CI"
+    mean, std = sweep_values(column, layer, quantity, batch_index)
+    if std is None:
+        return mean, None, None, None
+    return mean, mean - std, mean + std, "± 1 std"
+
+
+# ---------------------------------------------------------------------------------------------
+# the true-frame key axis
+
+
+def has_slot_layout(entry, batch_index, frame_seq_length):
+    """Whether key slot j holds exactly video frame j (global attention): then slots are frames."""
+    slots = torch.arange(entry.num_key_frames, dtype=torch.int32).repeat_interleave(frame_seq_length)
+    return torch.equal(entry.key_video_frames[batch_index], slots)
+
+
+def true_frame_tokens(video_frames, frame_seq_length):
+    """Each key token's place on the video-frame axis, in tokens: its frame * frame_seq_length + its rank
+    among the cached tokens of that frame (the cache does not record which tokens of a frame top-C
+    kept, so they are packed from the frame's start). int64 [K]; divided by frame_seq_length it is x."""
+    frames = video_frames.long()
+    rank = torch.empty_like(frames)
+    for frame in frames.unique():
+        same = frames == frame
+        rank[same] = torch.arange(int(same.sum()))
+    return frames * frame_seq_length + rank
+
+
+@dataclass(frozen=True)
+class TrueFrameAxis:
+    """Where one entry's key tokens go on the true-frame axis: ``tokens`` as in ``true_frame_tokens``;
+    ``sink`` and ``topc`` boolean masks over the key tokens; the labels of their shading."""
+
+    frame_seq_length: int
+    tokens: torch.Tensor
+    sink: torch.Tensor
+    topc: torch.Tensor
+    sink_label: str
+    topc_label: str
+
+    def runs(self):
+        """Index slices of the key tokens that sit next to each other on the axis."""
+        breaks = (torch.nonzero(self.tokens.diff() != 1).flatten() + 1).tolist()
+        return [slice(a, b) for a, b in zip([0, *breaks], [*breaks, len(self.tokens)])]
+
+    def span(self, mask):
+        """(start, end) in frames of the tokens of ``mask``."""
+        chosen = self.tokens[mask]
+        return int(chosen.min()) / self.frame_seq_length, (int(chosen.max()) + 1) / self.frame_seq_length
+
+
+def _frame_range(frames):
+    return f"{min(frames)}-{max(frames)}"
+
+
+def true_frame_axis(entry, batch_index, frame_seq_length, model_kwargs):
+    """The TrueFrameAxis of a cache entry. Sink: keys at a RoPE frame other than their video frame (a
+    shifted sink) or in the first ``sink_size`` frames. Top-C, under participative compression once it
+    compressed: the tokens after the sink up to the last ``recent`` frames of the ``budget`` frames a
+    compression keeps (later blocks are appended after them)."""
+    video, rope = entry.key_video_frames[batch_index], entry.key_rope_frames[batch_index]
+    sink = (rope != video) | (video < model_kwargs.get("sink_size", 0))
+    sink_label = ""
+    if sink.any():
+        shifted = (rope[sink] != video[sink]).any()
+        sink_label = (f"sink (frames {_frame_range(video[sink].tolist())}"
+                      + (f", RoPE {_frame_range(rope[sink].tolist())})" if shifted else ")"))
+    topc = torch.zeros_like(sink)
+    topc_label = ""
+    if model_kwargs.get("attention_mode") == "participative_compression":
+        kept = min(model_kwargs["budget"], model_kwargs["local_attn_size"])
+        first = model_kwargs["sink_size"] * frame_seq_length
+        last = (kept - model_kwargs["recent"]) * frame_seq_length
+        if len(video) >= kept * frame_seq_length:
+            topc[first:last] = True
+            topc_label = f"top-C ({last - first} tokens of frames {_frame_range(video[topc].tolist())})"
+    return TrueFrameAxis(frame_seq_length, true_frame_tokens(video, frame_seq_length), sink, topc, sink_label,
+                         topc_label)
+
+
 # ---------------------------------------------------------------------------------------------
 # drawing
 
@@ -259,32 +453,62 @@ def _frame_axis(ax, entry):
     ax.set_xlabel("Key Frame Index")
 
 
-def _steps(values, per_frame):
-    """x edges and y for a step plot where each value spans 1/per_frame of a frame: [L] -> [L + 1]."""
-    x = torch.arange(values.shape[-1] + 1) / per_frame
+def _steps(values, per_frame, start=0):
+    """x edges and y for a step plot where each value spans 1/per_frame of a frame, the first from
+    start / per_frame: [L] -> [L + 1]."""
+    x = (start + torch.arange(values.shape[-1] + 1)) / per_frame
     y = torch.cat([values, values[-1:]])
     return x.numpy(), y.numpy()
 
 
-def draw_curve(ax, entry, mean, std, per_frame, ylabel):
-    """Filled step curve of ``mean`` [L] (``per_frame`` values per frame), with a +-std band."""
-    x, y = _steps(mean, per_frame)
-    if std is not None:
-        _, lo = _steps(mean - std, per_frame)
-        _, hi = _steps(mean + std, per_frame)
-        ax.fill_between(x, lo, hi, step="post", color="0.6", alpha=0.5, linewidth=0, zorder=1, label="± 1 std")
+def _draw_steps(ax, start, mean, low, high, band_label, per_frame):
+    """Filled step curve of ``mean`` [L], each value spanning 1/per_frame of a frame from
+    start / per_frame on, with the band low..high when given (labelled ``band_label``)."""
+    x, y = _steps(mean, per_frame, start)
+    if low is not None:
+        _, lo = _steps(low, per_frame)
+        _, hi = _steps(high, per_frame)
+        ax.fill_between(x, lo, hi, step="post", color="0.6", alpha=0.5, linewidth=0, zorder=1, label=band_label)
     ax.fill_between(x, y, 0, step="post", color="tab:blue", alpha=0.6, linewidth=0, zorder=2)
-    ax.step(x, y, where="post", color="tab:blue", linewidth=0.5, zorder=3, label="mean" if std is not None else None)
+    ax.step(x, y, where="post", color="tab:blue", linewidth=0.5, zorder=3,
+            label=None if band_label is None else "mean")
+
+
+def draw_curve(ax, entry, mean, low, high, band_label, per_frame, ylabel):
+    """Filled step curve of ``mean`` [L] (``per_frame`` values per key slot), with the band low..high."""
+    _draw_steps(ax, 0, mean, low, high, band_label, per_frame)
     ax.axhline(0, color="black", linewidth=0.5)
     _frame_axis(ax, entry)
     ax.set_ylabel(ylabel)
 
 
-def draw_frames(ax, entry, mean, std, ylabel):
-    """Bars of ``mean`` [Fk], one per key frame, with +-std error bars."""
+def draw_true_frame_curve(ax, entry, axis, mean, low, high, band_label, ylabel):
+    """The token curve ``mean`` [K] with each key token at its video frame (``axis``: a TrueFrameAxis),
+    one filled run per stretch of adjacent tokens, so evicted frames stay empty; the sink, the top-C
+    tokens and the query block shaded."""
+    for i, run in enumerate(axis.runs()):
+        band = (None, None) if low is None else (low[run], high[run])
+        _draw_steps(ax, int(axis.tokens[run.start]), mean[run], *band, band_label if i == 0 else None,
+                    axis.frame_seq_length)
+    for frame in axis.tokens.div(axis.frame_seq_length, rounding_mode="floor").unique().tolist():
+        ax.axvline(frame, color="0.8", linewidth=0.4, zorder=0)
+    for mask, label, shade in ((axis.sink, axis.sink_label, SINK_SHADE), (axis.topc, axis.topc_label, TOPC_SHADE)):
+        if mask.any():
+            ax.axvspan(*axis.span(mask), **shade, zorder=0, label=label)
+    ax.axvspan(min(entry.query_frames), max(entry.query_frames) + 1, **QUERY_SHADE, zorder=0,
+               label=f"query block (frames {_frame_range(entry.query_frames)})")
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_xlim(0, max(entry.query_frames) + 1)
+    ax.set_xlabel("Key Video Frame")
+    ax.set_ylabel(ylabel)
+
+
+def draw_frames(ax, entry, mean, low, high, ylabel):
+    """Bars of ``mean`` [Fk], one per key frame, with error bars from low to high."""
     centers = torch.arange(mean.shape[0]) + 0.5
+    yerr = None if low is None else torch.stack([mean - low, high - mean]).numpy()
     ax.bar(centers.numpy(), mean.numpy(), width=0.85, color="tab:blue",
-           yerr=None if std is None else std.numpy(), capsize=2, error_kw=dict(linewidth=0.8))
+           yerr=yerr, capsize=2, error_kw=dict(linewidth=0.8))
     ax.axhline(0, color="black", linewidth=0.5)
     _frame_axis(ax, entry)
     ax.set_ylabel(ylabel)
@@ -310,43 +534,91 @@ def printable(text):
     return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("$", r"\$")
 
 
-def make_figure(sources, panels, view, softmax, batch_index):
-    """The figure for already checked sources and panels."""
+def _model_kwargs(file):
+    """A cache's config model_kwargs; {} for a statistics file, which keeps none."""
+    if not isinstance(file, AttentionCache):
+        return {}
+    return file.metadata.get("config", {}).get("model_kwargs") or {}
+
+
+def _head(values, head):
+    return None if values is None else values[head]
+
+
+def draw_panel(ax, column, panel, view, softmax, batch_index, x_axis):
+    """One curve or frames panel (layer, head) of a column (the sources of one block)."""
+    layer, head = panel
+    source = column[0]
+    entry, fsl = source.entry(layer), source.file.frame_seq_length
+    if softmax:
+        quantity, per_frame, ylabel = "frame_mass", 1, "Attention Mass"
+    elif view == "curve":
+        quantity, per_frame, ylabel = "token_logits", fsl, "Average Attention Weight"
+    else:
+        quantity, per_frame, ylabel = "frame_logits", 1, "Average Attention Weight"
+    mean, low, high, band_label = column_band(column, layer, quantity, batch_index)
+    mean, low, high = (_head(v, head) for v in (mean, low, high))
+    if view == "frames":
+        draw_frames(ax, entry, mean, low, high, ylabel)
+    elif uses_true_frames(source, layer, view, softmax, batch_index, x_axis):
+        axis = true_frame_axis(entry, batch_index, fsl, _model_kwargs(source.file))
+        draw_true_frame_curve(ax, entry, axis, mean, low, high, band_label, ylabel)
+    else:
+        draw_curve(ax, entry, mean, low, high, band_label, per_frame, ylabel)
+
+
+def uses_true_frames(source, layer, view, softmax, batch_index, x_axis):
+    """Whether a panel of ``layer`` puts key tokens at their video frames: --x frames, the token curve
+    of a cache, and keys that are not simply video frames 0..Fk-1."""
+    return (x_axis == "frames" and view == "curve" and not softmax and isinstance(source.file, AttentionCache)
+            and not has_slot_layout(source.entry(layer), batch_index, source.file.frame_seq_length))
+
+
+def _column_name(column):
+    entry = column[0].entry(column[0].file.layer_indices[0])
+    return f"block {column[0].block} (frames {_frame_range(entry.query_frames)})"
+
+
+def make_figure(sources, panels, view, softmax, batch_index, x_axis="slots"):
+    """The figure for already checked sources and panels: one column per block of ``sources``, whose
+    sources of one block are averaged. ``x_axis`` 'frames' puts key tokens at their video frames
+    (``uses_true_frames``), 'slots' keeps the key slot axis."""
+    columns = columns_of(sources)
     first = sources[0]
-    cache, entry = first.cache, first.entry(panels[0][0])
+    entry = first.entry(panels[0][0])
+    layers = list(dict.fromkeys(layer for layer, _ in panels))
+    rows = layers if view == "heatmap" else panels
+    width = 10 if len(columns) == 1 else 5.5 * len(columns)
     if view == "heatmap":
-        layers = list(dict.fromkeys(layer for layer, _ in panels))
-        fig, axes = plt.subplots(len(layers), 1, figsize=(10, 0.25 * cache.num_heads * len(layers) + 1.5 * len(layers)),
-                                 squeeze=False)
-        quantity, label = ("frame_mass", "Attention Mass") if softmax else ("frame_logits", "Average Attention Weight")
-        for ax, layer in zip(axes[:, 0], layers):
-            mean, _ = sweep_values(sources, layer, quantity, batch_index)
-            draw_heatmap(fig, ax, entry, mean, label)
-            ax.set_title(f"L{layer + 1}, all heads")
+        height = 0.25 * first.file.num_heads * len(layers) + 1.5 * len(layers)
     else:
-        fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.8 * len(panels)), squeeze=False)
-        if softmax:
-            quantity, per_frame, ylabel = "frame_mass", 1, "Attention Mass"
-        elif view == "curve":
-            quantity, per_frame, ylabel = "token_logits", cache.frame_seq_length, "Average Attention Weight"
-        else:
-            quantity, per_frame, ylabel = "frame_logits", 1, "Average Attention Weight"
-        for ax, (layer, head) in zip(axes[:, 0], panels):
-            mean, std = sweep_values(sources, layer, quantity, batch_index)
-            head_std = None if std is None else std[head]
-            if view == "curve":
-                draw_curve(ax, entry, mean[head], head_std, per_frame, ylabel)
+        height = 2.8 * len(panels)
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(width, height), squeeze=False)
+    quantity, label = ("frame_mass", "Attention Mass") if softmax else ("frame_logits", "Average Attention Weight")
+    for col, column in enumerate(columns):
+        suffix = f", {_column_name(column)}" if len(columns) > 1 else ""
+        for ax, row in zip(axes[:, col], rows):
+            if view == "heatmap":
+                mean = column_band(column, row, quantity, batch_index)[0]
+                draw_heatmap(fig, ax, column[0].entry(row), mean, label)
+                ax.set_title(f"L{row + 1}, all heads{suffix}")
             else:
-                draw_frames(ax, entry, mean[head], head_std, ylabel)
-            ax.set_title(f"L{layer + 1}H{head + 1}")
-        axes[0, 0].legend(loc="upper left", fontsize=7)
-    note = "  [RANDOM WEIGHTS: a demo, not a trained model]" if any(s.cache.random_init for s in sources) else ""
-    captured = f"  (block {first.block}, pass {first.pass_}, t = {entry.timestep:g})"
-    if len(sources) > 1:
-        fig.suptitle(f"mean over {len(sources)} caches{captured}{note}", fontsize=9)
+                draw_panel(ax, column, row, view, softmax, batch_index, x_axis)
+                ax.set_title(f"L{row[0] + 1}H{row[1] + 1}{suffix}")
+        if view != "heatmap":
+            axes[0, col].legend(loc="upper left", fontsize=7)
+    blocks = ", ".join(str(column[0].block) for column in columns)
+    captured = f"  (block{'s' if len(columns) > 1 else ''} {blocks}, pass {first.pass_}, t = {entry.timestep:g})"
+    if isinstance(first.file, StatsFile):
+        fig.suptitle(f"mean over {first.file.n_items} items, 95% CI{captured}", fontsize=9)
     else:
-        prompt = cache.prompt if len(cache.prompt) <= 90 else cache.prompt[:87] + "..."
-        fig.suptitle(printable(prompt) + captured + note, fontsize=8)
+        note = "  [RANDOM WEIGHTS: a demo, not a trained model]" if any(s.file.random_init for s in sources) else ""
+        files = columns[0]
+        if len(files) > 1:
+            fig.suptitle(f"mean over {len(files)} caches{captured}{note}", fontsize=9)
+        else:
+            prompt = first.file.prompt if len(first.file.prompt) <= 90 else first.file.prompt[:87] + "..."
+            fig.suptitle(printable(prompt) + captured + note, fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -362,15 +634,20 @@ def build_parser():
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--cache", nargs="+", required=True, metavar="PATH",
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--cache", nargs="+", metavar="PATH",
                         help="cache file(s) or quoted glob pattern(s); several files are averaged (mean +- 1 std)")
+    inputs.add_argument("--stats", type=Path, metavar="FILE",
+                        help="a statistics file of experiments/aggregate_figure4.py: its mean with the 95%% "
+                             "confidence interval")
     parser.add_argument("--panels", nargs="+", type=parse_panel, default=None, metavar="LAYER:HEAD",
                         help="0-based layer:head pairs, one panel each (default: 0:0 4:9 = the paper's L1H1 and L5H10, "
                              "or the first head of the first two layers when a cache lacks them)")
     parser.add_argument("--pass", dest="pass_", type=parse_pass, default=None, metavar="PASS",
                         help="captured pass to plot: a denoising pass 0.. or 'cache' (default: the cache's only one)")
-    parser.add_argument("--block", type=parse_block, default=None,
-                        help="captured temporal block to plot, 0-based (default: the cache's only one)")
+    parser.add_argument("--block", nargs="+", type=parse_block, default=None,
+                        help="captured temporal block(s) to plot, 0-based, or 'all'; several blocks are drawn side "
+                             "by side, one column each (default: the cache's only one)")
     parser.add_argument("--out", type=Path, default=Path("figure4.png"),
                         help="output file; the format follows the extension: .png, .pdf or .svg (default: figure4.png)")
     parser.add_argument("--view", choices=("curve", "heatmap", "frames"), default="curve",
@@ -380,28 +657,61 @@ def build_parser():
                         help="plot attention mass per key frame (post-softmax) instead of pre-softmax logits")
     parser.add_argument("--batch_index", type=int, default=0,
                         help="which sample of the cache's batch dimension to plot (default: 0)")
+    parser.add_argument("--x", dest="x_axis", choices=("frames", "slots"), default="frames",
+                        help="key axis of the curve view: frames puts each key token at its video frame when the "
+                             "cache's keys are not frames 0..Fk-1 (window, Deep Sink, compression); slots keeps "
+                             "the key slot index (default: frames)")
     return parser
+
+
+def cache_sources(args):
+    """The Sources of --cache, checked; returns (sources, panels, a note to print or None)."""
+    caches = [open_cache(p) for p in expand_cache_paths(args.cache)]
+    sources = [s for cache in caches for s in select_blocks(cache, args.pass_, args.block)]
+    columns = columns_of(sources)
+    for column in columns:
+        check_compatible(column)
+    panels, note = choose_panels(caches[0], args.panels)
+    check_panels(caches[0], panels)
+    check_batch_index(caches, args.batch_index)
+    if args.x_axis == "frames" and args.view == "curve" and not args.softmax:
+        for column in columns:
+            check_same_key_tokens(column, list(dict.fromkeys(layer for layer, _ in panels)), args.batch_index)
+    print(f"using {len(caches)} cache file(s):")
+    for s in sources:
+        entry = s.entry(s.file.layer_indices[0])
+        print(f"  {s.file.path}  ({s.file.save_mode}, block {s.block}, pass {s.pass_}, timestep {entry.timestep:g}, "
+              f"layers {s.file.layer_indices}, {s.file.num_heads} heads, {entry.num_key_frames} key frames)")
+    warning = nonfinite_warning(sources, panels)
+    if warning:
+        print(warning, file=sys.stderr)
+    return sources, panels, note
+
+
+def stats_sources(args):
+    """The Sources of --stats, checked; returns (sources, panels, a note to print or None)."""
+    if args.batch_index != 0:
+        raise PlotInputError("--batch_index selects a sample of a cache; a statistics file is over all items")
+    try:
+        stats = StatsFile(args.stats)
+    except StatsFileError as err:
+        raise PlotInputError(str(err)) from None
+    sources = select_blocks(stats, args.pass_, args.block)
+    panels, note = choose_panels(stats, args.panels)
+    check_panels(stats, panels)
+    blocks = ", ".join(str(s.block) for s in sources)
+    print(f"using {stats.path}: statistics over {stats.n_items} items, block(s) {blocks}, "
+          f"pass {sources[0].pass_}, layers {stats.layer_indices}, {stats.num_heads} heads")
+    return sources, panels, note
 
 
 def plot(args):
     """Check every input, then draw and write the figure."""
     fmt = check_output(args.out)
-    paths = expand_cache_paths(args.cache)
-    sources = [select(open_cache(p), args.pass_, args.block) for p in paths]
-    check_compatible(sources)
-    panels, note = choose_panels(sources[0].cache, args.panels)
-    check_request([s.cache for s in sources], panels, args.batch_index)
-    print(f"using {len(sources)} cache file(s):")
-    for s in sources:
-        entry = s.entry(s.cache.layer_indices[0])
-        print(f"  {s.cache.path}  ({s.cache.save_mode}, block {s.block}, pass {s.pass_}, timestep {entry.timestep:g}, "
-              f"layers {s.cache.layer_indices}, {s.cache.num_heads} heads, {entry.num_key_frames} key frames)")
+    sources, panels, note = stats_sources(args) if args.stats else cache_sources(args)
     if note:
         print(note)
-    warning = nonfinite_warning(sources, panels)
-    if warning:
-        print(warning, file=sys.stderr)
-    fig = make_figure(sources, panels, args.view, args.softmax, args.batch_index)
+    fig = make_figure(sources, panels, args.view, args.softmax, args.batch_index, args.x_axis)
     try:
         write_atomically(args.out, lambda handle: fig.savefig(handle, format=fmt, dpi=150))
     finally:

@@ -11,9 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from matplotlib.container import BarContainer
 
-from experiments.plot_figure4 import layer_values, main, make_figure, select, sweep_values
+from experiments.aggregate_figure4 import main as aggregate_main
+from experiments.plot_figure4 import (StatsFile, column_band, layer_values, main, make_figure, select, select_blocks,
+                                      sweep_values, true_frame_tokens)
 from utils.attention_cache import CacheFileError, build_cache, describe, open_cache, save_cache
+from utils.sweep_stats import save_statistics, sweep_statistics
 
 B, N, FSL, FQ, FK = 1, 2, 4, 3, 5
 LAYERS = [0, 2]
@@ -541,12 +545,202 @@ def test_plot_writes_through_a_symlink(tmp_path, capsys, full_cache):
     assert link.is_symlink() and target.read_bytes().startswith(b"\x89PNG")
 
 
+# ---------------------------------------------------------------------------------------------
+# statistics files, mixed caches, the true-frame axis, several blocks
+
+
+def tokens_of(frames):
+    """Per key token, the frame of each whole frame in ``frames``: [len(frames) * FSL]."""
+    return torch.tensor(frames).repeat_interleave(FSL)
+
+
+def layout_cache(path, layouts, *, num_frames=12, pass_=0, model_kwargs=None, model=None, seed=0, layers=LAYERS,
+                 heads=N):
+    """Save a summary cache with known logits whose blocks have the given key tokens: ``layouts`` maps a
+    block to (video frame, RoPE frame) per key token, both [K]. Returns the logits by (block, layer)."""
+    gen = torch.Generator().manual_seed(seed)
+    entries, logits = [], {}
+    for block, (video, rope) in layouts.items():
+        for layer in layers:
+            lg = 3 * torch.randn(B, heads, FQ * FSL, len(video), generator=gen)
+            logits[block, layer] = lg
+            entries.append({"layer_idx": layer, "block": block, "pass": pass_, "timestep": 1000.0, "num_heads": heads,
+                            "query_frames": list(range(block * FQ, block * FQ + FQ)),
+                            "key_frame_indices": video[::FSL].tolist(),
+                            "key_video_frames": video.to(torch.int32).expand(B, -1).clone(),
+                            "key_rope_frames": rope.to(torch.int32).expand(B, -1).clone(),
+                            "nonfinite": 0, "logit_min": lg.min().item(), "logit_max": lg.max().item(),
+                            **expected_reductions(lg)})
+    metadata = {"seed": seed, "model": model or {"dim": 64}, "config": {"model_kwargs": model_kwargs or {}}}
+    save_cache(path, build_cache(prompt="p", num_frames=num_frames, frame_seq_length=FSL, num_frame_per_block=FQ,
+                                 layer_indices=layers, save_mode="summary", entries=entries, metadata=metadata))
+    return logits
+
+
+def plotted_token_edges(ax):
+    """The left edges of the key tokens the step curves of ``ax`` draw, in drawing order."""
+    return [x for line in ax.lines if line.get_drawstyle() == "steps-post" for x in line.get_xdata()[:-1]]
+
+
+def plotted_values(ax):
+    return [y for line in ax.lines if line.get_drawstyle() == "steps-post" for y in line.get_ydata()[:-1]]
+
+
+def spans(ax):
+    """{label: (x start, x end)} of the labelled shadings of ``ax``."""
+    found = {}
+    for patch in ax.patches:
+        found[patch.get_label()] = (patch.get_x(), patch.get_x() + patch.get_width())
+    return found
+
+
+WINDOW = (tokens_of([0, 6, 7, 8, 9, 10, 11]),) * 2  # sink frame 0, frames 1..5 evicted; RoPE = video
+DEEP_SINK = (tokens_of([0, 6, 7, 8, 9, 10, 11]), tokens_of([2, 6, 7, 8, 9, 10, 11]))  # sink moved to RoPE 2
+COMPRESSED = (  # [sink 0, 1 | top-C tokens of frames 3, 3, 5, 7 | recent 9..11]; the sink moved to RoPE 3, 4
+    torch.cat([tokens_of([0, 1]), torch.tensor([3, 3, 5, 7]), tokens_of([9, 10, 11])]),
+    torch.cat([tokens_of([3, 4]), torch.tensor([3, 3, 5, 7]), tokens_of([9, 10, 11])]),
+)
+PC_KWARGS = {"attention_mode": "participative_compression", "local_attn_size": 7, "sink_size": 2, "budget": 6,
+             "recent": 3}
+
+
+@pytest.mark.parametrize("layout, kwargs, edges, sink, topc", [
+    (WINDOW, {"attention_mode": "window", "local_attn_size": 7, "sink_size": 1},
+     [0, 0.25, 0.5, 0.75] + [6 + i / FSL for i in range(6 * FSL)], ("sink (frames 0-0)", (0, 1)), None),
+    (DEEP_SINK, {"attention_mode": "deep_sink", "local_attn_size": 7, "sink_size": 0},
+     [0, 0.25, 0.5, 0.75] + [6 + i / FSL for i in range(6 * FSL)], ("sink (frames 0-0, RoPE 2-2)", (0, 1)), None),
+    (COMPRESSED, PC_KWARGS, [i / FSL for i in range(2 * FSL)] + [3, 3.25, 5, 7] + [9 + i / FSL for i in range(3 * FSL)],
+     ("sink (frames 0-1, RoPE 3-4)", (0, 2)), ("top-C (4 tokens of frames 3-7)", (3, 7.25))),
+], ids=["window-with-sink", "deep-sink-shifted-rope", "compressed-top-c"])
+def test_true_frame_axis_puts_tokens_at_their_video_frames(tmp_path, layout, kwargs, edges, sink, topc):
+    path = tmp_path / "c.pt"
+    logits = layout_cache(path, {3: layout}, model_kwargs=kwargs)
+    source = select(open_cache(path))
+    assert true_frame_tokens(layout[0], FSL).div(FSL).tolist() == edges
+    fig = make_figure([source], [(2, 1)], "curve", softmax=False, batch_index=0, x_axis="frames")
+    ax = fig.axes[0]
+    assert plotted_token_edges(ax) == edges and ax.get_xlabel() == "Key Video Frame"
+    assert ax.get_xlim() == (0, 12)
+    want = expected_reductions(logits[3, 2])["query_mean_logits"][0, 1]  # in key token order
+    torch.testing.assert_close(torch.tensor(plotted_values(ax)), want)
+    shaded = spans(ax)
+    assert shaded[sink[0]] == sink[1] and shaded["query block (frames 9-11)"] == (9, 12)
+    assert len(shaded) == 2 + (topc is not None)
+    if topc:
+        assert shaded[topc[0]] == topc[1]
+    slots = make_figure([source], [(2, 1)], "curve", softmax=False, batch_index=0, x_axis="slots").axes[0]
+    assert plotted_token_edges(slots) == [i / FSL for i in range(len(edges))]  # --x slots: today's axis
+
+
+def test_true_frame_axis_keeps_global_caches_on_slots(tmp_path):
+    path = tmp_path / "global.pt"
+    layout_cache(path, {1: (tokens_of(range(6)),) * 2})
+    ax = make_figure([select(open_cache(path))], [(0, 0)], "curve", softmax=False, batch_index=0,
+                     x_axis="frames").axes[0]
+    assert plotted_token_edges(ax) == [i / FSL for i in range(6 * FSL)] and ax.get_xlabel() == "Key Frame Index"
+
+
+def test_true_frame_axis_refuses_averaging_other_top_c_tokens(tmp_path, capsys):
+    other = (COMPRESSED[0].clone(), COMPRESSED[1].clone())
+    other[0][FSL * 2 + 2] = other[1][FSL * 2 + 2] = 6  # one top-C token from frame 6 instead of 5
+    a, b, out = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "fig.png"
+    layout_cache(a, {3: COMPRESSED}, model_kwargs=PC_KWARGS)
+    layout_cache(b, {3: other}, model_kwargs=PC_KWARGS, seed=1)
+    code, _, err = run(capsys, "--cache", a, b, "--panels", "0:0", "--out", out)
+    assert code == 2 and str(a) in err and str(b) in err and "key_video_frames of layer 0, block 3 differs" in err
+    assert not out.exists()
+    code, _, err = run(capsys, "--cache", a, b, "--panels", "0:0", "--x", "slots", "--out", out)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(model={"dim": 128}), "model differs"),
+    (dict(model_kwargs={"attention_mode": "window", "local_attn_size": 7, "sink_size": 1}), "model_kwargs differs"),
+    (dict(pass_=1), "pass differs (0 vs 1)"),
+    (dict(layouts={1: (tokens_of([0, 1, 2, 3, 4, 4]),) * 2}), "key_frame_indices differs ([0, 1, 2, 3, 4, 5] vs "
+                                                                "[0, 1, 2, 3, 4, 4])"),
+], ids=["model", "model-kwargs", "pass", "frames"])
+def test_averaging_refuses_mixed_caches(tmp_path, capsys, change, field):
+    a, b, out = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "fig.png"
+    layout_cache(a, {1: (tokens_of(range(6)),) * 2})
+    layouts = change.pop("layouts", {1: (tokens_of(range(6)),) * 2})
+    layout_cache(b, layouts, seed=1, **change)
+    code, _, err = run(capsys, "--cache", a, b, "--panels", "0:0", "--out", out)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"cannot average {a} and {b}: {field}" in err
+    assert not out.exists()
+
+
+def test_stats_plot_draws_the_mean_and_its_confidence_interval(tmp_path, capsys):
+    paths = [tmp_path / f"s{i}.pt" for i in range(3)]
+    for i, path in enumerate(paths):
+        layout_cache(path, {1: (tokens_of(range(6)),) * 2}, seed=i)
+    stats_path = tmp_path / "stats.pt"
+    save_statistics(sweep_statistics([open_cache(p) for p in paths]), stats_path)
+    stored = {g["layer_idx"]: g for g in torch.load(stats_path, weights_only=True)["groups"]}
+    stats = StatsFile(stats_path)
+    assert stats.n_items == 3 and stats.layer_indices == LAYERS
+    sources = select_blocks(stats)
+
+    mean, low, high, label = column_band(sources, 2, "token_logits", 0)
+    assert label == "95% CI"
+    assert torch.equal(low, stored[2]["curve"]["ci_low"]) and torch.equal(high, stored[2]["curve"]["ci_high"])
+    assert torch.equal(mean, stored[2]["curve"]["mean"])
+
+    fig = make_figure(sources, [(2, 1)], "frames", softmax=False, batch_index=0)
+    ax = fig.axes[0]
+    assert fig._suptitle.get_text().startswith("mean over 3 items, 95% CI  (block 1, pass 0")
+    (bars,) = [c for c in ax.containers if isinstance(c, BarContainer)]
+    frame_logit = {k: v[1].tolist() for k, v in stored[2]["frame_logit"].items()}  # head 1
+    assert [b.get_height() for b in bars] == pytest.approx(frame_logit["mean"])
+    segments = bars.errorbar.lines[2][0].get_segments()  # per bar [[x, low], [x, high]]
+    assert [s[0][1] for s in segments] == pytest.approx(frame_logit["ci_low"])
+    assert [s[1][1] for s in segments] == pytest.approx(frame_logit["ci_high"])
+
+    out = tmp_path / "ci.png"
+    for extra in ([], ["--view", "heatmap"], ["--softmax"]):
+        code, stdout, err = run(capsys, "--stats", stats_path, "--panels", "2:1", "--out", out, *extra)
+        assert code == 0, err
+        assert "statistics over 3 items" in stdout
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--stats", str(stats_path), "--cache", str(paths[0]), "--out", str(out)])
+    assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    code, _, err = run(capsys, "--stats", stats_path, "--block", "4", "--out", out)
+    assert code == 2 and "block 4: the file holds no such entry" in err
+
+
+def test_several_blocks_side_by_side(tmp_path, capsys):
+    path, out = tmp_path / "blocks.pt", tmp_path / "fig.png"
+    layout_cache(path, {b: (tokens_of(range(3 * b + 3)),) * 2 for b in range(4)})
+    cache = open_cache(path)
+    sources = select_blocks(cache, blocks=["all"])
+    assert [s.block for s in sources] == [0, 1, 2, 3]
+    fig = make_figure(sources, [(0, 0), (2, 1)], "curve", softmax=False, batch_index=0)
+    axes = fig.axes
+    assert len(axes) == 2 * 4
+    assert [ax.get_title() for ax in axes[:4]] == [f"L1H1, block {b} (frames {3 * b}-{3 * b + 2})" for b in range(4)]
+    assert axes[7].get_title() == "L3H2, block 3 (frames 9-11)" and axes[7].get_xlim() == (0, 12)
+    assert "(blocks 0, 1, 2, 3, pass 0" in fig._suptitle.get_text()
+    chosen = make_figure(select_blocks(cache, blocks=[3, 1]), [(0, 0)], "heatmap", softmax=False, batch_index=0)
+    assert [ax.get_title() for ax in chosen.axes if ax.get_title()] == [
+        "L1, all heads, block 3 (frames 9-11)", "L1, all heads, block 1 (frames 3-5)"]
+    code, stdout, err = run(capsys, "--cache", path, "--panels", "0:0", "--block", "all", "--out", out)
+    assert code == 0, err
+    code, _, err = run(capsys, "--cache", path, "--panels", "0:0", "--out", out)
+    assert code == 2 and "holds several" in err
+    code, _, err = run(capsys, "--cache", path, "--panels", "0:0", "--block", "all", "2", "--out", out)
+    assert code == 2 and "'all' alone" in err
+
+
 def test_readme_plot_commands_run_as_written(tmp_path, monkeypatch, capsys, logits):
-    """The README's plot commands, run in a folder holding caches at the paths they name."""
+    """The README's plot commands, run in a folder holding caches at the paths they name (the statistics
+    file made by the README's aggregate command)."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     prefix = "PYTHONPATH=. python experiments/plot_figure4.py "
     commands = [line for line in readme.splitlines() if line.startswith(prefix)]
-    assert len(commands) == 4
+    assert len(commands) == 8
+    aggregate_prefix = "PYTHONPATH=. python experiments/aggregate_figure4.py "
+    (aggregate,) = [line for line in readme.splitlines() if line.startswith(aggregate_prefix)]
     monkeypatch.chdir(tmp_path)
     Path("cache").mkdir()
     Path("docs").mkdir()
@@ -555,6 +749,10 @@ def test_readme_plot_commands_run_as_written(tmp_path, monkeypatch, capsys, logi
     write_cache(Path("cache/tiny_figure4.pt"), {0: four_heads, 4: four_heads}, layer_indices=[0, 4])
     for seed in range(2):
         write_cache(Path(f"cache/sweep_seed{seed}.pt"), make_logits(seed=seed), mode="summary")
+    Path("stats").mkdir()
+    assert aggregate_main(shlex.split(aggregate[len(aggregate_prefix):])) == 0
+    layout_cache(Path("cache/tiny_df.pt"), {1: (tokens_of(range(6)),) * 2, 3: COMPRESSED}, model_kwargs=PC_KWARGS,
+                 layers=[0, 4], heads=4)
     for command in commands:
         code, _, err = run(capsys, *shlex.split(command[len(prefix):]))
         assert code == 0, (command, err)

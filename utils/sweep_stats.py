@@ -90,7 +90,8 @@ def item_quantities(summary, key_frame_indices, query_frames):
 
 
 def compare_key(cache):
-    """What caches must share to be averaged: the video and capture layout, the model and its weights."""
+    """What caches must share to be averaged: the video and capture layout, the model, its weights and its
+    attention cache (config model_kwargs: attention mode, window, sink, compression)."""
     meta = cache.metadata
     labels = tuple((e.layer_idx, e.block, e.pass_, tuple(e.key_frame_indices)) for e in cache.entries)
     return {
@@ -102,6 +103,7 @@ def compare_key(cache):
         "model": meta.get("model"),
         "checkpoint": (meta.get("checkpoint_path"), meta.get("checkpoint_key")),
         "dtype": meta.get("dtype"),
+        "model_kwargs": meta.get("config", {}).get("model_kwargs"),
     }
 
 
