@@ -313,8 +313,11 @@ def fast_block_output(block, x, y, mod, text_k, text_v):
 @functools.cache
 def compiled(fn):
     """``fn`` through ``torch.compile(dynamic=False)``, once per process: every block and every model
-    switched to compiled fast mode shares the same compiled function and its graphs."""
-    return torch.compile(fn, dynamic=False)
+    switched to compiled fast mode shares the same compiled function and its graphs. Inductor's
+    deterministic mode: kernel configurations are not chosen by timing them on the device, which
+    could pick another reduction order in another process (measured on an H200: 1 item in 8 differed
+    between a sweep and its single runs without it)."""
+    return torch.compile(fn, dynamic=False, options={"deterministic": True})
 
 
 class Head(nn.Module):
