@@ -738,9 +738,10 @@ def test_readme_plot_commands_run_as_written(tmp_path, monkeypatch, capsys, logi
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     prefix = "PYTHONPATH=. python experiments/plot_figure4.py "
     commands = [line for line in readme.splitlines() if line.startswith(prefix)]
-    assert len(commands) == 8
+    assert len(commands) == 9
     aggregate_prefix = "PYTHONPATH=. python experiments/aggregate_figure4.py "
-    (aggregate,) = [line for line in readme.splitlines() if line.startswith(aggregate_prefix)]
+    aggregates = [line.split("#")[0].strip() for line in readme.splitlines() if line.startswith(aggregate_prefix)]
+    assert len(aggregates) == 2
     monkeypatch.chdir(tmp_path)
     Path("cache").mkdir()
     Path("docs").mkdir()
@@ -750,7 +751,12 @@ def test_readme_plot_commands_run_as_written(tmp_path, monkeypatch, capsys, logi
     for seed in range(2):
         write_cache(Path(f"cache/sweep_seed{seed}.pt"), make_logits(seed=seed), mode="summary")
     Path("stats").mkdir()
-    assert aggregate_main(shlex.split(aggregate[len(aggregate_prefix):])) == 0
+    Path("cache/sweep_tiny").mkdir()
+    for seed in range(2):  # like the tiny model's: 4 heads, layers 0 and 4
+        item = torch.randn(1, 4, FQ * FSL, FK * FSL, generator=torch.Generator().manual_seed(seed))
+        write_cache(Path(f"cache/sweep_tiny/p0000_s{seed:04d}.pt"), {0: item, 4: item}, mode="summary", layer_indices=[0, 4])
+    for aggregate in aggregates:
+        assert aggregate_main(shlex.split(aggregate[len(aggregate_prefix):])) == 0, aggregate
     layout_cache(Path("cache/tiny_df.pt"), {1: (tokens_of(range(6)),) * 2, 3: COMPRESSED}, model_kwargs=PC_KWARGS,
                  layers=[0, 4], heads=4)
     for command in commands:

@@ -3,6 +3,7 @@ resume, settings changes, every pass and every layer, torchrun sharding, prompt 
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -278,3 +279,33 @@ def test_bad_sweep_input_exits_2_and_writes_nothing(tmp_path, capsys, case):
     for word in words:
         assert word in err, (case, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == (["prompts.txt"] if case == "invalid utf-8" else [])
+
+
+def readme_block(title):
+    """The commands of the first bash block after README heading ``title``, continuation lines joined."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split(f"## {title}\n", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line.split("#")[0]) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def test_readme_sweep_commands_run_as_written_and_resume(tmp_path, monkeypatch):
+    """The README's sweep, aggregate and plot commands, run as written (in a folder holding the
+    project's configs), then the sweep again: every item is complete, so nothing is redone."""
+    import experiments.aggregate_figure4 as aggregate
+    import experiments.plot_figure4 as plot
+
+    mains = {"experiments/run_extraction_figure4.py": cli.main, "experiments/aggregate_figure4.py": aggregate.main,
+             "experiments/plot_figure4.py": plot.main}
+    commands = readme_block("Sweeps")
+    assert [c[2] for c in commands] == list(mains)
+    (tmp_path / "configs").symlink_to(Path("configs").resolve())
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        assert command[:2] == ["PYTHONPATH=.", "python"] and mains[command[2]](command[3:]) == 0, command
+    files = sorted(Path("cache/sweep_tiny").glob("p*_s*.pt"))
+    assert [f.name for f in files] == [f"p{p:04d}_s{s:04d}.pt" for p in range(2) for s in range(3)]
+    stamps = [f.stat().st_mtime_ns for f in files]
+    assert cli.main(commands[0][3:]) == 0
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert Path("sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
