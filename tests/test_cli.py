@@ -323,3 +323,33 @@ def test_signal_during_a_slow_save_exits_cleanly(tmp_path, signum, code):
     assert proc.returncode == code, err
     assert out.read_bytes() == b"previous cache"
     assert [p.name for p in folder.iterdir()] == ["cache.pt"]
+
+
+def test_deep_forcing_rollout_captures_chosen_blocks_with_true_frames(tmp_path):
+    """126 frames with Deep Sink + participative compression (S=10, W=21, N=16, R=4), blocks 6, 20 and
+    the last: each entry's per-token labels follow the release's rules, written out here."""
+    out = tmp_path / "df.pt"
+    argv = ["--config_path", "configs/tiny_deep_forcing.yaml", "--no_checkpoint", "--device", "cpu", "--quiet",
+            "--num_frames", "126", "--capture_blocks", "6", "20", "last", "--save_mode", "summary", "--output_path", str(out)]
+    assert cli.main(argv) == 0
+    cache = open_cache(out)
+    assert [(e.layer_idx, e.block) for e in cache.entries] == [(layer, b) for layer in (0, 4) for b in (6, 20, 41)]
+    for entry in cache.entries:
+        video, rope = entry.key_video_frames[0].tolist(), entry.key_rope_frames[0].tolist()
+        start = 3 * entry.block  # the block's first frame
+        if entry.block == 6:  # the 21-frame window is not full yet: every frame, unshifted
+            assert entry.key_frame_indices == list(range(21)) and video == rope
+            continue
+        # Blocks 7, 9, ... compress to N = 16 frames and move the sink to start at cs - N; block 20 is
+        # between compressions (19 frames: the 16 kept at block 19 and its own 3), its sink still where
+        # block 19 put it.
+        last_compression = start if entry.block % 2 else start - 3
+        assert entry.num_key_frames == (16 if entry.block % 2 else 19)
+        sink = [i for i, frame in enumerate(video) if frame < 10]
+        assert sink == list(range(10 * FSL))
+        assert [rope[i] - video[i] for i in sink] == [last_compression - 16] * len(sink)
+        recent = list(range(last_compression - 1, start + 3))
+        assert sorted(set(video[-len(recent) * FSL:])) == recent
+        middle = video[10 * FSL : -len(recent) * FSL]
+        assert len(middle) == 2 * FSL and middle == sorted(middle) and all(10 <= f < recent[0] for f in middle)
+        assert all(v == r for v, r in zip(video[10 * FSL :], rope[10 * FSL :]))
