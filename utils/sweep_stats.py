@@ -14,7 +14,6 @@ file is one item):
 deviation and a two-sided 95% confidence interval of the mean, mean +- t(0.975, n-1) * std / sqrt(n)
 (Student's t; NaN for n = 1).
 """
-import csv
 import math
 from pathlib import Path
 

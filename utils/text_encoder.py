@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Mapping
 
+import ftfy
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from torch import nn
@@ -69,8 +70,6 @@ def t5_key_map(wan_state_dict: Mapping[str, torch.Tensor], source) -> dict:
 
 def clean_prompt(text: str) -> str:
     """Wan's 'whitespace' cleaning: fix broken unicode, unescape HTML twice, collapse whitespace."""
-    import ftfy  # imported here: only prompts need it, not the transformer alone
-
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return re.sub(r"\s+", " ", text).strip()
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from diffusers import AutoencoderKLWan
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -112,7 +113,7 @@ def _plain(config: Mapping) -> dict:
 class WanVAEWrapper(nn.Module):
     """``AutoencoderKLWan`` plus the latent mean/std, non-persistent buffers that ``.to`` moves. Frozen."""
 
-    def __init__(self, model: "AutoencoderKLWan"):
+    def __init__(self, model: AutoencoderKLWan):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         mean = torch.tensor(model.config.latents_mean)
@@ -132,7 +133,6 @@ class WanVAEWrapper(nn.Module):
     def from_model_dir(cls, model_dir, config: Mapping = WAN21_VAE, device="cpu", dtype=None):
         """Load ``Wan2.1_VAE.pth`` from ``model_dir`` onto ``device`` (cast to ``dtype`` if given);
         ``config`` gives the AutoencoderKLWan arguments."""
-        from diffusers import AutoencoderKLWan  # imported here: the transformer alone runs without diffusers
 
         path = Path(model_dir) / VAE_CHECKPOINT
         with torch.device("meta"):
@@ -146,7 +146,6 @@ class WanVAEWrapper(nn.Module):
         """A randomly initialised VAE: ``config`` holds AutoencoderKLWan arguments and optionally
         ``init_seed`` (default 0). The same config gives the same weights, whatever the global RNG state,
         which is left untouched."""
-        from diffusers import AutoencoderKLWan
 
         arguments = _plain(config)
         seed = arguments.pop("init_seed", 0)
