@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 
 import wan.modules.causal_model as cm
 from utils.loading import WeightFileError
-from wan.modules.causal_model import WAN_T2V_1_3B, CausalWanModel, KVCache
-
+from wan.modules.causal_model import WAN_T2V_1_3B, CausalWanModel
+from wan.modules.kv_cache import KVCache
 
 # Tiny model of the same architecture: head_dim 16, so RoPE pairs split [4, 2, 2] (time, rows, cols).
 TINY = dict(

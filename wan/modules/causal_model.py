@@ -27,9 +27,17 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from utils.config import CONFIG_JSON_SIZES, MODEL_CONFIG_FILE, PRECISIONS, WAN_T2V_1_3B, resolve_attention_mode
+from utils.config import (
+    CONFIG_JSON_SIZES,
+    MODEL_CONFIG_FILE,
+    PRECISIONS,
+    WAN_T2V_1_3B,
+    resolve_attention_mode,
+)
 from utils.loading import WeightFileError, load_into, read_state_dict
 from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE, attention
+from wan.modules.deep_forcing import DeepSinkCache, ParticipativeCompressionCache
+from wan.modules.kv_cache import KVCache
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
@@ -146,62 +154,6 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
-
-
-class KVCache:
-    """One transformer block's rotated keys and values, [B, frames * frame_seq_length, N, D], with
-    Python-int bookkeeping.
-
-    ``global_end`` is the token index (over the whole video) just after the last written token;
-    ``local_end`` the slot just after it in this buffer; ``frames`` the video frame held by each frame
-    slot of ``[0, local_end)``. Re-running the same block (the next denoising step, or the cache
-    update) overwrites the same slots. When a new block does not fit, the oldest frames after the
-    ``sink_frames`` first ones are evicted and the rest rolled forward (a local window,
-    ``local_attn_size``), as upstream Self-Forcing does."""
-
-    needs_queries = False  # whether ``update`` also takes the layer's queries (deep_forcing's caches)
-
-    def __init__(self, batch, frames, frame_seq_length, num_heads, head_dim, sink_frames, dtype, device):
-        self.frame_seq_length = frame_seq_length
-        self.sink_tokens = sink_frames * frame_seq_length
-        self.k = torch.zeros(batch, frames * frame_seq_length, num_heads, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        self.global_end = 0
-        self.local_end = 0
-        self.frames = []
-
-    def update(self, k, v, current_start):
-        """Write this block's k, v [B, L, N, D] at token offset ``current_start``; return the keys and
-        values to attend to, [B, local_end, N, D] views of the buffer."""
-        num_new = k.shape[1]
-        current_end = current_start + num_new
-        size, sink, fsl = self.k.shape[1], self.sink_tokens, self.frame_seq_length
-        advance = current_end - self.global_end
-        if advance > 0 and self.local_end + num_new > size:
-            evicted = self.local_end + num_new - size
-            kept = self.local_end - evicted - sink
-            for buf in (self.k, self.v):
-                buf[:, sink : sink + kept] = buf[:, sink + evicted : sink + evicted + kept].clone()
-            if kept > 0:
-                first = sink // fsl
-                self.frames[first : first + kept // fsl] = self.frames[first + evicted // fsl : first + (evicted + kept) // fsl]
-            advance -= evicted
-        local_end = self.local_end + advance
-        self.k[:, local_end - num_new : local_end] = k
-        self.v[:, local_end - num_new : local_end] = v
-        self.frames[(local_end - num_new) // fsl :] = range(current_start // fsl, current_end // fsl)
-        self.global_end, self.local_end = current_end, local_end
-        return self.k[:, :local_end], self.v[:, :local_end]
-
-    def key_frames(self):
-        """The video frame of each cached frame, in the order the keys are attended to."""
-        return list(self.frames)
-
-    def key_positions(self):
-        """(video frame, temporal RoPE frame) of each cached token, int64 [B, local_end] each; equal
-        here, since keys keep the position they were written at."""
-        video = torch.tensor(self.frames, device=self.k.device).repeat_interleave(self.frame_seq_length)
-        return video.expand(self.k.shape[0], -1).clone(), video.expand(self.k.shape[0], -1).clone()
 
 
 class CrossAttnCache:
@@ -420,7 +372,6 @@ class CausalWanModel(nn.Module):
         """Empty self- and cross-attention caches for a video of ``num_frames`` latent frames: the
         whole video with global attention, ``local_attn_size`` frames otherwise. Refuses a video longer
         than the RoPE table."""
-        from wan.modules.deep_forcing import DeepSinkCache, ParticipativeCompressionCache
 
         if num_frames > self.rope.max_len:
             raise ValueError(f"{num_frames} latent frames: the RoPE table covers {self.rope.max_len}")

@@ -46,7 +46,8 @@ compress), not 21 <-> 16 as the paper's App. E says.
 """
 import torch
 
-from wan.modules.causal_model import KVCache
+from wan.modules.kv_cache import KVCache
+
 
 def shift_time(keys, delta, rope):
     """Multiply, in place, the temporal complex pairs of rotated keys [B, L, N, D] by exp(i ω_t Δ),
