@@ -31,7 +31,8 @@ per-slot views (frames, heatmap, --softmax) and statistics files (which keep no 
 always use it.
 
 A cache may hold several captured passes or blocks: --pass and --block choose (needed only when the
-file holds more than one); --block all, or several blocks, draws one column per block. Without
+file holds more than one); --block all (or several blocks) and --pass all (or several passes) draw
+one column per block and pass: --pass all on an every-pass capture is the paper's Figure 11. Without
 --panels, the paper's 0:0 4:9 are drawn, or, when a cache lacks them, the first head of its first two
 layers (clipped to the heads it has).
 
@@ -55,9 +56,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from utils.attention_cache import CACHE_PASS, AttentionCache, CacheFileError, open_cache  # noqa: E402
+from utils.output import (  # noqa: E402
+    Interrupted,
+    OutputPathError,
+    OutputSpaceError,
+    check_output_path,
+    exit_on_signals,
+    write_atomically,
+)
 from utils.sweep_stats import StatsFileError, compare_key, load_statistics  # noqa: E402
-from utils.output import (Interrupted, OutputPathError, OutputSpaceError, check_output_path,  # noqa: E402
-                        exit_on_signals, write_atomically)
+from wan.modules.attention import pass_order  # noqa: E402
 
 OUTPUT_FORMATS = ("png", "pdf", "svg")
 QUERY_SHADE = dict(color="tab:orange", alpha=0.15)
@@ -87,11 +95,11 @@ def parse_panel(text):
 
 
 def parse_pass(text):
-    """'2' -> 2, 'cache' -> 'cache': a denoising pass index or the cache-update pass."""
-    if text == CACHE_PASS:
+    """'2' -> 2, 'cache' -> 'cache': a denoising pass index or the cache-update pass; 'all' as given."""
+    if text in (CACHE_PASS, "all"):
         return text
     if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"pass {text!r} is not an int >= 0 or {CACHE_PASS!r}")
+        raise argparse.ArgumentTypeError(f"pass {text!r} is not an int >= 0, {CACHE_PASS!r} or 'all'")
     return int(text)
 
 
@@ -149,11 +157,13 @@ class StatsFile:
 @dataclass(frozen=True)
 class Source:
     """One file (an AttentionCache, or a StatsFile for --stats) and the captured (block, pass) of it
-    that is plotted."""
+    that is plotted. ``column``: the figure column it belongs to, by the block and pass the user asked
+    for (None where the file's only one was taken: files that differ there are refused, not split)."""
 
     file: object
     block: int
     pass_: object
+    column: tuple = (None, None)
 
     def entry(self, layer):
         return self.file.entry(layer, self.pass_, self.block)
@@ -165,30 +175,38 @@ class Source:
 def select(file, pass_=None, block=None):
     """The Source of ``file`` for --pass / --block (None: the file's only one)."""
     try:
-        block, pass_ = file.label(pass_, block)
+        found_block, found_pass = file.label(pass_, block)
     except ValueError as err:
         raise PlotInputError(f"{err} (--pass / --block choose)") from None
-    return Source(file, block, pass_)
+    return Source(file, found_block, found_pass, column=(block, pass_))
 
 
-def select_blocks(file, pass_=None, blocks=None):
-    """The Sources of ``file`` for --pass and --block: ``blocks`` None (the file's only one), ['all']
-    (every block holding the pass, in order) or a list of blocks (in the given order)."""
-    if blocks is None:
-        return [select(file, pass_)]
-    if "all" in blocks:
-        if blocks != ["all"]:
-            raise PlotInputError("--block takes 'all' alone or block numbers")
-        blocks = sorted({b for b, p in file.labels if pass_ is None or p == pass_})
-    if len(set(blocks)) != len(blocks):
-        raise PlotInputError(f"--block {' '.join(map(str, blocks))}: a block is given more than once")
-    return [select(file, pass_, block) for block in blocks]
+def _chosen(values, flag, held):
+    """The values of --pass or --block: None (the file's only one: [None]), ['all'] (every one ``held``
+    in the file, in its order) or the values given, in their order."""
+    if values is None:
+        return [None]
+    if "all" in values:
+        if values != ["all"]:
+            raise PlotInputError(f"{flag} takes 'all' alone or values")
+        return list(dict.fromkeys(held))
+    if len(set(values)) != len(values):
+        raise PlotInputError(f"{flag} {' '.join(map(str, values))}: a value is given more than once")
+    return values
+
+
+def select_columns(file, passes=None, blocks=None):
+    """The Sources of ``file`` for --pass and --block, one per (block, pass) to draw, blocks first."""
+    blocks = _chosen(blocks, "--block", sorted(b for b, _ in file.labels))
+    passes = _chosen(passes, "--pass", sorted((p for _, p in file.labels), key=pass_order))
+    return [select(file, pass_, block) for block in blocks for pass_ in passes]
 
 
 def columns_of(sources):
-    """Sources grouped by block, one figure column each, in the order the blocks first appear."""
-    blocks = dict.fromkeys(s.block for s in sources)
-    return [[s for s in sources if s.block == block] for block in blocks]
+    """Sources grouped by the block and pass asked for, one figure column each, in the order they first
+    appear."""
+    columns = dict.fromkeys(s.column for s in sources)
+    return [[s for s in sources if s.column == column] for column in columns]
 
 
 def expand_cache_paths(patterns):
@@ -576,7 +594,7 @@ def uses_true_frames(source, layer, view, softmax, batch_index, x_axis):
 
 def _column_name(column):
     entry = column[0].entry(column[0].file.layer_indices[0])
-    return f"block {column[0].block} (frames {_frame_range(entry.query_frames)})"
+    return f"block {column[0].block} (frames {_frame_range(entry.query_frames)}), pass {column[0].pass_}"
 
 
 def make_figure(sources, panels, view, softmax, batch_index, x_axis="slots"):
@@ -607,8 +625,10 @@ def make_figure(sources, panels, view, softmax, batch_index, x_axis="slots"):
                 ax.set_title(f"L{row[0] + 1}H{row[1] + 1}{suffix}")
         if view != "heatmap":
             axes[0, col].legend(loc="upper left", fontsize=7)
-    blocks = ", ".join(str(column[0].block) for column in columns)
-    captured = f"  (block{'s' if len(columns) > 1 else ''} {blocks}, pass {first.pass_}, t = {entry.timestep:g})"
+    blocks = ", ".join(map(str, dict.fromkeys(column[0].block for column in columns)))
+    passes = ", ".join(map(str, dict.fromkeys(column[0].pass_ for column in columns)))
+    timestep = f", t = {entry.timestep:g}" if len(columns) == 1 else ""
+    captured = f"  (block{'s' if ',' in blocks else ''} {blocks}, pass{'es' if ',' in passes else ''} {passes}{timestep})"
     if isinstance(first.file, StatsFile):
         fig.suptitle(f"mean over {first.file.n_items} items, 95% CI{captured}", fontsize=9)
     else:
@@ -643,8 +663,9 @@ def build_parser():
     parser.add_argument("--panels", nargs="+", type=parse_panel, default=None, metavar="LAYER:HEAD",
                         help="0-based layer:head pairs, one panel each (default: 0:0 4:9 = the paper's L1H1 and L5H10, "
                              "or the first head of the first two layers when a cache lacks them)")
-    parser.add_argument("--pass", dest="pass_", type=parse_pass, default=None, metavar="PASS",
-                        help="captured pass to plot: a denoising pass 0.. or 'cache' (default: the cache's only one)")
+    parser.add_argument("--pass", dest="pass_", nargs="+", type=parse_pass, default=None, metavar="PASS",
+                        help="captured pass(es) to plot: denoising passes 0.., 'cache', or 'all' (Figure 11: every pass "
+                             "side by side, one column each) (default: the cache's only one)")
     parser.add_argument("--block", nargs="+", type=parse_block, default=None,
                         help="captured temporal block(s) to plot, 0-based, or 'all'; several blocks are drawn side "
                              "by side, one column each (default: the cache's only one)")
@@ -667,7 +688,7 @@ def build_parser():
 def cache_sources(args):
     """The Sources of --cache, checked; returns (sources, panels, a note to print or None)."""
     caches = [open_cache(p) for p in expand_cache_paths(args.cache)]
-    sources = [s for cache in caches for s in select_blocks(cache, args.pass_, args.block)]
+    sources = [s for cache in caches for s in select_columns(cache, args.pass_, args.block)]
     columns = columns_of(sources)
     for column in columns:
         check_compatible(column)
@@ -696,12 +717,12 @@ def stats_sources(args):
         stats = StatsFile(args.stats)
     except StatsFileError as err:
         raise PlotInputError(str(err)) from None
-    sources = select_blocks(stats, args.pass_, args.block)
+    sources = select_columns(stats, args.pass_, args.block)
     panels, note = choose_panels(stats, args.panels)
     check_panels(stats, panels)
-    blocks = ", ".join(str(s.block) for s in sources)
-    print(f"using {stats.path}: statistics over {stats.n_items} items, block(s) {blocks}, "
-          f"pass {sources[0].pass_}, layers {stats.layer_indices}, {stats.num_heads} heads")
+    labels = ", ".join(f"block {s.block} pass {s.pass_}" for s in sources)
+    print(f"using {stats.path}: statistics over {stats.n_items} items, {labels}, layers {stats.layer_indices}, "
+          f"{stats.num_heads} heads")
     return sources, panels, note
 
 

@@ -14,9 +14,24 @@ import torch
 from matplotlib.container import BarContainer
 
 from experiments.aggregate_figure4 import main as aggregate_main
-from experiments.plot_figure4 import (StatsFile, column_band, layer_values, main, make_figure, select, select_blocks,
-                                      sweep_values, true_frame_tokens)
-from utils.attention_cache import CacheFileError, build_cache, describe, open_cache, save_cache
+from experiments.plot_figure4 import (
+    StatsFile,
+    column_band,
+    layer_values,
+    main,
+    make_figure,
+    select,
+    select_columns,
+    sweep_values,
+    true_frame_tokens,
+)
+from utils.attention_cache import (
+    CacheFileError,
+    build_cache,
+    describe,
+    open_cache,
+    save_cache,
+)
 from utils.sweep_stats import save_statistics, sweep_statistics
 
 B, N, FSL, FQ, FK = 1, 2, 4, 3, 5
@@ -481,7 +496,7 @@ def test_plot_chooses_a_pass(tmp_path, capsys):
 def test_plot_rejects_a_bad_pass_flag(capsys, full_cache):
     with pytest.raises(SystemExit):
         main(["--cache", str(full_cache), "--pass", "first"])
-    assert "is not an int >= 0 or 'cache'" in capsys.readouterr().err
+    assert "is not an int >= 0, 'cache' or 'all'" in capsys.readouterr().err
 
 
 def test_plot_warns_about_nonfinite_logits(tmp_path, capsys, logits):
@@ -680,7 +695,7 @@ def test_stats_plot_draws_the_mean_and_its_confidence_interval(tmp_path, capsys)
     stored = {g["layer_idx"]: g for g in torch.load(stats_path, weights_only=True)["groups"]}
     stats = StatsFile(stats_path)
     assert stats.n_items == 3 and stats.layer_indices == LAYERS
-    sources = select_blocks(stats)
+    sources = select_columns(stats)
 
     mean, low, high, label = column_band(sources, 2, "token_logits", 0)
     assert label == "95% CI"
@@ -713,23 +728,42 @@ def test_several_blocks_side_by_side(tmp_path, capsys):
     path, out = tmp_path / "blocks.pt", tmp_path / "fig.png"
     layout_cache(path, {b: (tokens_of(range(3 * b + 3)),) * 2 for b in range(4)})
     cache = open_cache(path)
-    sources = select_blocks(cache, blocks=["all"])
+    sources = select_columns(cache, blocks=["all"])
     assert [s.block for s in sources] == [0, 1, 2, 3]
     fig = make_figure(sources, [(0, 0), (2, 1)], "curve", softmax=False, batch_index=0)
     axes = fig.axes
     assert len(axes) == 2 * 4
-    assert [ax.get_title() for ax in axes[:4]] == [f"L1H1, block {b} (frames {3 * b}-{3 * b + 2})" for b in range(4)]
-    assert axes[7].get_title() == "L3H2, block 3 (frames 9-11)" and axes[7].get_xlim() == (0, 12)
+    assert [ax.get_title() for ax in axes[:4]] == [f"L1H1, block {b} (frames {3 * b}-{3 * b + 2}), pass 0" for b in range(4)]
+    assert axes[7].get_title() == "L3H2, block 3 (frames 9-11), pass 0" and axes[7].get_xlim() == (0, 12)
     assert "(blocks 0, 1, 2, 3, pass 0" in fig._suptitle.get_text()
-    chosen = make_figure(select_blocks(cache, blocks=[3, 1]), [(0, 0)], "heatmap", softmax=False, batch_index=0)
+    chosen = make_figure(select_columns(cache, blocks=[3, 1]), [(0, 0)], "heatmap", softmax=False, batch_index=0)
     assert [ax.get_title() for ax in chosen.axes if ax.get_title()] == [
-        "L1, all heads, block 3 (frames 9-11)", "L1, all heads, block 1 (frames 3-5)"]
+        "L1, all heads, block 3 (frames 9-11), pass 0", "L1, all heads, block 1 (frames 3-5), pass 0"]
     code, stdout, err = run(capsys, "--cache", path, "--panels", "0:0", "--block", "all", "--out", out)
     assert code == 0, err
     code, _, err = run(capsys, "--cache", path, "--panels", "0:0", "--out", out)
     assert code == 2 and "holds several" in err
     code, _, err = run(capsys, "--cache", path, "--panels", "0:0", "--block", "all", "2", "--out", out)
     assert code == 2 and "'all' alone" in err
+
+
+def test_every_pass_side_by_side_is_figure_11(tmp_path, capsys, logits):
+    """--pass all draws one column per captured pass, in pass order, each the curve of its own entry."""
+    passes = {"cache": make_logits(seed=3), 0: logits, 2: make_logits(seed=2)}
+    path, out = tmp_path / "passes.pt", tmp_path / "fig11.png"
+    save_cache(path, build(passes))
+    sources = select_columns(open_cache(path), passes=["all"])
+    assert [s.pass_ for s in sources] == [0, 2, "cache"]
+    fig = make_figure(sources, [(2, 1)], "frames", softmax=False, batch_index=0)
+    assert [ax.get_title() for ax in fig.axes] == [f"L3H2, block 1 (frames 3-5), pass {p}" for p in (0, 2, "cache")]
+    for ax, pass_ in zip(fig.axes, (0, 2, "cache")):
+        expected = expected_reductions(passes[pass_][2])["frame_mean_logits"][0, 1].mean(0)  # [Fk]
+        heights = torch.tensor([bar.get_height() for bar in ax.patches[: len(expected)]], dtype=torch.float32)
+        torch.testing.assert_close(heights, expected, rtol=0, atol=1e-5)
+    code, _, err = run(capsys, "--cache", path, "--panels", "2:1", "--pass", "all", "--out", out)
+    assert code == 0 and out.stat().st_size > 0, err
+    code, _, err = run(capsys, "--cache", path, "--panels", "2:1", "--pass", "0", "0", "--out", out)
+    assert code == 2 and "more than once" in err
 
 
 def test_readme_plot_commands_run_as_written(tmp_path, monkeypatch, capsys, logits):
