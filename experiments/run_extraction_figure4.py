@@ -540,7 +540,8 @@ def extract_item(args, plan, extractor, context, prompt, tokens, text_len, seed,
             f"(block {record.labels['block']}, pass {record.labels['step']}, t={record.labels['timestep']:.2f})")
         entry, summary = cache_entry(record, fsl, per_block, args.save_mode)
         entries.append(entry)
-        report_entry(entry, summary, fsl, per_block, quiet)
+        if not plan.sweep:  # a sweep reports one line per item
+            report_entry(entry, summary, fsl, per_block, quiet)
     del kept, record
     t_reduce = time.perf_counter() - t_reduce
     nonfinite = sum(e["nonfinite"] for e in entries)
