@@ -94,6 +94,8 @@ def test_bad_top_level_values_name_file_key_value_and_expectation(tmp_path, chan
          "model_kwargs.attention_mode = 'participative_compression'", "needs budget and recent"),
         ("{attention_mode: rolling}", "model_kwargs.attention_mode = 'rolling'", "attention_mode must be one of"),
         ("{budget: 0}", "model_kwargs.budget = 0", "a positive int"),
+        ("{attention_mode: participative_compression, local_attn_size: 21, sink_size: 10, budget: 16, recent: 2}",
+         "model_kwargs.attention_mode = 'participative_compression'", "recent >= num_frame_per_block (3)"),
         ("[1, 2]", "model_kwargs = [1, 2]", "a mapping"),
     ],
 )

@@ -97,6 +97,25 @@ def test_fast_model_matches_exact(window, sink):
         assert_near(fast, exact, rel=1e-5)
 
 
+@pytest.mark.parametrize("mode", [
+    dict(attention_mode="deep_sink", local_attn_size=7, sink_size=2),
+    dict(attention_mode="participative_compression", local_attn_size=9, sink_size=2, budget=7, recent=4),
+])
+def test_fast_model_matches_exact_with_deep_forcing_caches(mode):
+    """Deep Sink shifts and compression (which scores by the layer's queries) in fast mode: 5 blocks,
+    the window full and compressed from block 2 on."""
+    model = tiny_model(seed=23, **mode)
+    x, context = inputs(frames=15, seed=7)
+    t = torch.tensor([[1000.0, 937.5, 833.3] * 5])
+    outs = {}
+    with torch.no_grad():
+        for precision in ("exact", "fast"):
+            model.set_numerics(precision)
+            outs[precision] = run_blocks(model, x, t, context, 3)[0]
+    for fast, exact in zip(outs["fast"], outs["exact"]):
+        assert_near(fast, exact, rel=1e-5)
+
+
 def test_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="precision"):
         tiny_model().set_numerics("fastest")

@@ -107,10 +107,13 @@ def resolve_attention_mode(mode, local_attn_size, sink_size, budget, recent, top
 
 def _attention_mode(value, kwargs, per_block):
     try:
-        resolve_attention_mode(value, kwargs["local_attn_size"], kwargs["sink_size"], kwargs["budget"], kwargs["recent"],
-                               kwargs["topc_max_reuse"])
+        mode = resolve_attention_mode(value, kwargs["local_attn_size"], kwargs["sink_size"], kwargs["budget"],
+                                      kwargs["recent"], kwargs["topc_max_reuse"])
     except (ValueError, TypeError) as err:
         return f"a valid attention mode and sizes ({err})"
+    if mode == "participative_compression" and kwargs["recent"] < per_block:
+        return (f"participative_compression with recent >= num_frame_per_block ({per_block}): the recent frames "
+                "include the block being generated")
     return None
 
 

@@ -192,8 +192,7 @@ class CausalSelfAttention(AttentionProjections):
         k = apply_rope(self.norm_k(self.k(x)).unflatten(2, heads), freqs)
         v = self.v(x).unflatten(2, heads)
         if cache is not None:
-            queries = {"queries": q} if cache.needs_queries else {}
-            k, v = cache.update(k, v, current_start, **queries)  # [B, Lk, N, D]
+            k, v = cache.update(k, v, current_start, queries=q)  # [B, Lk, N, D]
         return self.o(attention(q, k, v, layer_idx=self.layer_idx, kv_cache=cache).flatten(2))
 
 
@@ -424,7 +423,7 @@ class CausalWanModel(nn.Module):
         for block, cache, xcache in zip(self.blocks, kv_cache, crossattn_cache):
             q, k, v, mod = self._attention_inputs(block, x, e0, cos, sin)
             if cache is not None:
-                k, v = cache.update(k, v, current_start)
+                k, v = cache.update(k, v, current_start, queries=q)
             y = attention(q, k, v, layer_idx=block.self_attn.layer_idx, kv_cache=cache)
             text_k, text_v = block.cross_attn.text_kv(context, xcache)
             x = self._block_output(block, x, y, mod, text_k, text_v)

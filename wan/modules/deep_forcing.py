@@ -71,7 +71,7 @@ class DeepSinkCache(KVCache):
         self.rope = rope
         self.sink_start = 0  # temporal RoPE position of sink frame 0
 
-    def update(self, k, v, current_start):
+    def update(self, k, v, current_start, queries=None):
         num_new = k.shape[1]
         if self.sink_tokens + num_new > self.k.shape[1]:
             raise ValueError(f"a {self.window}-frame window cannot hold {self.sink_frames} sink frames and a block of {num_new // self.frame_seq_length}")
@@ -102,8 +102,6 @@ class ParticipativeCompressionCache:
     keeps per token (int64 [B, W * frame_seq_length], on the cache's device): the token's index in the
     video (``source``; its frame is source // frame_seq_length), its temporal RoPE frame and how often
     top-C selected it; and the last R frames' worth of this layer's queries."""
-
-    needs_queries = True
 
     def __init__(self, batch, frames, frame_seq_length, num_heads, head_dim, sink_frames, dtype, device, rope,
                  budget, recent, topc_max_reuse):

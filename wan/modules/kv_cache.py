@@ -15,7 +15,6 @@ class KVCache:
     ``sink_frames`` first ones are evicted and the rest rolled forward (a local window,
     ``local_attn_size``), as upstream Self-Forcing does."""
 
-    needs_queries = False  # whether ``update`` also takes the layer's queries (deep_forcing's caches)
 
     def __init__(self, batch, frames, frame_seq_length, num_heads, head_dim, sink_frames, dtype, device):
         self.frame_seq_length = frame_seq_length
@@ -26,9 +25,10 @@ class KVCache:
         self.local_end = 0
         self.frames = []
 
-    def update(self, k, v, current_start):
+    def update(self, k, v, current_start, queries=None):
         """Write this block's k, v [B, L, N, D] at token offset ``current_start``; return the keys and
-        values to attend to, [B, local_end, N, D] views of the buffer."""
+        values to attend to, [B, local_end, N, D] views of the buffer. ``queries``, the layer's rotated
+        queries of the pass, are for caches that compress by them (wan/modules/deep_forcing.py)."""
         num_new = k.shape[1]
         current_end = current_start + num_new
         size, sink, fsl = self.k.shape[1], self.sink_tokens, self.frame_seq_length
