@@ -75,19 +75,17 @@ def main(argv=None):
         return 2
 
     from utils.attention_cache import CacheFileError, open_cache
-    from utils.output import OutputPathError
+    from utils.output import OutputPathError, exit_status
     from utils.sweep_stats import MixedCachesError, save_statistics, sweep_statistics
 
-    try:
+    def aggregate():
         caches = [open_cache(path) for path in input_files(args.inputs)]
         stats = sweep_statistics(caches)
         csv_path = save_statistics(stats, out)
-    except (InputError, CacheFileError, MixedCachesError, OutputPathError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"{stats['n_items']} items, {len(stats['groups'])} (layer, block, pass) groups x {stats['num_heads']} heads")
-    print(f"Saved: {out} and {csv_path}")
-    return 0
+        print(f"{stats['n_items']} items, {len(stats['groups'])} (layer, block, pass) groups x {stats['num_heads']} heads")
+        print(f"Saved: {out} and {csv_path}")
+
+    return exit_status(aggregate, (InputError, CacheFileError, MixedCachesError, OutputPathError))
 
 
 if __name__ == "__main__":

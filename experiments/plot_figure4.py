@@ -56,14 +56,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from utils.attention_cache import CACHE_PASS, AttentionCache, CacheFileError, open_cache  # noqa: E402
-from utils.output import (  # noqa: E402
-    Interrupted,
-    OutputPathError,
-    OutputSpaceError,
-    check_output_path,
-    exit_on_signals,
-    write_atomically,
-)
+from utils.output import OutputPathError, check_output_path, exit_status, write_atomically  # noqa: E402
 from utils.sweep_stats import StatsFileError, compare_key, load_statistics  # noqa: E402
 from wan.modules.attention import pass_order  # noqa: E402
 
@@ -737,24 +730,12 @@ def plot(args):
         write_atomically(args.out, lambda handle: fig.savefig(handle, format=fmt, dpi=150))
     finally:
         plt.close(fig)
+    print(f"wrote {args.out}")
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        with exit_on_signals():
-            plot(args)
-    except (CacheFileError, PlotInputError, OutputPathError) as err:
-        print(f"plot_figure4.py: error: {err}", file=sys.stderr)
-        return 2
-    except OutputSpaceError as err:
-        print(f"plot_figure4.py: error: {err}", file=sys.stderr)
-        return 1
-    except Interrupted as err:
-        print(f"plot_figure4.py: {err}; nothing was written", file=sys.stderr)
-        return err.exit_code
-    print(f"wrote {args.out}")
-    return 0
+    return exit_status(lambda: plot(args), (CacheFileError, PlotInputError, OutputPathError), "plot_figure4.py: error")
 
 
 if __name__ == "__main__":

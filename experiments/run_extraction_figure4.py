@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.config import ConfigError, load_config, model_sizes
-from utils.output import Interrupted, OutputPathError, OutputSpaceError, check_output_path, exit_on_signals
+from utils.output import OutputPathError, check_output_path, exit_status
 from utils.preflight import PreflightError, check_fits, estimate, host_available_bytes
 
 DEFAULT_CONFIG = "configs/default_config.yaml"
@@ -710,18 +710,7 @@ def write_manifest(folder, items, prompts, save_mode):
 
 def main(argv=None):
     args = parse_args(argv)
-    with exit_on_signals():
-        try:
-            return run(args)
-        except UsageError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        except OutputSpaceError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        except Interrupted as err:
-            print(f"{err}; the file being written was left as it was", file=sys.stderr)
-            return err.exit_code
+    return exit_status(lambda: run(args), UsageError)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import stat
+import sys
 import tempfile
 from pathlib import Path
 
@@ -164,3 +165,22 @@ def write_atomically(path, write, expected_bytes=None):
             free = shutil.disk_usage(target.parent).free / 1e9
             raise OutputSpaceError(f"no space left on {target.parent}{needed} ({free:.2f} GB free)") from err
         raise
+
+
+def exit_status(work, bad_input, prefix="error"):
+    """Run ``work()`` under ``exit_on_signals`` and turn its outcome into the scripts' exit status:
+    its own return value (0 if None); 2 for an exception of the ``bad_input`` classes; 1 for a full
+    disk; 128 + the signal number for ``Interrupted``. Each failure is one line on stderr."""
+    try:
+        with exit_on_signals():
+            result = work()
+    except bad_input as err:
+        print(f"{prefix}: {err}", file=sys.stderr)
+        return 2
+    except OutputSpaceError as err:
+        print(f"{prefix}: {err}", file=sys.stderr)
+        return 1
+    except Interrupted as err:
+        print(f"{prefix}: {err}; the file being written was left as it was", file=sys.stderr)
+        return err.exit_code
+    return 0 if result is None else result
