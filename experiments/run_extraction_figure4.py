@@ -583,27 +583,21 @@ def extract_item(args, plan, extractor, context, prompt, tokens, text_len, seed,
 
 
 def report_entry(entry, summary, frame_seq_length, per_block, quiet):
-    """The spec's per-layer line (logit range) and, unless quiet, the per-head sink table."""
+    """The spec's per-layer line (logit range) and, unless quiet, the per-head sink table: the mean logit
+    of the first key frame, of the middle key frames and their difference (``sink_logit_gap`` of
+    utils/sweep_stats.py)."""
     shape = [1, entry["num_heads"], per_block * frame_seq_length, len(entry["key_frame_indices"]) * frame_seq_length]
     print(f"Layer {entry['layer_idx']} pass {entry['pass']}: logits {shape} min {entry['logit_min']:.3f} max {entry['logit_max']:.3f}")
-    table = sink_table(summary, frame_seq_length, per_block)
-    if table is not None and not quiet:
+    if quiet:
+        return
+    from utils.sweep_stats import item_quantities
+
+    sink = item_quantities(summary, entry["key_frame_indices"], entry["query_frames"])
+    first, gap = sink["frame_logit"][0, :, 0], sink["sink_logit_gap"][0]  # [N] each
+    if not gap.isnan().any():  # there are middle key frames
         print("  head  first-frame  middle-frames  first-middle   (query-averaged logits)")
-        for head, (first, middle, delta) in enumerate(table.tolist()):
-            print(f"  {head:4d}  {first:11.3f}  {middle:13.3f}  {delta:12.3f}")
-
-
-def sink_table(summary, frame_seq_length, num_query_frames):
-    """Per head: mean query-averaged logit over the first key frame, over the middle key frames (between
-    the first and the query block), and their difference. None when there are no middle frames."""
-    import torch
-
-    curve = summary["query_mean_logits"][0].unflatten(-1, (-1, frame_seq_length)).mean(-1)  # [N, Fk]
-    middle = curve[:, 1 : curve.shape[1] - num_query_frames]
-    if middle.shape[1] == 0:
-        return None
-    first, mid = curve[:, 0], middle.mean(-1)
-    return torch.stack([first, mid, first - mid], dim=1)  # [N, 3]
+        for head, (f, g) in enumerate(zip(first.tolist(), gap.tolist())):
+            print(f"  {head:4d}  {f:11.3f}  {f - g:13.3f}  {g:12.3f}")
 
 
 def peaks_gib(device):
