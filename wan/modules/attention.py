@@ -291,8 +291,8 @@ def _key_frames(kv_cache):
 
 
 def _key_positions(kv_cache):
-    """(video frame, temporal RoPE frame) of each key token when the cache labels them, else None."""
-    return kv_cache.key_positions() if hasattr(kv_cache, "key_positions") else None
+    """(video frame, temporal RoPE frame) of each key token: the cache knows; None without one."""
+    return kv_cache.key_positions() if kv_cache is not None else None
 
 
 ATTENTION_WEIGHT_CAPTURE = AttentionWeightCapture()
