@@ -33,10 +33,11 @@ MODES = {
 
 
 def use_mode(pipeline, base, mode):
-    """Give the pipeline a model in ``mode`` that shares ``base``'s weights."""
+    """Give the pipeline a model in ``mode`` that shares ``base``'s weights and numerics."""
     with torch.device("meta"):
         model = CausalWanModel(**dict(base.config, **MODES[mode]))
     model.load_state_dict(base.state_dict(), assign=True)
+    model.set_numerics(base.precision, compile=base.compiled)
     pipeline.generator.model = model.eval()
 
 
@@ -88,17 +89,20 @@ def main():
     parser.add_argument("--layers", type=int, nargs="+", default=[0, 4], help="layers captured for the overhead run")
     parser.add_argument("--config", default="configs/random_1_3b.yaml")
     parser.add_argument("--device", default="cuda", help="a CUDA device")
+    parser.add_argument("--precision", choices=("exact", "fast"), default="fast", help="numerics (fast: compiled)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_grad_enabled(False)
     print(f"GPU: {torch.cuda.get_device_name(device)}; torch {torch.__version__}")
-    config = OmegaConf.merge(OmegaConf.load("configs/default_config.yaml"), OmegaConf.load(args.config))
+    config = OmegaConf.merge(OmegaConf.load("configs/default_config.yaml"), OmegaConf.load(args.config),
+                             {"precision": args.precision})
     pipeline = CausalInferencePipeline(config, device, dtype=torch.bfloat16)
     base = pipeline.generator.model
     clock = BlockClock(device, len(pipeline.denoising_steps) + 1)
     pipeline.generator.register_forward_hook(clock)
     fsl = base.frame_seq_length(*pipeline.latent_shape(1)[2:])
-    print(f"{fsl} tokens a frame, {len(base.blocks)} layers, {len(pipeline.denoising_steps) + 1} forwards a block")
+    print(f"{fsl} tokens a frame, {len(base.blocks)} layers, {len(pipeline.denoising_steps) + 1} forwards a block, "
+          f"precision {base.precision} (compiled: {base.compiled})")
 
     use_mode(pipeline, base, "participative_compression")
     rollout(pipeline, clock, 2 * 21, device)  # warm-up, with a compression

@@ -10,7 +10,7 @@ with exact numerics are the truth; rel L2 of exact-bf16 and of fast-bf16 against
 rel(exact). Also the largest difference between the logits captured in fast and in exact mode, and
 whether fast-mode latents are bit-identical with the capture on and off. A table closes the output.
 
-    PYTHONPATH=. python experiments/benchmark_speed.py [--quick] [--repeats 3] [--no_compile]
+    PYTHONPATH=. python experiments/benchmark_speed.py [--quick] [--repeats 3] [--no_compile] [--profile]
 
 (``--config configs/tiny.yaml --device cpu`` runs the same steps on the tiny model, as a smoke test.)
 """
@@ -26,7 +26,7 @@ from torch._dynamo.utils import counters
 
 from pipeline.causal_inference import CausalInferencePipeline
 from utils.wan_wrapper import WanDiffusionWrapper
-from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE
+from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE, fast_attention_kernel
 
 GATE = 1.1
 
@@ -79,6 +79,40 @@ def measure(label, run, repeats, device, rows, frames):
     return out
 
 
+KERNEL_GROUPS = (  # (group, substrings of a kernel's name), first match wins
+    ("attention", ("flash", "fmha", "sdpa", "attention")),
+    ("GEMM", ("gemm", "nvjet", "cutlass", "sm90_xmma")),
+    ("fused (inductor/triton)", ("triton",)),
+    ("copies", ("copy", "memcpy", "memset", "cat")),
+)
+
+
+def kernel_profile(run, device):
+    """One run of ``run`` under the torch profiler: GPU time per kernel group, wall time, and the
+    largest kernels of the elementwise/other group."""
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        _, wall = synchronized_seconds(run, device)
+    groups, kernels = {}, {}
+    for event in prof.key_averages():
+        gpu_us = event.self_device_time_total
+        if gpu_us <= 0 or event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = event.key.lower()
+        group = next((g for g, keys in KERNEL_GROUPS if any(k in name for k in keys)), "other elementwise")
+        calls, us = groups.get(group, (0, 0.0))
+        groups[group] = (calls + event.count, us + gpu_us)
+        kernels.setdefault(group, []).append((gpu_us, event.count, event.key))
+    total = sum(us for _, us in groups.values()) / 1e6
+    print(f"profile of one run: wall {wall:.3f} s, GPU kernel time {total:.3f} s, gaps ~{wall - total:.3f} s")
+    for group, (calls, us) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {group:<26}{calls:>7} kernels {us / 1e6:>8.3f} s {100 * us / 1e6 / total:>6.1f}%")
+        for gpu_us, count, name in sorted(kernels[group], reverse=True)[:6]:
+            print(f"      {gpu_us / 1e6:.3f} s {count:>6}x  {name[:100]}")
+
+
 def rel_l2(x, truth):
     return ((x.float() - truth.float()).norm() / truth.float().norm()).item()
 
@@ -92,6 +126,7 @@ def main():
     parser.add_argument("--no_compile", action="store_true", help="fast mode without torch.compile")
     parser.add_argument("--config", default="configs/random_1_3b.yaml", help="model config, merged onto configs/default_config.yaml")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--profile", action="store_true", help="also profile one fast-mode run: GPU time per kernel group")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_grad_enabled(False)
@@ -100,6 +135,8 @@ def main():
     torch._dynamo.config.suppress_errors = True  # a compile failure falls back to eager (reported below) instead of ending the run
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name}; torch {torch.__version__}; config {args.config}", flush=True)
+    kernel = fast_attention_kernel(device, torch.bfloat16).__name__
+    print(f"fast mode's self-attention kernel on this device in bf16: {kernel}", flush=True)
 
     config = OmegaConf.merge(OmegaConf.load("configs/default_config.yaml"), OmegaConf.load(args.config), {"precision": "exact"})
     start = time.perf_counter()
@@ -186,6 +223,8 @@ def main():
     print(f"captured logits, fast vs exact mode (layers {args.layers}, last block, pass 0): max|diff| {logit_diff:.3e} "
           f"(max|logit| {logit_scale:.2f})")
     print(f"fast-mode latents bit-identical with capture on and off: {torch.equal(fast_latents, captured_latents)}")
+    if args.profile:  # last: the profiler can leave the process slower after it
+        kernel_profile(lambda: inference(bf16, torch.bfloat16), device)
 
 
 if __name__ == "__main__":

@@ -521,7 +521,7 @@ def extract_item(args, plan, extractor, context, prompt, tokens, text_len, seed,
     say(f"\nNum frames: {args.num_frames}\nNum frames per block: {per_block}")
     say(f"Layer indices to capture: {plan.layers}\nPrompt: {prompt}")
     say(f"Capture step: {args.capture_step}  (denoising timesteps {[round(t, 2) for t in pipeline.denoising_steps]}); "
-        f"blocks {plan.blocks}; precision {extractor.model.precision}")
+        f"blocks {plan.blocks}; precision {extractor.model.describe_numerics(extractor.device, extractor.dtype)}")
     say("\n" + "=" * 60 + "\nCapturing attention during inference (the model's own attention calls)\n" + "=" * 60)
     say(f"Model layers: {extractor.num_layers}")
     reset_peaks(extractor.device)

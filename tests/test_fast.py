@@ -12,9 +12,9 @@ from pipeline.causal_inference import CausalInferencePipeline
 from test_capture import FixedTextEncoder
 from test_causal_model import inputs, run_blocks, tiny_model
 from utils.wan_wrapper import WanDiffusionWrapper
-from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE
+from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE, fast_attention_kernel, sdpa
 from wan.modules.causal_model import (
-    RMSNorm, RoPE3D, apply_rope, apply_rope_fp32, gate, gated_residual, layer_norm_modulate, modulate, rms_norm_fp32,
+    RMSNorm, RoPE3D, apply_rope, apply_rope_fp32, gate, gated_residual, layer_norm_modulate, linear_gelu_tanh, modulate, rms_norm_fp32,
 )
 
 
@@ -40,11 +40,23 @@ def test_rope_tables_match_complex128_rope():
     x = torch.randn(2, 3 * 4 * 6, 4, 16, generator=torch.Generator().manual_seed(0))
     for start_frame in (0, 5, 700):
         cos, sin = rope.cos_sin(grid, start_frame, x.device)
-        assert cos.dtype == sin.dtype == torch.float32 and cos.shape == (72, 1, 8)
+        assert cos.dtype == sin.dtype == torch.float32 and cos.shape == sin.shape == (72, 1, 16)
         assert_near(apply_rope_fp32(x, cos, sin), apply_rope(x, rope.freqs(grid, start_frame, x.device)))
+        freqs = rope.freqs(grid, start_frame, x.device)  # pair p rotates members 2p and 2p+1 by the same angle
+        assert torch.equal(cos[..., 0::2], freqs.real.float()) and torch.equal(cos[..., 1::2], freqs.real.float())
+        assert torch.equal(sin[..., 0::2], -freqs.imag.float()) and torch.equal(sin[..., 1::2], freqs.imag.float())
     first = rope.cos_sin(grid, 5, x.device)
     assert rope.cos_sin(torch.Size(grid), 5, x.device) is first  # cached, whatever the grid's type
     assert not torch.equal(rope.cos_sin(grid, 6, x.device)[0], first[0])
+
+
+def test_rope_tables_kept_are_bounded():
+    """A long rollout asks for one table per block: only the last few stay."""
+    rope = RoPE3D(head_dim=16)
+    for start_frame in range(0, 240, 3):
+        rope.cos_sin((3, 2, 2), start_frame, torch.device("cpu"))
+    assert len(rope._cos_sin) == RoPE3D.CACHED_TABLES
+    assert [key[1] for key in rope._cos_sin] == list(range(240 - 3 * RoPE3D.CACHED_TABLES, 240, 3))
 
 
 def test_fused_norms_match_the_modules():
@@ -61,6 +73,34 @@ def test_fused_norms_match_the_modules():
         rms.weight.copy_(1 + 0.3 * torch.randn(dim, generator=gen))
     assert_near(rms_norm_fp32(x, rms), rms(x))
     assert torch.equal(rms_norm_fp32(x, nn.Identity()), x)
+
+
+def test_ffn_up_projection_with_gelu_matches_the_formula():
+    """On the CPU the op computes the two steps (the fused cuBLASLt epilogue is the CUDA path, checked
+    against this formula by the GPU benchmark); the formula is written out here, in float64."""
+    gen = torch.Generator().manual_seed(3)
+    x, weight, bias = torch.randn(7, 16, generator=gen, dtype=torch.float64), torch.randn(24, 16, generator=gen, dtype=torch.float64), torch.randn(24, generator=gen, dtype=torch.float64)
+    a = x @ weight.T + bias
+    expected = 0.5 * a * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (a + 0.044715 * a**3)))
+    assert torch.allclose(linear_gelu_tanh(x, weight, bias), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_fast_attention_kernel_falls_back_to_sdpa():
+    """FlashAttention-4 only for bf16/fp16 on a Hopper/Blackwell GPU where the package is installed;
+    elsewhere torch's attention. Both take [B, L, N, D]."""
+    assert fast_attention_kernel(torch.device("cpu"), torch.bfloat16) is sdpa
+    assert fast_attention_kernel(torch.device("cpu"), torch.float32) is sdpa
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, n, 3, 8, generator=gen, dtype=torch.float64) for n in (5, 7, 7))
+    weights = torch.einsum("bqnd,bknd->bnqk", q, k).mul(8**-0.5).softmax(dim=-1)
+    assert torch.allclose(sdpa(q, k, v), torch.einsum("bnqk,bknd->bqnd", weights, v))
+
+
+def test_header_names_the_numerics():
+    model = tiny_model(seed=0)
+    assert model.describe_numerics("cpu", torch.float32) == "exact"
+    model.set_numerics("fast")
+    assert model.describe_numerics("cpu", torch.bfloat16) == "fast (not compiled; self-attention: sdpa)"
 
 
 def test_fast_cache_holds_the_exact_keys_and_values():

@@ -22,6 +22,7 @@ Keep policies:
   (waiting for the device each time). Fine for tiny models; at full size one last-block call is
   1.84e9 elements (7.4 GB in fp32) and a 21-frame run has 35 calls per layer, so hundreds of GB.
 """
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -32,16 +33,42 @@ from utils.attention_stats import summarize_logits
 KEEP_POLICIES = ("pass", "largest_k", "all")
 
 
-def attention(q, k, v, layer_idx=None, kv_cache=None):
+def sdpa(q, k, v):
+    """torch's scaled-dot-product attention on q [B, Lq, N, D], k and v [B, Lk, N, D] -> [B, Lq, N, D]."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+@functools.cache
+def fast_attention_kernel(device, dtype):
+    """The attention kernel of fast mode for tensors on ``device`` of ``dtype``: FlashAttention-4's
+    forward (the optional package ``flash-attn-4``) for bf16/fp16 on a Hopper or Blackwell GPU where it
+    is installed, else ``sdpa``. Both take and return [B, L, N, D]; FlashAttention-4 needs no transposes
+    and is about 15% faster than torch's cuDNN attention on the self-attention shapes here (H200)."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return sdpa
+    if torch.cuda.get_device_capability(device)[0] not in (9, 10):
+        return sdpa
+    try:
+        from flash_attn.cute import flash_attn_func
+    except (ImportError, OSError):
+        return sdpa
+
+    def flash_attention_4(q, k, v):
+        return flash_attn_func(q, k, v)[0]
+
+    return flash_attention_4
+
+
+def attention(q, k, v, layer_idx=None, kv_cache=None, kernel=sdpa):
     """Softmax attention without mask. q: [B, Lq, N, D], k and v: [B, Lk, N, D] -> [B, Lq, N, D].
 
     ``layer_idx``: the transformer block of a self-attention call, which the capture may record;
     None for cross-attention, which it never records. ``kv_cache``: where k and v were read from.
+    ``kernel``: ``sdpa`` (exact mode) or ``fast_attention_kernel(...)``.
     """
     if layer_idx is not None and ATTENTION_WEIGHT_CAPTURE.enabled:
         ATTENTION_WEIGHT_CAPTURE.observe(layer_idx, q, k, kv_cache)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
+    return kernel(q, k, v)
 
 
 def attention_logits(q, k, head, rows=slice(None)):

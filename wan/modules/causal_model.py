@@ -12,11 +12,14 @@ Two numerics modes (``CausalWanModel.set_numerics``):
 - ``exact``: upstream Self-Forcing's arithmetic (RoPE in complex128, every op in the weights' dtype).
 - ``fast``: the same model with the elementwise work fused: RoPE in fp32 real arithmetic from cos/sin
   tables cached per (grid, start frame, device), each norm and its modulation, gate or RoPE computed in
-  fp32 and rounded once. Each block runs as two functions, ``fast_attention_inputs`` (norm1 +
-  modulation + q/k/v + q/k norms + RoPE) and ``fast_block_output`` (o + gate + cross-attention + FFN),
-  optionally compiled once with ``torch.compile`` and shared by every block. The self-attention call,
-  the KV-cache write and the attention capture stay eager between them.
+  fp32 and rounded once; the FFN's first GEMM with bias and GELU in its epilogue on a GPU
+  (``linear_gelu_tanh``); self-attention on FlashAttention-4 where installed
+  (``attention.fast_attention_kernel``). Each block runs as two functions, ``fast_attention_inputs``
+  (norm1 + modulation + q/k/v + q/k norms + RoPE) and ``fast_block_output`` (o + gate +
+  cross-attention + FFN), optionally compiled once with ``torch.compile`` and shared by every block.
+  The self-attention call, the KV-cache write and the attention capture stay eager between them.
 """
+import collections
 import functools
 import json
 import math
@@ -35,7 +38,7 @@ from utils.config import (
     resolve_attention_mode,
 )
 from utils.loading import WeightFileError, load_into, read_state_dict
-from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE, attention
+from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE, attention, fast_attention_kernel, sdpa
 from wan.modules.deep_forcing import DeepSinkCache, ParticipativeCompressionCache
 from wan.modules.kv_cache import KVCache
 
@@ -55,13 +58,15 @@ class RoPE3D:
     into time, height and width parts; each part rotates with its own coordinate. Frames are
     absolute: a block starting at frame s uses angles s, s+1, ..."""
 
+    CACHED_TABLES = 4
+
     def __init__(self, head_dim, max_len=1024, theta=10000.0):
         pairs = head_dim // 2
         self.split = [pairs - 2 * (pairs // 3), pairs // 3, pairs // 3]
         self.max_len = max_len
         self.theta = theta
         self._tables = {}  # device -> complex128 [max_len, D/2]; built on first use on that device
-        self._cos_sin = {}  # (grid, start frame, device) -> fp32 (cos, sin), each [f*h*w, 1, D/2]
+        self._cos_sin = collections.OrderedDict()  # (grid, start frame, device) -> fp32 (cos, sin), each [f*h*w, 1, D]
 
     def _table(self, device):
         if device not in self._tables:
@@ -91,12 +96,19 @@ class RoPE3D:
         return freqs.reshape(f * h * w, 1, -1)
 
     def cos_sin(self, grid, start_frame, device):
-        """The rotations of ``freqs`` as fp32 (cos, sin) tables [f*h*w, 1, D/2], built once per grid,
-        start frame and device (each is the correctly rounded fp32 value of the complex128 one)."""
+        """The rotations of ``freqs`` as the fp32 tables of ``apply_rope_fp32``, [f*h*w, 1, D] each: the
+        cosine for both members of a pair, and the sine signed (-sin, +sin); each is the correctly
+        rounded fp32 value of the complex128 one. Built once per grid, start frame and device; the
+        last ``CACHED_TABLES`` stay (a block's passes share one; a long rollout needs no more)."""
         key = (tuple(grid), start_frame, device)
-        if key not in self._cos_sin:
+        if key in self._cos_sin:
+            self._cos_sin.move_to_end(key)
+        else:
             freqs = self.freqs(grid, start_frame, device)
-            self._cos_sin[key] = (freqs.real.float().contiguous(), freqs.imag.float().contiguous())
+            sin = freqs.imag.float()
+            self._cos_sin[key] = (freqs.real.float().repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2))
+            while len(self._cos_sin) > self.CACHED_TABLES:
+                self._cos_sin.popitem(last=False)
         return self._cos_sin[key]
 
 
@@ -107,9 +119,11 @@ def apply_rope(x, freqs):
 
 
 def apply_rope_fp32(x, cos, sin):
-    """``apply_rope`` in fp32 real arithmetic: x [B, L, N, D] fp32, cos and sin [L, 1, D/2] -> fp32."""
-    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+    """``apply_rope`` in fp32 real arithmetic: x [B, L, N, D] fp32 and ``RoPE3D.cos_sin``'s tables
+    [L, 1, D] -> fp32. A pair (a, b) becomes (a cos - b sin, b cos + a sin) = (a, b) * cos + (b, a) *
+    (-sin, sin): one multiply-add with x's pairs swapped, no gather of even and odd members."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # [B, L, N, D]: (x1, x0, x3, x2, ...)
+    return x * cos + swapped * sin
 
 
 def modulate(x, shift, scale):
@@ -255,10 +269,28 @@ def fast_block_output(block, x, y, mod, text_k, text_v):
     x = gated_residual(x, block.self_attn.o(y.flatten(2)), mod[:, :, 2:3])
     cross = block.cross_attn
     q = rms_norm_fp32(cross.q(block.norm3(x)), cross.norm_q).type_as(x).unflatten(2, (cross.num_heads, -1))
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), text_k.transpose(1, 2), text_v.transpose(1, 2))
-    x = x + cross.o(out.transpose(1, 2).flatten(2))
+    x = x + cross.o(sdpa(q, text_k, text_v).flatten(2))
     h = layer_norm_modulate(x, mod[:, :, 3:4], mod[:, :, 4:5], block.norm2.eps)
-    return gated_residual(x, block.ffn(h), mod[:, :, 5:6])
+    up, down = block.ffn[0], block.ffn[2]
+    hidden = linear_gelu_tanh(h.flatten(0, 1), up.weight, up.bias).unflatten(0, h.shape[:2])  # [B, F*S, ffn_dim]
+    return gated_residual(x, down(hidden), mod[:, :, 5:6])
+
+
+@torch.library.custom_op("wan::linear_gelu_tanh", mutates_args=())
+def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU (tanh approximation) of x [M, K] @ weight.T + bias -> [M, N]. On a GPU one cuBLASLt GEMM
+    with the bias and the GELU in its epilogue, applied to the fp32 accumulator before the single
+    rounding (torch's CUDA ``_addmm_activation``, whose GELU is the tanh form; its CPU version uses
+    the erf form, so the CPU computes the two steps). An opaque op to torch.compile, which would
+    otherwise split it back into a GEMM and an elementwise kernel."""
+    if x.is_cuda:
+        return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
+    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+
+@linear_gelu_tanh.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @functools.cache
@@ -334,6 +366,14 @@ class CausalWanModel(nn.Module):
         self.compiled = bool(compile) and precision == "fast"
         self._attention_inputs = compiled(fast_attention_inputs) if self.compiled else fast_attention_inputs
         self._block_output = compiled(fast_block_output) if self.compiled else fast_block_output
+
+    def describe_numerics(self, device, dtype):
+        """One line for a run's header: the precision and, in fast mode, compilation and the
+        self-attention kernel used for tensors on ``device`` of ``dtype``."""
+        if self.precision == "exact":
+            return "exact"
+        kernel = fast_attention_kernel(torch.device(device), dtype).__name__
+        return f"fast ({'compiled' if self.compiled else 'not compiled'}; self-attention: {kernel})"
 
     @classmethod
     def from_pretrained(cls, model_dir, device="cpu", dtype=None, load_weights=True, **overrides):
@@ -420,11 +460,12 @@ class CausalWanModel(nn.Module):
         """The transformer blocks in fast mode: the two fused halves of each block around the eager
         self-attention call, which writes K/V into the cache and is what the capture observes."""
         cos, sin = self.rope.cos_sin(grid, current_start // frame_seq_length, x.device)
+        kernel = fast_attention_kernel(x.device, x.dtype)
         for block, cache, xcache in zip(self.blocks, kv_cache, crossattn_cache):
             q, k, v, mod = self._attention_inputs(block, x, e0, cos, sin)
             if cache is not None:
                 k, v = cache.update(k, v, current_start, queries=q)
-            y = attention(q, k, v, layer_idx=block.self_attn.layer_idx, kv_cache=cache)
+            y = attention(q, k, v, layer_idx=block.self_attn.layer_idx, kv_cache=cache, kernel=kernel)
             text_k, text_v = block.cross_attn.text_kv(context, xcache)
             x = self._block_output(block, x, y, mod, text_k, text_v)
         return x

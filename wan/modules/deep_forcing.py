@@ -46,7 +46,7 @@ compress), not 21 <-> 16 as the paper's App. E says.
 """
 import torch
 
-from wan.modules.kv_cache import KVCache
+from wan.modules.kv_cache import KVCache, token_frames
 
 
 def shift_time(keys, delta, rope):
@@ -85,7 +85,7 @@ class DeepSinkCache(KVCache):
 
     def key_positions(self):
         """(video frame, temporal RoPE frame) of each cached token, int64 [B, local_end] each."""
-        video = torch.tensor(self.frames, device=self.k.device).repeat_interleave(self.frame_seq_length)
+        video = token_frames(self.frames, self.frame_seq_length, self.k.device)
         rope = torch.where(torch.arange(len(video), device=video.device) < self.sink_tokens, video + self.sink_start, video)
         batch = self.k.shape[0]
         return video.expand(batch, -1).clone(), rope.expand(batch, -1).clone()

@@ -56,5 +56,12 @@ class KVCache:
     def key_positions(self):
         """(video frame, temporal RoPE frame) of each cached token, int64 [B, local_end] each; equal
         here, since keys keep the position they were written at."""
-        video = torch.tensor(self.frames, device=self.k.device).repeat_interleave(self.frame_seq_length)
+        video = token_frames(self.frames, self.frame_seq_length, self.k.device)
         return video.expand(self.k.shape[0], -1).clone(), video.expand(self.k.shape[0], -1).clone()
+
+
+def token_frames(frames, frame_seq_length, device):
+    """The frame of each token of ``frames`` (a list of per-slot frames), int64 [len(frames) *
+    frame_seq_length] on ``device``. The host-to-device copy is queued, not waited for (a blocking copy
+    would wait for every kernel queued before it, in the capture's hot path)."""
+    return torch.tensor(frames).to(device, non_blocking=True).repeat_interleave(frame_seq_length)
