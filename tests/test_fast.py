@@ -103,6 +103,24 @@ def test_header_names_the_numerics():
     assert model.describe_numerics("cpu", torch.bfloat16) == "fast (not compiled; self-attention: sdpa)"
 
 
+def test_fast_blocks_get_the_residual_stream_row_major():
+    """The patch embedding leaves x channel-major; fast mode's fused norms over C want it row-major."""
+    model = tiny_model(seed=2)
+    model.set_numerics("fast")
+    layouts = []
+    inner = model._attention_inputs
+
+    def spy(block, x, e, cos, sin):
+        layouts.append(x.is_contiguous())
+        return inner(block, x, e, cos, sin)
+
+    model._attention_inputs = spy
+    x, context = inputs(frames=3, seed=1)
+    with torch.no_grad():
+        model(x, torch.full((1, 3), 1000.0), context)
+    assert layouts == [True] * len(model.blocks)
+
+
 def test_fast_cache_holds_the_exact_keys_and_values():
     model = tiny_model(seed=5)
     x, context = inputs(frames=6, seed=2)

@@ -459,6 +459,9 @@ class CausalWanModel(nn.Module):
     def _fast_blocks(self, x, e0, grid, frame_seq_length, context, kv_cache, crossattn_cache, current_start):
         """The transformer blocks in fast mode: the two fused halves of each block around the eager
         self-attention call, which writes K/V into the cache and is what the capture observes."""
+        # The patch embedding's rearrange leaves x [B, L, C] channel-major in memory; every norm over C
+        # would then read it across tokens while reading the GEMM outputs along C. Row-major from here.
+        x = x.contiguous()
         cos, sin = self.rope.cos_sin(grid, current_start // frame_seq_length, x.device)
         kernel = fast_attention_kernel(x.device, x.dtype)
         for block, cache, xcache in zip(self.blocks, kv_cache, crossattn_cache):
