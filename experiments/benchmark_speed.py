@@ -26,7 +26,7 @@ from torch._dynamo.utils import counters
 
 from pipeline.causal_inference import CausalInferencePipeline
 from utils.wan_wrapper import WanDiffusionWrapper
-from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE, fast_attention_kernel
+from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE
 
 GATE = 1.1
 
@@ -135,8 +135,6 @@ def main():
     torch._dynamo.config.suppress_errors = True  # a compile failure falls back to eager (reported below) instead of ending the run
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name}; torch {torch.__version__}; config {args.config}", flush=True)
-    kernel = fast_attention_kernel(device, torch.bfloat16).__name__
-    print(f"fast mode's self-attention kernel on this device in bf16: {kernel}", flush=True)
 
     config = OmegaConf.merge(OmegaConf.load("configs/default_config.yaml"), OmegaConf.load(args.config), {"precision": "exact"})
     start = time.perf_counter()
@@ -148,6 +146,7 @@ def main():
                                    dtype=torch.bfloat16)
     model = bf16.generator.model
     print(f"models built in {time.perf_counter() - start:.1f} s (fp32 truth and its bf16 copy)", flush=True)
+    print(f"fast mode here: {model.describe_numerics(device, torch.bfloat16)}", flush=True)
 
     per_block = bf16.num_frame_per_block
     shape = (1, *bf16.latent_shape(args.num_frames))

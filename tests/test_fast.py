@@ -88,12 +88,50 @@ def test_ffn_up_projection_with_gelu_matches_the_formula():
 def test_fast_attention_kernel_falls_back_to_sdpa():
     """FlashAttention-4 only for bf16/fp16 on a Hopper/Blackwell GPU where the package is installed;
     elsewhere torch's attention. Both take [B, L, N, D]."""
-    assert fast_attention_kernel(torch.device("cpu"), torch.bfloat16) is sdpa
-    assert fast_attention_kernel(torch.device("cpu"), torch.float32) is sdpa
+    assert fast_attention_kernel(torch.device("cpu"), torch.bfloat16, 128) is sdpa
+    assert fast_attention_kernel(torch.device("cpu"), torch.float32, 128) is sdpa
     gen = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(2, n, 3, 8, generator=gen, dtype=torch.float64) for n in (5, 7, 7))
     weights = torch.einsum("bqnd,bknd->bnqk", q, k).mul(8**-0.5).softmax(dim=-1)
     assert torch.allclose(sdpa(q, k, v), torch.einsum("bnqk,bknd->bqnd", weights, v))
+
+
+def test_fast_attention_kernel_picks_flash_attention_4_where_it_runs(monkeypatch):
+    """The choice, with a stand-in ``flash_attn.cute`` package and device capability (no GPU here)."""
+    import sys
+    import types
+
+    calls = []
+
+    def flash_attn_func(q, k, v):
+        calls.append((q, k, v))
+        return "out", "lse"
+
+    cute = types.ModuleType("flash_attn.cute")
+    cute.flash_attn_func = flash_attn_func
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    capability = [9]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (capability[0], 0))
+    cuda = torch.device("cuda", 0)
+
+    def pick(dtype, head_dim, major):
+        fast_attention_kernel.cache_clear()
+        capability[0] = major
+        return fast_attention_kernel(cuda, dtype, head_dim)
+
+    try:
+        kernel = pick(torch.bfloat16, 128, 9)
+        assert kernel.__name__ == "flash_attention_4" and kernel("q", "k", "v") == "out" and calls == [("q", "k", "v")]
+        assert pick(torch.float16, 256, 9) is not sdpa and pick(torch.bfloat16, 8, 10) is not sdpa
+        assert pick(torch.float32, 128, 9) is sdpa  # FlashAttention-4 is bf16/fp16 only
+        assert pick(torch.bfloat16, 12, 9) is sdpa and pick(torch.bfloat16, 264, 9) is sdpa
+        assert pick(torch.bfloat16, 256, 10) is sdpa  # Blackwell: up to 128
+        assert pick(torch.bfloat16, 128, 8) is sdpa  # Ampere
+        monkeypatch.setitem(sys.modules, "flash_attn.cute", None)  # not installed: the import fails
+        assert pick(torch.bfloat16, 128, 9) is sdpa
+    finally:
+        fast_attention_kernel.cache_clear()
 
 
 def test_header_names_the_numerics():

@@ -39,14 +39,17 @@ def sdpa(q, k, v):
 
 
 @functools.cache
-def fast_attention_kernel(device, dtype):
-    """The attention kernel of fast mode for tensors on ``device`` of ``dtype``: FlashAttention-4's
-    forward (the optional package ``flash-attn-4``) for bf16/fp16 on a Hopper or Blackwell GPU where it
-    is installed, else ``sdpa``. Both take and return [B, L, N, D]; FlashAttention-4 needs no transposes
-    and is about 15% faster than torch's cuDNN attention on the self-attention shapes here (H200)."""
+def fast_attention_kernel(device, dtype, head_dim):
+    """The attention kernel of fast mode for tensors on ``device`` of ``dtype`` with ``head_dim``:
+    FlashAttention-4's forward (the optional package ``flash-attn-4``) for bf16/fp16 on a Hopper or
+    Blackwell GPU where it is installed and supports the head size (a multiple of 8, up to 256 on
+    Hopper and 128 on Blackwell), else ``sdpa``. Both take and return [B, L, N, D]; FlashAttention-4
+    needs no transposes and is about 15% faster than torch's cuDNN attention on the self-attention
+    shapes here (H200)."""
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return sdpa
-    if torch.cuda.get_device_capability(device)[0] not in (9, 10):
+    largest = {9: 256, 10: 128}.get(torch.cuda.get_device_capability(device)[0])
+    if largest is None or head_dim % 8 or not 8 <= head_dim <= largest:
         return sdpa
     try:
         from flash_attn.cute import flash_attn_func

@@ -342,6 +342,7 @@ class CausalWanModel(nn.Module):
         self.patch_size = tuple(patch_size)
         self.freq_dim = freq_dim
         self.num_heads = num_heads
+        self.head_dim = dim // num_heads
         self.local_attn_size = local_attn_size
         self.sink_size = sink_size
         self.attention_mode = resolve_attention_mode(attention_mode, local_attn_size, sink_size, budget, recent, topc_max_reuse)
@@ -353,7 +354,7 @@ class CausalWanModel(nn.Module):
             CausalWanBlock(i, dim, ffn_dim, num_heads, qk_norm, cross_attn_norm, eps) for i in range(num_layers)
         )
         self.head = Head(dim, out_dim, self.patch_size, eps)
-        self.rope = RoPE3D(dim // num_heads)
+        self.rope = RoPE3D(self.head_dim)
         self.set_numerics("exact")
 
     def set_numerics(self, precision, compile=False):
@@ -372,7 +373,7 @@ class CausalWanModel(nn.Module):
         self-attention kernel used for tensors on ``device`` of ``dtype``."""
         if self.precision == "exact":
             return "exact"
-        kernel = fast_attention_kernel(torch.device(device), dtype).__name__
+        kernel = fast_attention_kernel(torch.device(device), dtype, self.head_dim).__name__
         return f"fast ({'compiled' if self.compiled else 'not compiled'}; self-attention: {kernel})"
 
     @classmethod
@@ -463,7 +464,7 @@ class CausalWanModel(nn.Module):
         # would then read it across tokens while reading the GEMM outputs along C. Row-major from here.
         x = x.contiguous()
         cos, sin = self.rope.cos_sin(grid, current_start // frame_seq_length, x.device)
-        kernel = fast_attention_kernel(x.device, x.dtype)
+        kernel = fast_attention_kernel(x.device, x.dtype, self.head_dim)
         for block, cache, xcache in zip(self.blocks, kv_cache, crossattn_cache):
             q, k, v, mod = self._attention_inputs(block, x, e0, cos, sin)
             if cache is not None:
