@@ -159,15 +159,21 @@ def test_fast_blocks_get_the_residual_stream_row_major():
     assert layouts == [True] * len(model.blocks)
 
 
+def in_both_modes(model, run):
+    """``run()`` with exact, then fast numerics, without grad: {"exact": ..., "fast": ...}."""
+    outs = {}
+    with torch.no_grad():
+        for precision in ("exact", "fast"):
+            model.set_numerics(precision)
+            outs[precision] = run()
+    return outs
+
+
 def test_fast_cache_holds_the_exact_keys_and_values():
     model = tiny_model(seed=5)
     x, context = inputs(frames=6, seed=2)
     t = torch.full((1, 6), 937.5)
-    caches = {}
-    with torch.no_grad():
-        for precision in ("exact", "fast"):
-            model.set_numerics(precision)
-            caches[precision] = run_blocks(model, x, t, context, 3)[1]
+    caches = in_both_modes(model, lambda: run_blocks(model, x, t, context, 3)[1])
     for exact, fast in zip(caches["exact"], caches["fast"]):
         assert (fast.global_end, fast.local_end, fast.key_frames()) == (exact.global_end, exact.local_end, exact.key_frames())
         assert_near(fast.k, exact.k)
@@ -184,11 +190,7 @@ def test_fast_model_matches_exact(window, sink):
     x, context = inputs(frames=12, batch=2, seed=4)
     t = torch.tensor([[1000.0, 937.5, 833.3, 625.0] * 3, [250.0, 0.0, 500.0, 750.0] * 3])
     junk = (torch.randn(x.shape, generator=torch.Generator().manual_seed(9)), torch.full_like(t, 1000.0))
-    outs = {}
-    with torch.no_grad():
-        for precision in ("exact", "fast"):
-            model.set_numerics(precision)
-            outs[precision] = run_blocks(model, x, t, context, 3, rerun_first_with=junk)[0] + [model(x, t, context)]
+    outs = in_both_modes(model, lambda: run_blocks(model, x, t, context, 3, rerun_first_with=junk)[0] + [model(x, t, context)])
     for fast, exact in zip(outs["fast"], outs["exact"]):
         assert_near(fast, exact, rel=1e-5)
 
@@ -203,11 +205,7 @@ def test_fast_model_matches_exact_with_deep_forcing_caches(mode):
     model = tiny_model(seed=23, **mode)
     x, context = inputs(frames=15, seed=7)
     t = torch.tensor([[1000.0, 937.5, 833.3] * 5])
-    outs = {}
-    with torch.no_grad():
-        for precision in ("exact", "fast"):
-            model.set_numerics(precision)
-            outs[precision] = run_blocks(model, x, t, context, 3)[0]
+    outs = in_both_modes(model, lambda: run_blocks(model, x, t, context, 3)[0])
     for fast, exact in zip(outs["fast"], outs["exact"]):
         assert_near(fast, exact, rel=1e-5)
 
