@@ -1,6 +1,7 @@
 """The fast numerics mode against the exact one, in fp32 on the CPU: each fused piece, the whole model
 (global cache and local windows), the pipeline, the capture in fast mode, the skipped last cache pass,
 and one small torch.compile run."""
+import pickle
 import shutil
 
 import pytest
@@ -12,7 +13,14 @@ from pipeline.causal_inference import CausalInferencePipeline
 from test_capture import FixedTextEncoder
 from test_causal_model import inputs, run_blocks, tiny_model
 from utils.wan_wrapper import WanDiffusionWrapper
-from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE, fast_attention_kernel, sdpa
+from wan.modules.attention import (
+    ATTENTION_WEIGHT_CAPTURE,
+    MIN_SPLIT_KEYS,
+    fast_attention_kernel,
+    merge_key_splits,
+    sdpa,
+    split_keys_pays,
+)
 from wan.modules.causal_model import (
     RMSNorm, RoPE3D, apply_rope, apply_rope_fp32, gate, gated_residual, layer_norm_modulate, linear_gelu_tanh, modulate, rms_norm_fp32,
 )
@@ -113,6 +121,7 @@ def test_fast_attention_kernel_picks_flash_attention_4_where_it_runs(monkeypatch
     monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
     capability = [9]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (capability[0], 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: types.SimpleNamespace(multi_processor_count=132))
     cuda = torch.device("cuda", 0)
 
     def pick(dtype, head_dim, major):
@@ -130,6 +139,71 @@ def test_fast_attention_kernel_picks_flash_attention_4_where_it_runs(monkeypatch
         assert pick(torch.bfloat16, 128, 8) is sdpa  # Ampere
         monkeypatch.setitem(sys.modules, "flash_attn.cute", None)  # not installed: the import fails
         assert pick(torch.bfloat16, 128, 9) is sdpa
+    finally:
+        fast_attention_kernel.cache_clear()
+
+
+def direct_attention(q, k, v):
+    """Softmax attention and the log-sum-exp of its logits, written out: q [B, Lq, N, D], k and v
+    [B, Lk, N, D] -> [B, Lq, N, D] and [B, N, Lq]."""
+    logits = torch.einsum("bqnd,bknd->bnqk", q, k) * q.shape[-1] ** -0.5
+    return torch.einsum("bnqk,bknd->bqnd", logits.softmax(dim=-1), v), logits.logsumexp(dim=-1)
+
+
+def test_merging_key_splits_gives_attention_over_all_keys():
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 9, 3, 8, generator=gen, dtype=torch.float64)
+    k, v = (3 * torch.randn(1, 24, 3, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    expected = direct_attention(q, k, v)[0]
+    for parts in ((12, 12), (5, 19), (8, 8, 8)):
+        outs, lses = zip(*(direct_attention(q, kp, vp) for kp, vp in zip(k.split(parts, dim=1), v.split(parts, dim=1))))
+        merged = merge_key_splits(torch.cat(outs), torch.cat(lses))
+        assert merged.shape == expected.shape and torch.allclose(merged, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_keys_are_split_only_where_the_last_wave_is_mostly_idle():
+    # 4680 queries in 37 tiles of 128, 12 heads: 444 tiles on 132 SMs take 4 waves; 888 half tiles 3.5.
+    assert split_keys_pays(1, 4680, 12, 32760, 132)
+    assert not split_keys_pays(1, 4680, 12, MIN_SPLIT_KEYS - 2, 132)  # too few keys to pay for the merge
+    assert split_keys_pays(1, 128, 12, 32760, 132)  # 12 tiles: 24 half tiles keep twice the SMs busy
+    assert not split_keys_pays(1, 128 * 11, 12, 32760, 132)  # 132 tiles fill one wave exactly
+    assert not split_keys_pays(1, 128 * 25, 10, 32760, 132)  # 250 tiles: 2 waves, and 4 half waves
+
+
+def test_flash_attention_4_splits_the_keys_of_one_video_and_merges(monkeypatch):
+    """With a stand-in ``flash_attn.cute`` (attention written out in float64) on a pretend Hopper GPU
+    of 4 SMs: 3 heads x 2 query tiles leave the second wave half idle, so the keys are split into a
+    batch of two halves when a merge is given, and the merged result is attention over all keys."""
+    import sys
+    import types
+
+    batches = []
+
+    def flash_attn_func(q, k, v, return_lse=False):
+        batches.append((q.shape[0], k.shape[1], q.stride(0)))
+        out, lse = direct_attention(q, k, v)
+        return out, (lse if return_lse else None)
+
+    cute = types.ModuleType("flash_attn.cute")
+    cute.flash_attn_func = flash_attn_func
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: types.SimpleNamespace(multi_processor_count=4))
+    cuda = torch.device("cuda", 0)
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(1, 200, 3, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(1, MIN_SPLIT_KEYS, 3, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    expected = direct_attention(q, k, v)[0]
+    try:
+        fast_attention_kernel.cache_clear()
+        split = fast_attention_kernel(cuda, torch.bfloat16, 8, merge_key_splits)
+        assert torch.allclose(split(q, k, v), expected, rtol=1e-12, atol=1e-12)
+        assert batches == [(2, MIN_SPLIT_KEYS // 2, 0)]  # one launch: the query broadcast over the two halves
+        assert torch.allclose(split(q, k[:, :-2], v[:, :-2]), direct_attention(q, k[:, :-2], v[:, :-2])[0], rtol=1e-12, atol=1e-12)
+        assert batches[-1] == (1, MIN_SPLIT_KEYS - 2, q.stride(0))  # too few keys: not split
+        unsplit = fast_attention_kernel(cuda, torch.bfloat16, 8)
+        assert torch.allclose(unsplit(q, k, v), expected, rtol=1e-12, atol=1e-12) and batches[-1][0] == 1
     finally:
         fast_attention_kernel.cache_clear()
 
@@ -329,3 +403,46 @@ def test_compiled_fast_model_matches_exact_with_one_graph_per_half():
     for fast, reference in zip(compiled, exact):
         assert_near(fast, reference, rel=1e-5)
     assert counters["stats"]["unique_graphs"] == 2  # one per block half, shared by every block and block position
+
+
+def test_norm_rows_up_to_2048_wide_are_reduced_in_registers():
+    """The one heuristic fast mode changes in inductor: an inner reduction of <= 2048 elements is a
+    persistent one (inductor's own limit is 1024); others are left to inductor."""
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    from wan.modules.inductor_heuristics import WholeRowReductions
+
+    class Features:
+        def __init__(self, numel, hint):
+            self.reduction_numel, self.hint = numel, hint
+
+        def get_reduction_hint(self):
+            return self.hint
+
+    class Graph:
+        class sizevars:
+            statically_known_leq = staticmethod(lambda a, b: a <= b)
+
+    choices = WholeRowReductions()
+    with V.set_graph_handler(Graph()):
+        assert choices.should_use_persistent_reduction(Features(1536, ReductionHint.INNER), False)
+        assert choices.should_use_persistent_reduction(Features(512, ReductionHint.INNER), False)
+        assert not choices.should_use_persistent_reduction(Features(4096, ReductionHint.INNER), False)
+        assert not choices.should_use_persistent_reduction(Features(1536, ReductionHint.OUTER_TINY), False)
+    assert choices.uuid() == WholeRowReductions().uuid()  # part of the on-disk cache key: stable
+    assert pickle.loads(pickle.dumps(WholeRowReductions)) is WholeRowReductions  # the cache key pickles it
+
+
+def test_compiled_functions_use_deterministic_inductor_with_whole_row_reductions(monkeypatch):
+    from torch._inductor import config as inductor_config
+
+    from wan.modules.compilation import compiled
+    from wan.modules.inductor_heuristics import WholeRowReductions
+
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic, options: seen.update(options, dynamic=dynamic) or fn)
+    assert compiled.__wrapped__(abs) is abs
+    assert seen["deterministic"] is True and seen["dynamic"] is False
+    if hasattr(inductor_config, "inductor_choices_class"):
+        assert seen["inductor_choices_class"] is WholeRowReductions

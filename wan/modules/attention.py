@@ -23,6 +23,7 @@ Keep policies:
   1.84e9 elements (7.4 GB in fp32) and a 21-frame run has 35 calls per layer, so hundreds of GB.
 """
 import functools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -38,26 +39,62 @@ def sdpa(q, k, v):
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
+def merge_key_splits(out, lse):
+    """Attention over S disjoint parts of the keys -> attention over all of them. out [S, Lq, N, D]:
+    each part's own softmax-weighted values; lse [S, N, Lq]: each part's log-sum-exp of the logits.
+    Part i holds exp(lse_i - logsumexp_j lse_j) of the softmax mass. Merged in lse's dtype (fp32 from
+    the kernel) and rounded once: [1, Lq, N, D] in out's dtype."""
+    share = lse.transpose(1, 2).unsqueeze(-1).softmax(dim=0)  # [S, Lq, N, 1]
+    return (out.to(share.dtype) * share).sum(dim=0, keepdim=True).type_as(out)
+
+
+HOPPER_QUERY_TILE = 128  # FlashAttention-4's query rows per thread block on Hopper for head sizes <= 256
+MIN_SPLIT_KEYS = 8192  # the merge costs about what the split saves at 4680 keys; 9360 gain 6% (H200)
+
+
+def split_keys_pays(batch, queries, heads, keys, sms):
+    """Whether attention of [batch, queries, heads] over ``keys`` keys finishes sooner as two launches'
+    worth of half-length tiles in one: with T query tiles on ``sms`` SMs the last wave runs
+    ceil(T / sms) - T / sms empty; split, the 2T half tiles take ceil(2T / sms) / 2 full-tile times.
+    (12 heads x 37 tiles of 4680 queries on an H200's 132 SMs: 4 waves -> 3.5.)"""
+    tiles = batch * heads * math.ceil(queries / HOPPER_QUERY_TILE)
+    return keys >= MIN_SPLIT_KEYS and math.ceil(2 * tiles / sms) / 2 < math.ceil(tiles / sms)
+
+
 @functools.cache
-def fast_attention_kernel(device, dtype, head_dim):
+def fast_attention_kernel(device, dtype, head_dim, merge=None):
     """The attention kernel of fast mode for tensors on ``device`` of ``dtype`` with ``head_dim``:
     FlashAttention-4's forward (the optional package ``flash-attn-4``) for bf16/fp16 on a Hopper or
     Blackwell GPU where it is installed and supports the head size (a multiple of 8, up to 256 on
     Hopper and 128 on Blackwell), else ``sdpa``. Both take and return [B, L, N, D]; FlashAttention-4
     needs no transposes and is about 15% faster than torch's cuDNN attention on the self-attention
-    shapes here (H200)."""
+    shapes here (H200). ``merge``: ``merge_key_splits`` (compiled or not); given, on Hopper a single
+    video whose query tiles leave the last wave of SMs mostly idle (``split_keys_pays``) attends to
+    the two halves of its keys as a batch of two in one launch, and the halves are merged."""
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return sdpa
-    largest = {9: 256, 10: 128}.get(torch.cuda.get_device_capability(device)[0])
+    major = torch.cuda.get_device_capability(device)[0]
+    largest = {9: 256, 10: 128}.get(major)
     if largest is None or head_dim % 8 or not 8 <= head_dim <= largest:
         return sdpa
     try:
         from flash_attn.cute import flash_attn_func
     except (ImportError, OSError):
         return sdpa
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    splits = merge is not None and major == 9
 
     def flash_attention_4(q, k, v):
-        return flash_attn_func(q, k, v)[0]
+        if not (splits and halves_pay(q, k, v)):
+            return flash_attn_func(q, k, v)[0]
+        halves = (2, k.shape[1] // 2, *k.shape[2:])  # [1, Lk, N, D] -> [2, Lk/2, N, D], a view
+        out, lse = flash_attn_func(q.expand(2, -1, -1, -1), k.view(halves), v.view(halves), return_lse=True)
+        return merge(out, lse)
+
+    def halves_pay(q, k, v):
+        batch, keys = k.shape[:2]
+        return (batch == 1 and keys % 2 == 0 and k.is_contiguous() and v.is_contiguous()
+                and split_keys_pays(batch, q.shape[1], q.shape[2], keys, sms))
 
     return flash_attention_4
 

@@ -14,13 +14,13 @@ Two numerics modes (``CausalWanModel.set_numerics``):
   tables cached per (grid, start frame, device), each norm and its modulation, gate or RoPE computed in
   fp32 and rounded once; the FFN's first GEMM with bias and GELU in its epilogue on a GPU
   (``linear_gelu_tanh``); self-attention on FlashAttention-4 where installed
-  (``attention.fast_attention_kernel``). Each block runs as two functions, ``fast_attention_inputs``
-  (norm1 + modulation + q/k/v + q/k norms + RoPE) and ``fast_block_output`` (o + gate +
-  cross-attention + FFN), optionally compiled once with ``torch.compile`` and shared by every block.
-  The self-attention call, the KV-cache write and the attention capture stay eager between them.
+  (``attention.fast_attention_kernel``; compiled, it may split the keys in two halves and merge them).
+  Each block runs as two functions, ``fast_attention_inputs`` (norm1 + modulation + q/k/v + q/k norms +
+  RoPE) and ``fast_block_output`` (o + gate + cross-attention + FFN), optionally compiled once with
+  ``torch.compile`` (wan/modules/compilation.py) and shared by every block. The self-attention call,
+  the KV-cache write and the attention capture stay eager between them.
 """
 import collections
-import functools
 import json
 import math
 from pathlib import Path
@@ -38,7 +38,14 @@ from utils.config import (
     resolve_attention_mode,
 )
 from utils.loading import WeightFileError, load_into, read_state_dict
-from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE, attention, fast_attention_kernel, sdpa
+from wan.modules.attention import (
+    ATTENTION_WEIGHT_CAPTURE,
+    attention,
+    fast_attention_kernel,
+    merge_key_splits,
+    sdpa,
+)
+from wan.modules.compilation import compiled
 from wan.modules.deep_forcing import DeepSinkCache, ParticipativeCompressionCache
 from wan.modules.kv_cache import KVCache
 
@@ -293,16 +300,6 @@ def _(x, weight, bias):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-@functools.cache
-def compiled(fn):
-    """``fn`` through ``torch.compile(dynamic=False)``, once per process: every block and every model
-    switched to compiled fast mode shares the same compiled function and its graphs. Inductor's
-    deterministic mode: kernel configurations are not chosen by timing them on the device, which
-    could pick another reduction order in another process (measured on an H200: 1 item in 8 differed
-    between a sweep and its single runs without it)."""
-    return torch.compile(fn, dynamic=False, options={"deterministic": True})
-
-
 class Head(nn.Module):
     def __init__(self, dim, out_dim, patch_size, eps):
         super().__init__()
@@ -360,20 +357,23 @@ class CausalWanModel(nn.Module):
     def set_numerics(self, precision, compile=False):
         """``precision``: "exact" (upstream's arithmetic) or "fast" (see the module docstring).
         ``compile``: in fast mode, run the two block halves through ``torch.compile`` (dynamic=False),
-        compiled at their first call and shared by every block; ignored in exact mode."""
+        compiled at their first call and shared by every block, and let FlashAttention-4 split keys
+        (their merge is compiled too: eager, it would cost more than the split saves); ignored in
+        exact mode."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.precision = precision
         self.compiled = bool(compile) and precision == "fast"
         self._attention_inputs = compiled(fast_attention_inputs) if self.compiled else fast_attention_inputs
         self._block_output = compiled(fast_block_output) if self.compiled else fast_block_output
+        self._merge_key_splits = compiled(merge_key_splits) if self.compiled else None
 
     def describe_numerics(self, device, dtype):
         """One line for a run's header: the precision and, in fast mode, compilation and the
         self-attention kernel used for tensors on ``device`` of ``dtype``."""
         if self.precision == "exact":
             return "exact"
-        kernel = fast_attention_kernel(torch.device(device), dtype, self.head_dim).__name__
+        kernel = fast_attention_kernel(torch.device(device), dtype, self.head_dim, self._merge_key_splits).__name__
         return f"fast ({'compiled' if self.compiled else 'not compiled'}; self-attention: {kernel})"
 
     @classmethod
@@ -464,7 +464,7 @@ class CausalWanModel(nn.Module):
         # would then read it across tokens while reading the GEMM outputs along C. Row-major from here.
         x = x.contiguous()
         cos, sin = self.rope.cos_sin(grid, current_start // frame_seq_length, x.device)
-        kernel = fast_attention_kernel(x.device, x.dtype, self.head_dim)
+        kernel = fast_attention_kernel(x.device, x.dtype, self.head_dim, self._merge_key_splits)
         for block, cache, xcache in zip(self.blocks, kv_cache, crossattn_cache):
             q, k, v, mod = self._attention_inputs(block, x, e0, cos, sin)
             if cache is not None:
