@@ -53,10 +53,11 @@ MIN_SPLIT_KEYS = 8192  # the merge costs about what the split saves at 4680 keys
 
 
 def split_keys_pays(batch, queries, heads, keys, sms):
-    """Whether attention of [batch, queries, heads] over ``keys`` keys finishes sooner as two launches'
-    worth of half-length tiles in one: with T query tiles on ``sms`` SMs the last wave runs
-    ceil(T / sms) - T / sms empty; split, the 2T half tiles take ceil(2T / sms) / 2 full-tile times.
-    (12 heads x 37 tiles of 4680 queries on an H200's 132 SMs: 4 waves -> 3.5.)"""
+    """Whether attention of [batch, queries, heads] over ``keys`` keys finishes sooner with the keys
+    split in two halves, each query tile becoming two tiles of half the work in the same launch. T
+    tiles on ``sms`` SMs take ceil(T / sms) waves, the last one partly idle; the 2T half tiles take
+    ceil(2T / sms) / 2 full-tile times. (12 heads x 37 tiles of 128 of 4680 queries on an H200's 132
+    SMs: 4 waves -> 3.5.)"""
     tiles = batch * heads * math.ceil(queries / HOPPER_QUERY_TILE)
     return keys >= MIN_SPLIT_KEYS and math.ceil(2 * tiles / sms) / 2 < math.ceil(tiles / sms)
 
