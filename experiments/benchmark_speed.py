@@ -146,7 +146,6 @@ def main():
                                    dtype=torch.bfloat16)
     model = bf16.generator.model
     print(f"models built in {time.perf_counter() - start:.1f} s (fp32 truth and its bf16 copy)", flush=True)
-    print(f"fast mode here: {model.describe_numerics(device, torch.bfloat16)}", flush=True)
 
     per_block = bf16.num_frame_per_block
     shape = (1, *bf16.latent_shape(args.num_frames))
@@ -179,6 +178,7 @@ def main():
     ATTENTION_WEIGHT_CAPTURE.disable()
 
     model.set_numerics("fast", compile=not args.no_compile)
+    print(f"fast mode here: {model.describe_numerics(device, torch.bfloat16)}", flush=True)
     fast_latents = measure("fast", lambda: inference(bf16, torch.bfloat16), args.repeats, device, rows, args.num_frames)
     fast_forward = first_forward(bf16, torch.bfloat16)
     layers = " ".join(f"L{i}" for i in args.layers)
