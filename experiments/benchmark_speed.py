@@ -215,7 +215,7 @@ def main():
         ratio = f"{exact_s / row['best']:.3f}" if row["frames"] == args.num_frames and "window" not in row["label"] else "-"
         print(f"{row['label']:<28}{row['frames']:>7}{row['warm']:>11.2f}{row['best']:>9.3f}{ratio:>12}{row['peak']:>14.2f}")
     print(f"speed-up fast/exact ({args.num_frames} frames, best of {args.repeats}): {exact_s / rows[1]['best']:.3f}x; "
-          f"compiled: {model.compiled}, graphs compiled: {graphs} (2 block halves, +1 where FlashAttention-4's key halves are merged; 0: eager fallback)")
+          f"compiled: {model.compiled}, graphs compiled: {graphs} (2 block halves, +1 where FlashAttention's key halves are merged; 0: eager fallback)")
     print(f"{'fidelity vs fp32 truth':<32}{'rel L2 exact':>14}{'rel L2 fast':>14}   rel(fast) <= {GATE} rel(exact)")
     for label, exact_rel, fast_rel in gate_rows:
         print(f"{label:<32}{exact_rel:>14.3e}{fast_rel:>14.3e}   {'PASS' if fast_rel <= GATE * exact_rel else 'FAIL'}")

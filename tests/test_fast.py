@@ -94,8 +94,8 @@ def test_ffn_up_projection_with_gelu_matches_the_formula():
 
 
 def test_fast_attention_kernel_falls_back_to_sdpa():
-    """FlashAttention-4 only for bf16/fp16 on a Hopper/Blackwell GPU where the package is installed;
-    elsewhere torch's attention. Both take [B, L, N, D]."""
+    """FlashAttention only on a GPU; on the CPU torch's attention, which takes [B, L, N, D] as
+    FlashAttention does."""
     assert fast_attention_kernel(torch.device("cpu"), torch.bfloat16, 128) is sdpa
     assert fast_attention_kernel(torch.device("cpu"), torch.float32, 128) is sdpa
     gen = torch.Generator().manual_seed(4)
@@ -104,40 +104,68 @@ def test_fast_attention_kernel_falls_back_to_sdpa():
     assert torch.allclose(sdpa(q, k, v), torch.einsum("bnqk,bknd->bqnd", weights, v))
 
 
-def test_fast_attention_kernel_picks_flash_attention_4_where_it_runs(monkeypatch):
-    """The choice, with a stand-in ``flash_attn.cute`` package and device capability (no GPU here)."""
+def install_flash_attention(monkeypatch, fa3=None, fa4=None, fa3_module="fa3_fwd_interface"):
+    """Stand-in FlashAttention packages (no GPU here): ``fa3`` becomes ``<fa3_module>.flash_attn_func``
+    (FlashAttention-3's signature), ``fa4`` ``flash_attn.cute.flash_attn_func``; a package left out is
+    not installed (its import fails)."""
     import sys
     import types
 
+    for name in ("fa3_fwd_interface", "flash_attn_interface", "flash_attn", "flash_attn.cute"):
+        monkeypatch.setitem(sys.modules, name, None)
+    if fa3 is not None:
+        monkeypatch.setitem(sys.modules, fa3_module, types.SimpleNamespace(flash_attn_func=fa3))
+    if fa4 is not None:
+        monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+        monkeypatch.setitem(sys.modules, "flash_attn.cute", types.SimpleNamespace(flash_attn_func=fa4))
+
+
+def pretend_gpu(monkeypatch, major, sms=132):
+    import types
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: types.SimpleNamespace(multi_processor_count=sms))
+
+
+def test_fast_attention_kernel_picks_the_flash_attention_that_runs(monkeypatch):
+    """FlashAttention-3 on Hopper for bf16; FlashAttention-4 on Hopper for fp16 or without
+    FlashAttention-3, and on Blackwell; torch's attention elsewhere."""
     calls = []
 
-    def flash_attn_func(q, k, v):
-        calls.append((q, k, v))
-        return "out", "lse"
+    def fa3(q, k, v, return_attn_probs=False):
+        calls.append(("fa3", q, k, v, return_attn_probs))
+        return "out3"
 
-    cute = types.ModuleType("flash_attn.cute")
-    cute.flash_attn_func = flash_attn_func
-    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
-    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
-    capability = [9]
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (capability[0], 0))
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: types.SimpleNamespace(multi_processor_count=132))
+    def fa4(q, k, v, return_lse=False):
+        calls.append(("fa4", q, k, v, return_lse))
+        return "out4", None
+
     cuda = torch.device("cuda", 0)
 
     def pick(dtype, head_dim, major):
         fast_attention_kernel.cache_clear()
-        capability[0] = major
+        pretend_gpu(monkeypatch, major)
         return fast_attention_kernel(cuda, dtype, head_dim)
 
     try:
+        install_flash_attention(monkeypatch, fa3=fa3, fa4=fa4)
         kernel = pick(torch.bfloat16, 128, 9)
-        assert kernel.__name__ == "flash_attention_4" and kernel("q", "k", "v") == "out" and calls == [("q", "k", "v")]
-        assert pick(torch.float16, 256, 9) is not sdpa and pick(torch.bfloat16, 8, 10) is not sdpa
-        assert pick(torch.float32, 128, 9) is sdpa  # FlashAttention-4 is bf16/fp16 only
+        assert kernel.__name__ == "flash_attention_3" and kernel("q", "k", "v") == "out3"
+        assert calls == [("fa3", "q", "k", "v", False)]
+        assert pick(torch.bfloat16, 256, 9).__name__ == "flash_attention_3"
+        kernel = pick(torch.float16, 128, 9)  # FlashAttention-3 here is bf16 only
+        assert kernel.__name__ == "flash_attention_4" and kernel("q", "k", "v") == "out4"
+        assert calls[-1] == ("fa4", "q", "k", "v", False)
+        assert pick(torch.bfloat16, 128, 10).__name__ == "flash_attention_4"  # Blackwell
+        assert pick(torch.bfloat16, 256, 10) is sdpa  # FlashAttention-4 on Blackwell: up to 128
+        assert pick(torch.float32, 128, 9) is sdpa
         assert pick(torch.bfloat16, 12, 9) is sdpa and pick(torch.bfloat16, 264, 9) is sdpa
-        assert pick(torch.bfloat16, 256, 10) is sdpa  # Blackwell: up to 128
         assert pick(torch.bfloat16, 128, 8) is sdpa  # Ampere
-        monkeypatch.setitem(sys.modules, "flash_attn.cute", None)  # not installed: the import fails
+        install_flash_attention(monkeypatch, fa4=fa4)
+        assert pick(torch.bfloat16, 128, 9).__name__ == "flash_attention_4"
+        install_flash_attention(monkeypatch, fa3=fa3, fa3_module="flash_attn_interface")  # FlashAttention's own build
+        assert pick(torch.bfloat16, 128, 9).__name__ == "flash_attention_3" and pick(torch.float16, 128, 9) is sdpa
+        install_flash_attention(monkeypatch)
         assert pick(torch.bfloat16, 128, 9) is sdpa
     finally:
         fast_attention_kernel.cache_clear()
@@ -170,26 +198,26 @@ def test_keys_are_split_only_where_the_last_wave_is_mostly_idle():
     assert not split_keys_pays(1, 128 * 25, 10, 32760, 132)  # 250 tiles: 2 waves, and 4 half waves
 
 
-def test_flash_attention_4_splits_the_keys_of_one_video_and_merges(monkeypatch):
-    """With a stand-in ``flash_attn.cute`` (attention written out in float64) on a pretend Hopper GPU
-    of 4 SMs: 3 heads x 2 query tiles leave the second wave half idle, so the keys are split into a
-    batch of two halves when a merge is given, and the merged result is attention over all keys."""
-    import sys
-    import types
-
+@pytest.mark.parametrize("package", ["fa3", "fa4"])
+def test_flash_attention_splits_the_keys_of_one_video_and_merges(monkeypatch, package):
+    """With stand-in FlashAttention-3 or -4 (attention written out in float64) on a pretend Hopper
+    GPU of 4 SMs: 3 heads x 2 query tiles leave the second wave half idle, so the keys are split
+    into a batch of two halves when a merge is given, and the merged result is attention over all
+    keys."""
     batches = []
 
-    def flash_attn_func(q, k, v, return_lse=False):
+    def fa3(q, k, v, return_attn_probs=False):
+        batches.append((q.shape[0], k.shape[1], q.stride(0)))
+        out, lse = direct_attention(q, k, v)
+        return (out, lse) if return_attn_probs else out
+
+    def fa4(q, k, v, return_lse=False):
         batches.append((q.shape[0], k.shape[1], q.stride(0)))
         out, lse = direct_attention(q, k, v)
         return out, (lse if return_lse else None)
 
-    cute = types.ModuleType("flash_attn.cute")
-    cute.flash_attn_func = flash_attn_func
-    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
-    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: types.SimpleNamespace(multi_processor_count=4))
+    install_flash_attention(monkeypatch, **{package: fa3 if package == "fa3" else fa4})
+    pretend_gpu(monkeypatch, 9, sms=4)
     cuda = torch.device("cuda", 0)
     gen = torch.Generator().manual_seed(8)
     q = torch.randn(1, 200, 3, 8, generator=gen, dtype=torch.float64)
@@ -198,6 +226,7 @@ def test_flash_attention_4_splits_the_keys_of_one_video_and_merges(monkeypatch):
     try:
         fast_attention_kernel.cache_clear()
         split = fast_attention_kernel(cuda, torch.bfloat16, 8, merge_key_splits)
+        assert split.__name__ == f"flash_attention_{package[-1]}"
         assert torch.allclose(split(q, k, v), expected, rtol=1e-12, atol=1e-12)
         assert batches == [(2, MIN_SPLIT_KEYS // 2, 0)]  # one launch: the query broadcast over the two halves
         assert torch.allclose(split(q, k[:, :-2], v[:, :-2]), direct_attention(q, k[:, :-2], v[:, :-2])[0], rtol=1e-12, atol=1e-12)

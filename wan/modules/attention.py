@@ -23,6 +23,7 @@ Keep policies:
   1.84e9 elements (7.4 GB in fp32) and a 21-frame run has 35 calls per layer, so hundreds of GB.
 """
 import functools
+import importlib
 import math
 from dataclasses import dataclass, field
 
@@ -48,7 +49,7 @@ def merge_key_splits(out, lse):
     return (out.to(share.dtype) * share).sum(dim=0, keepdim=True).type_as(out)
 
 
-HOPPER_QUERY_TILE = 128  # FlashAttention-4's query rows per thread block on Hopper for head sizes <= 256
+HOPPER_QUERY_TILE = 128  # FlashAttention-3's and -4's query rows per thread block on Hopper for head sizes <= 256
 MIN_SPLIT_KEYS = 8192  # the merge costs about what the split saves at 4680 keys; 9360 gain 6% (H200)
 
 
@@ -62,34 +63,76 @@ def split_keys_pays(batch, queries, heads, keys, sms):
     return keys >= MIN_SPLIT_KEYS and math.ceil(2 * tiles / sms) / 2 < math.ceil(tiles / sms)
 
 
-@functools.cache
-def fast_attention_kernel(device, dtype, head_dim, merge=None):
-    """The attention kernel of fast mode for tensors on ``device`` of ``dtype`` with ``head_dim``:
-    FlashAttention-4's forward (the optional package ``flash-attn-4``) for bf16/fp16 on a Hopper or
-    Blackwell GPU where it is installed and supports the head size (a multiple of 8, up to 256 on
-    Hopper and 128 on Blackwell), else ``sdpa``. Both take and return [B, L, N, D]; FlashAttention-4
-    needs no transposes and is about 15% faster than torch's cuDNN attention on the self-attention
-    shapes here (H200). ``merge``: ``merge_key_splits`` (compiled or not); given, on Hopper a single
-    video whose query tiles leave the last wave of SMs mostly idle (``split_keys_pays``) attends to
-    the two halves of its keys as a batch of two in one launch, and the halves are merged."""
-    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
-        return sdpa
-    major = torch.cuda.get_device_capability(device)[0]
-    largest = {9: 256, 10: 128}.get(major)
-    if largest is None or head_dim % 8 or not 8 <= head_dim <= largest:
-        return sdpa
+def flash_attention_3():
+    """FlashAttention-3's forward, ``f(q, k, v, return_lse) -> (out, lse or None)``, from the optional
+    package that provides it (``fa3-fwd`` or FlashAttention's own Hopper build), or None. bf16 only:
+    ``fa3-fwd`` is built without fp16."""
+    for module in ("fa3_fwd_interface", "flash_attn_interface"):
+        try:
+            flash_attn_func = importlib.import_module(module).flash_attn_func
+        except (ImportError, OSError):
+            continue
+
+        def flash_attention_3(q, k, v, return_lse=False):
+            result = flash_attn_func(q, k, v, return_attn_probs=return_lse)
+            return result if return_lse else (result, None)
+
+        return flash_attention_3
+    return None
+
+
+def flash_attention_4():
+    """FlashAttention-4's forward, ``f(q, k, v, return_lse) -> (out, lse or None)``, from the optional
+    package ``flash-attn-4``, or None."""
     try:
         from flash_attn.cute import flash_attn_func
     except (ImportError, OSError):
+        return None
+
+    def flash_attention_4(q, k, v, return_lse=False):
+        return flash_attn_func(q, k, v, return_lse=return_lse)
+
+    return flash_attention_4
+
+
+def flash_attention(major, dtype, head_dim):
+    """The fastest installed FlashAttention forward for a GPU of compute capability ``major`` and
+    tensors of ``dtype`` with ``head_dim`` (a multiple of 8): FlashAttention-3 on Hopper for bf16 (a
+    little faster there, and its kernels ship built where FlashAttention-4 compiles them at first use),
+    FlashAttention-4 on Hopper (head sizes up to 256) and Blackwell (up to 128); None where neither
+    runs."""
+    if head_dim % 8 or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    found = None
+    if major == 9 and dtype == torch.bfloat16 and head_dim <= 256:
+        found = flash_attention_3()
+    if found is None and head_dim <= {9: 256, 10: 128}.get(major, 0):
+        found = flash_attention_4()
+    return found
+
+
+@functools.cache
+def fast_attention_kernel(device, dtype, head_dim, merge=None):
+    """The attention kernel of fast mode for tensors on ``device`` of ``dtype`` with ``head_dim``:
+    ``flash_attention``'s choice where one is installed and runs, else ``sdpa``. Both take and return
+    [B, L, N, D]; FlashAttention needs no transposes and is faster than torch's cuDNN attention on the
+    self-attention shapes here. ``merge``: ``merge_key_splits`` (compiled or not); given, on Hopper a
+    single video whose query tiles leave the last wave of SMs mostly idle (``split_keys_pays``) attends
+    to the two halves of its keys as a batch of two in one launch, and the halves are merged."""
+    if device.type != "cuda":
+        return sdpa
+    major = torch.cuda.get_device_capability(device)[0]
+    flash = flash_attention(major, dtype, head_dim)
+    if flash is None:
         return sdpa
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     splits = merge is not None and major == 9
 
-    def flash_attention_4(q, k, v):
+    def kernel(q, k, v):
         if not (splits and halves_pay(q, k, v)):
-            return flash_attn_func(q, k, v)[0]
+            return flash(q, k, v)[0]
         halves = (2, k.shape[1] // 2, *k.shape[2:])  # [1, Lk, N, D] -> [2, Lk/2, N, D], a view
-        out, lse = flash_attn_func(q.expand(2, -1, -1, -1), k.view(halves), v.view(halves), return_lse=True)
+        out, lse = flash(q.expand(2, -1, -1, -1), k.view(halves), v.view(halves), return_lse=True)
         return merge(out, lse)
 
     def halves_pay(q, k, v):
@@ -97,7 +140,8 @@ def fast_attention_kernel(device, dtype, head_dim, merge=None):
         return (batch == 1 and keys % 2 == 0 and k.is_contiguous() and v.is_contiguous()
                 and split_keys_pays(batch, q.shape[1], q.shape[2], keys, sms))
 
-    return flash_attention_4
+    kernel.__name__ = flash.__name__
+    return kernel
 
 
 def attention(q, k, v, layer_idx=None, kv_cache=None, kernel=sdpa):

@@ -13,7 +13,7 @@ Two numerics modes (``CausalWanModel.set_numerics``):
 - ``fast``: the same model with the elementwise work fused: RoPE in fp32 real arithmetic from cos/sin
   tables cached per (grid, start frame, device), each norm and its modulation, gate or RoPE computed in
   fp32 and rounded once; the FFN's first GEMM with bias and GELU in its epilogue on a GPU
-  (``linear_gelu_tanh``); self-attention on FlashAttention-4 where installed
+  (``linear_gelu_tanh``); self-attention on FlashAttention-3 or -4 where installed
   (``attention.fast_attention_kernel``; compiled, it may split the keys in two halves and merge them).
   Each block runs as two functions, ``fast_attention_inputs`` (norm1 + modulation + q/k/v + q/k norms +
   RoPE) and ``fast_block_output`` (o + gate + cross-attention + FFN), optionally compiled once with
@@ -357,7 +357,7 @@ class CausalWanModel(nn.Module):
     def set_numerics(self, precision, compile=False):
         """``precision``: "exact" (upstream's arithmetic) or "fast" (see the module docstring).
         ``compile``: in fast mode, run the two block halves through ``torch.compile`` (dynamic=False),
-        compiled at their first call and shared by every block, and let FlashAttention-4 split keys
+        compiled at their first call and shared by every block, and let FlashAttention split keys
         (their merge is compiled too: eager, it would cost more than the split saves); ignored in
         exact mode."""
         if precision not in PRECISIONS:
