@@ -134,7 +134,7 @@ def test_fast_attention_kernel_picks_the_flash_attention_that_runs(monkeypatch):
 
     def fa3(q, k, v, return_attn_probs=False):
         calls.append(("fa3", q, k, v, return_attn_probs))
-        return "out3"
+        return ("out3", "lse3") if return_attn_probs else "out3"
 
     def fa4(q, k, v, return_lse=False):
         calls.append(("fa4", q, k, v, return_lse))
@@ -151,7 +151,7 @@ def test_fast_attention_kernel_picks_the_flash_attention_that_runs(monkeypatch):
         install_flash_attention(monkeypatch, fa3=fa3, fa4=fa4)
         kernel = pick(torch.bfloat16, 128, 9)
         assert kernel.__name__ == "flash_attention_3" and kernel("q", "k", "v") == "out3"
-        assert calls == [("fa3", "q", "k", "v", False)]
+        assert calls == [("fa3", "q", "k", "v", True)]  # asks for the log-sum-exp: early builds always return it
         assert pick(torch.bfloat16, 256, 9).__name__ == "flash_attention_3"
         kernel = pick(torch.float16, 128, 9)  # FlashAttention-3 here is bf16 only
         assert kernel.__name__ == "flash_attention_4" and kernel("q", "k", "v") == "out4"

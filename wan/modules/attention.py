@@ -74,8 +74,8 @@ def flash_attention_3():
             continue
 
         def flash_attention_3(q, k, v, return_lse=False):
-            result = flash_attn_func(q, k, v, return_attn_probs=return_lse)
-            return result if return_lse else (result, None)
+            out, lse = flash_attn_func(q, k, v, return_attn_probs=True)  # early builds return both always
+            return out, (lse if return_lse else None)
 
         return flash_attention_3
     return None
