@@ -104,17 +104,41 @@ def test_fast_attention_kernel_falls_back_to_sdpa():
     assert torch.allclose(sdpa(q, k, v), torch.einsum("bnqk,bknd->bqnd", weights, v))
 
 
-def install_flash_attention(monkeypatch, fa3=None, fa4=None, fa3_module="fa3_fwd_interface"):
-    """Stand-in FlashAttention packages (no GPU here): ``fa3`` becomes ``<fa3_module>.flash_attn_func``
-    (FlashAttention-3's signature), ``fa4`` ``flash_attn.cute.flash_attn_func``; a package left out is
-    not installed (its import fails)."""
+def stand_in_flash_attention_3(namespace, arguments):
+    """A FlashAttention-3 forward op ``torch.ops.<namespace>.fwd`` with the given schema arguments,
+    attention written out in float64, returning (out, lse, and two unused tensors) as the real one
+    does; its calls are recorded in the returned list."""
+    library = torch.library.Library(namespace, "DEF")
+    library.define(f"fwd({arguments}) -> (Tensor, Tensor, Tensor, Tensor)")
+    calls = []
+
+    def forward(q, k, v, softmax_scale=None, num_splits=0):
+        calls.append((q.shape[0], k.shape[1], q.stride(0), softmax_scale, num_splits))
+        out, lse = direct_attention(q, k, v)
+        return out, lse, q.new_empty(0), q.new_empty(0)
+
+    library.impl("fwd", forward, "CompositeExplicitAutograd")
+    return library, calls
+
+
+FA3_LIBRARY, FA3_CALLS = stand_in_flash_attention_3(
+    "wan_test_fa3", "Tensor q, Tensor k, Tensor v, float? softmax_scale=None, int num_splits=0")
+OLD_FA3_LIBRARY, _ = stand_in_flash_attention_3("wan_test_fa3_old", "Tensor q, Tensor k, Tensor v, float? softmax_scale=None")
+
+
+def install_flash_attention(monkeypatch, fa3=None, fa4=None):
+    """Stand-in FlashAttention packages (no GPU here): ``fa3``, the namespace of a stand-in op whose
+    extension module is then importable; ``fa4``, ``flash_attn.cute.flash_attn_func``. A package left
+    out is not installed (its import fails)."""
     import sys
     import types
 
-    for name in ("fa3_fwd_interface", "flash_attn_interface", "flash_attn", "flash_attn.cute"):
+    from wan.modules import attention
+
+    monkeypatch.setattr(attention, "FLASH_ATTENTION_3_OPS", (("wan_test_fa3_ext", fa3 or "wan_test_none"),))
+    monkeypatch.setitem(sys.modules, "wan_test_fa3_ext", types.ModuleType("wan_test_fa3_ext") if fa3 else None)
+    for name in ("flash_attn", "flash_attn.cute"):
         monkeypatch.setitem(sys.modules, name, None)
-    if fa3 is not None:
-        monkeypatch.setitem(sys.modules, fa3_module, types.SimpleNamespace(flash_attn_func=fa3))
     if fa4 is not None:
         monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
         monkeypatch.setitem(sys.modules, "flash_attn.cute", types.SimpleNamespace(flash_attn_func=fa4))
@@ -128,19 +152,19 @@ def pretend_gpu(monkeypatch, major, sms=132):
 
 
 def test_fast_attention_kernel_picks_the_flash_attention_that_runs(monkeypatch):
-    """FlashAttention-3 on Hopper for bf16; FlashAttention-4 on Hopper for fp16 or without
-    FlashAttention-3, and on Blackwell; torch's attention elsewhere."""
-    calls = []
-
-    def fa3(q, k, v, return_attn_probs=False):
-        calls.append(("fa3", q, k, v, return_attn_probs))
-        return ("out3", "lse3") if return_attn_probs else "out3"
+    """FlashAttention-3 on Hopper for bf16 (its op called with the softmax scale and one split);
+    FlashAttention-4 on Hopper for fp16 or without FlashAttention-3, and on Blackwell; torch's
+    attention elsewhere."""
+    fa4_calls = []
 
     def fa4(q, k, v, return_lse=False):
-        calls.append(("fa4", q, k, v, return_lse))
-        return "out4", None
+        fa4_calls.append(return_lse)
+        return direct_attention(q, k, v)[0], None
 
     cuda = torch.device("cuda", 0)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, n, 2, 8, generator=gen, dtype=torch.float64) for n in (5, 7, 7))
+    expected = direct_attention(q, k, v)[0]
 
     def pick(dtype, head_dim, major):
         fast_attention_kernel.cache_clear()
@@ -148,22 +172,25 @@ def test_fast_attention_kernel_picks_the_flash_attention_that_runs(monkeypatch):
         return fast_attention_kernel(cuda, dtype, head_dim)
 
     try:
-        install_flash_attention(monkeypatch, fa3=fa3, fa4=fa4)
-        kernel = pick(torch.bfloat16, 128, 9)
-        assert kernel.__name__ == "flash_attention_3" and kernel("q", "k", "v") == "out3"
-        assert calls == [("fa3", "q", "k", "v", True)]  # asks for the log-sum-exp: early builds always return it
+        install_flash_attention(monkeypatch, fa3="wan_test_fa3", fa4=fa4)
+        kernel = pick(torch.bfloat16, 8, 9)
+        FA3_CALLS.clear()
+        assert kernel.__name__ == "flash_attention_3" and torch.allclose(kernel(q, k, v), expected, rtol=1e-12, atol=1e-12)
+        assert FA3_CALLS == [(1, 7, q.stride(0), 8**-0.5, 1)]
         assert pick(torch.bfloat16, 256, 9).__name__ == "flash_attention_3"
-        kernel = pick(torch.float16, 128, 9)  # FlashAttention-3 here is bf16 only
-        assert kernel.__name__ == "flash_attention_4" and kernel("q", "k", "v") == "out4"
-        assert calls[-1] == ("fa4", "q", "k", "v", False)
+        kernel = pick(torch.float16, 8, 9)  # FlashAttention-3 here is bf16 only
+        assert kernel.__name__ == "flash_attention_4" and torch.allclose(kernel(q, k, v), expected, rtol=1e-12, atol=1e-12)
+        assert fa4_calls == [False]
         assert pick(torch.bfloat16, 128, 10).__name__ == "flash_attention_4"  # Blackwell
         assert pick(torch.bfloat16, 256, 10) is sdpa  # FlashAttention-4 on Blackwell: up to 128
         assert pick(torch.float32, 128, 9) is sdpa
         assert pick(torch.bfloat16, 12, 9) is sdpa and pick(torch.bfloat16, 264, 9) is sdpa
         assert pick(torch.bfloat16, 128, 8) is sdpa  # Ampere
+        install_flash_attention(monkeypatch, fa3="wan_test_fa3_old", fa4=fa4)  # an op without num_splits
+        assert pick(torch.bfloat16, 128, 9).__name__ == "flash_attention_4"
         install_flash_attention(monkeypatch, fa4=fa4)
         assert pick(torch.bfloat16, 128, 9).__name__ == "flash_attention_4"
-        install_flash_attention(monkeypatch, fa3=fa3, fa3_module="flash_attn_interface")  # FlashAttention's own build
+        install_flash_attention(monkeypatch, fa3="wan_test_fa3")
         assert pick(torch.bfloat16, 128, 9).__name__ == "flash_attention_3" and pick(torch.float16, 128, 9) is sdpa
         install_flash_attention(monkeypatch)
         assert pick(torch.bfloat16, 128, 9) is sdpa
@@ -204,19 +231,19 @@ def test_flash_attention_splits_the_keys_of_one_video_and_merges(monkeypatch, pa
     GPU of 4 SMs: 3 heads x 2 query tiles leave the second wave half idle, so the keys are split
     into a batch of two halves when a merge is given, and the merged result is attention over all
     keys."""
-    batches = []
-
-    def fa3(q, k, v, return_attn_probs=False):
-        batches.append((q.shape[0], k.shape[1], q.stride(0)))
-        out, lse = direct_attention(q, k, v)
-        return (out, lse) if return_attn_probs else out
+    fa4_calls = []
 
     def fa4(q, k, v, return_lse=False):
-        batches.append((q.shape[0], k.shape[1], q.stride(0)))
+        fa4_calls.append((q.shape[0], k.shape[1], q.stride(0)))
         out, lse = direct_attention(q, k, v)
         return out, (lse if return_lse else None)
 
-    install_flash_attention(monkeypatch, **{package: fa3 if package == "fa3" else fa4})
+    def batches():
+        """(batch, keys, query batch stride) of each launch."""
+        return [call[:3] for call in FA3_CALLS] if package == "fa3" else fa4_calls
+
+    install_flash_attention(monkeypatch, **({"fa3": "wan_test_fa3"} if package == "fa3" else {"fa4": fa4}))
+    FA3_CALLS.clear()
     pretend_gpu(monkeypatch, 9, sms=4)
     cuda = torch.device("cuda", 0)
     gen = torch.Generator().manual_seed(8)
@@ -228,11 +255,11 @@ def test_flash_attention_splits_the_keys_of_one_video_and_merges(monkeypatch, pa
         split = fast_attention_kernel(cuda, torch.bfloat16, 8, merge_key_splits)
         assert split.__name__ == f"flash_attention_{package[-1]}"
         assert torch.allclose(split(q, k, v), expected, rtol=1e-12, atol=1e-12)
-        assert batches == [(2, MIN_SPLIT_KEYS // 2, 0)]  # one launch: the query broadcast over the two halves
+        assert batches() == [(2, MIN_SPLIT_KEYS // 2, 0)]  # one launch: the query broadcast over the two halves
         assert torch.allclose(split(q, k[:, :-2], v[:, :-2]), direct_attention(q, k[:, :-2], v[:, :-2])[0], rtol=1e-12, atol=1e-12)
-        assert batches[-1] == (1, MIN_SPLIT_KEYS - 2, q.stride(0))  # too few keys: not split
+        assert batches()[-1] == (1, MIN_SPLIT_KEYS - 2, q.stride(0))  # too few keys: not split
         unsplit = fast_attention_kernel(cuda, torch.bfloat16, 8)
-        assert torch.allclose(unsplit(q, k, v), expected, rtol=1e-12, atol=1e-12) and batches[-1][0] == 1
+        assert torch.allclose(unsplit(q, k, v), expected, rtol=1e-12, atol=1e-12) and batches()[-1][0] == 1
     finally:
         fast_attention_kernel.cache_clear()
 

@@ -63,18 +63,27 @@ def split_keys_pays(batch, queries, heads, keys, sms):
     return keys >= MIN_SPLIT_KEYS and math.ceil(2 * tiles / sms) / 2 < math.ceil(tiles / sms)
 
 
+FLASH_ATTENTION_3_OPS = (("fa3_fwd._C", "fa3_fwd"), ("flash_attn_3._C", "flash_attn_3"))  # fa3-fwd; FlashAttention's Hopper build
+
+
 def flash_attention_3():
-    """FlashAttention-3's forward, ``f(q, k, v, return_lse) -> (out, lse or None)``, from the optional
-    package that provides it (``fa3-fwd`` or FlashAttention's own Hopper build), or None. bf16 only:
-    ``fa3-fwd`` is built without fp16."""
-    for module in ("fa3_fwd_interface", "flash_attn_interface"):
+    """FlashAttention-3's forward, ``f(q, k, v, return_lse) -> (out, lse or None)``, or None: the op
+    ``torch.ops.<namespace>.fwd`` that the extension of an installed package registers (``fa3-fwd``, or
+    FlashAttention's own Hopper build), called directly by the names of its arguments. Its Python
+    interface wraps the op in an autograd function and a ``torch.library.custom_op``, whose host time
+    the first blocks of a run, where the CPU barely keeps ahead of the GPU, cannot spare. An op
+    without those arguments (another version) is not used."""
+    for extension, namespace in FLASH_ATTENTION_3_OPS:
         try:
-            flash_attn_func = importlib.import_module(module).flash_attn_func
+            importlib.import_module(extension)
         except (ImportError, OSError):
+            continue
+        forward = getattr(torch.ops, namespace).fwd
+        if not {"softmax_scale", "num_splits"} <= {arg.name for arg in forward.default._schema.arguments}:
             continue
 
         def flash_attention_3(q, k, v, return_lse=False):
-            out, lse = flash_attn_func(q, k, v, return_attn_probs=True)  # early builds return both always
+            out, lse = forward(q, k, v, softmax_scale=q.shape[-1] ** -0.5, num_splits=1)[:2]
             return out, (lse if return_lse else None)
 
         return flash_attention_3
@@ -98,7 +107,8 @@ def flash_attention_4():
 def flash_attention(major, dtype, head_dim):
     """The fastest installed FlashAttention forward for a GPU of compute capability ``major`` and
     tensors of ``dtype`` with ``head_dim`` (a multiple of 8): FlashAttention-3 on Hopper for bf16 (a
-    little faster there, and its kernels ship built where FlashAttention-4 compiles them at first use),
+    little faster there, and its kernels ship built where FlashAttention-4 compiles them at first use;
+    ``fa3-fwd`` is built without fp16),
     FlashAttention-4 on Hopper (head sizes up to 256) and Blackwell (up to 128); None where neither
     runs."""
     if head_dim % 8 or dtype not in (torch.bfloat16, torch.float16):

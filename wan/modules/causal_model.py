@@ -283,21 +283,32 @@ def fast_block_output(block, x, y, mod, text_k, text_v):
     return gated_residual(x, down(hidden), mod[:, :, 5:6])
 
 
-@torch.library.custom_op("wan::linear_gelu_tanh", mutates_args=())
-def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+WAN_OPS = torch.library.Library("wan", "DEF")  # ops that torch.compile must keep whole
+WAN_OPS.define("linear_gelu_tanh(Tensor x, Tensor weight, Tensor bias) -> Tensor")
+
+
+def _linear_gelu_tanh(x, weight, bias):
     """GELU (tanh approximation) of x [M, K] @ weight.T + bias -> [M, N]. On a GPU one cuBLASLt GEMM
     with the bias and the GELU in its epilogue, applied to the fp32 accumulator before the single
     rounding (torch's CUDA ``_addmm_activation``, whose GELU is the tanh form; its CPU version uses
     the erf form, so the CPU computes the two steps). An opaque op to torch.compile, which would
-    otherwise split it back into a GEMM and an elementwise kernel."""
+    otherwise split it back into a GEMM and an elementwise kernel; a plain ``Library`` op, because a
+    ``torch.library.custom_op`` runs its Python wrappers at every call (host time that the first
+    blocks of a run, where the CPU barely keeps ahead of the GPU, cannot spare)."""
     if x.is_cuda:
         return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
     return F.gelu(F.linear(x, weight, bias), approximate="tanh")
 
 
-@linear_gelu_tanh.register_fake
+WAN_OPS.impl("linear_gelu_tanh", _linear_gelu_tanh, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("wan::linear_gelu_tanh")
 def _(x, weight, bias):
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+linear_gelu_tanh = torch.ops.wan.linear_gelu_tanh
 
 
 class Head(nn.Module):
