@@ -108,9 +108,8 @@ def flash_attention(major, dtype, head_dim):
     """The fastest installed FlashAttention forward for a GPU of compute capability ``major`` and
     tensors of ``dtype`` with ``head_dim`` (a multiple of 8): FlashAttention-3 on Hopper for bf16 (a
     little faster there, and its kernels ship built where FlashAttention-4 compiles them at first use;
-    ``fa3-fwd`` is built without fp16),
-    FlashAttention-4 on Hopper (head sizes up to 256) and Blackwell (up to 128); None where neither
-    runs."""
+    ``fa3-fwd`` is built without fp16), FlashAttention-4 on Hopper (head sizes up to 256) and
+    Blackwell (up to 128); None where neither runs."""
     if head_dim % 8 or dtype not in (torch.bfloat16, torch.float16):
         return None
     found = None
