@@ -259,7 +259,7 @@ class CausalWanBlock(nn.Module):
 def fast_attention_inputs(block, x, e, cos, sin):
     """Fast mode, first half of a block: norm1 + modulation, the q/k/v projections, the q/k RMS norms
     and RoPE, each elementwise chain in fp32 and rounded once. x [B, F*S, C], e [B, F, 6, C], cos/sin
-    [F*S, 1, D/2] -> q, k, v [B, F*S, N, D] in x's dtype and the fp32 modulation [B, F, 6, C]."""
+    [F*S, 1, D] -> q, k, v [B, F*S, N, D] in x's dtype and the fp32 modulation [B, F, 6, C]."""
     attn = block.self_attn
     heads = (attn.num_heads, -1)
     mod = block.modulation.float().unsqueeze(1) + e.float()
@@ -335,8 +335,6 @@ class CausalWanModel(nn.Module):
         ``participative_compression`` (Deep Forcing, with ``budget``, ``recent`` and
         ``topc_max_reuse``; see wan/modules/deep_forcing.py); None picks global or window from
         ``local_attn_size``."""
-
-
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -423,11 +421,10 @@ class CausalWanModel(nn.Module):
         """Empty self- and cross-attention caches for a video of ``num_frames`` latent frames: the
         whole video with global attention, ``local_attn_size`` frames otherwise. Refuses a video longer
         than the RoPE table."""
-
         if num_frames > self.rope.max_len:
             raise ValueError(f"{num_frames} latent frames: the RoPE table covers {self.rope.max_len}")
         window = num_frames if self.local_attn_size == -1 else self.local_attn_size
-        sizes = (batch, window, frame_seq_length, self.num_heads, self.config["dim"] // self.num_heads, self.sink_size, dtype, device)
+        sizes = (batch, window, frame_seq_length, self.num_heads, self.head_dim, self.sink_size, dtype, device)
         if self.attention_mode == "deep_sink":
             kv = [DeepSinkCache(*sizes, self.rope) for _ in self.blocks]
         elif self.attention_mode == "participative_compression":

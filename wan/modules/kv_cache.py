@@ -15,7 +15,6 @@ class KVCache:
     ``sink_frames`` first ones are evicted and the rest rolled forward (a local window,
     ``local_attn_size``), as upstream Self-Forcing does."""
 
-
     def __init__(self, batch, frames, frame_seq_length, num_heads, head_dim, sink_frames, dtype, device):
         self.frame_seq_length = frame_seq_length
         self.sink_tokens = sink_frames * frame_seq_length
