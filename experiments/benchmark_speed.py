@@ -25,7 +25,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from pipeline.causal_inference import CausalInferencePipeline
-from utils.wan_wrapper import WanDiffusionWrapper
+from pipeline.wrappers import WanDiffusionWrapper
 from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE
 
 GATE = 1.1

@@ -58,7 +58,7 @@ import torch  # noqa: E402
 from utils.attention_cache import CACHE_PASS, AttentionCache, CacheFileError, open_cache  # noqa: E402
 from utils.output import OutputPathError, check_output_path, exit_status, write_atomically  # noqa: E402
 from utils.sweep_stats import StatsFileError, compare_key, load_statistics  # noqa: E402
-from wan.modules.attention import pass_order  # noqa: E402
+from utils.passes import pass_order  # noqa: E402
 
 OUTPUT_FORMATS = ("png", "pdf", "svg")
 QUERY_SHADE = dict(color="tab:orange", alpha=0.15)

@@ -23,11 +23,11 @@ from pathlib import Path
 from utils.config import ConfigError, load_config, model_sizes
 from utils.output import OutputPathError, check_output_path, exit_status
 from utils.preflight import PreflightError, check_fits, estimate, host_available_bytes
+from utils.wan21 import MODEL_FILES
 
 DEFAULT_CONFIG = "configs/default_config.yaml"
 DEFAULT_PROMPT = "A majestic eagle soaring through a cloudy sky, cinematic lighting"
 DEFAULT_OUTPUT = "cache/attention_cache_figure4.pt"
-MODEL_FILES = ("config.json", "diffusion_pytorch_model.safetensors", "models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl/")
 MANIFEST = "manifest.jsonl"
 SWEEP_SETTINGS = "sweep.json"
 
@@ -399,7 +399,7 @@ def run(args):
     import torch
 
     from utils.attention_cache import CacheFileError, describe, save_cache
-    from utils.extraction import Extractor
+    from pipeline.extraction import Extractor
     from utils.loading import WeightFileError
 
     pick_threads(args, plan)
@@ -512,7 +512,7 @@ def extract_item(args, plan, extractor, context, prompt, tokens, text_len, seed,
     import torch
 
     from utils.attention_cache import build_cache
-    from utils.extraction import cache_entry
+    from pipeline.extraction import cache_entry
 
     say = (lambda *a, **k: None) if quiet else print
     pipeline = extractor.pipeline

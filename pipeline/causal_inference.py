@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from utils.wan_wrapper import WanDiffusionWrapper, WanTextEncoder
+from pipeline.wrappers import WanDiffusionWrapper, WanTextEncoder
+from utils.wan21 import VAE_STRIDE
 from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE
 
-VAE_STRIDE = 8  # the Wan2.1 VAE downsamples height and width 8x
 
 
 class CausalInferencePipeline(nn.Module):

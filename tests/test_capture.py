@@ -6,7 +6,7 @@ from torch import nn
 
 import wan.modules.causal_model as causal_model
 from pipeline.causal_inference import CausalInferencePipeline
-from utils.wan_wrapper import WanDiffusionWrapper
+from pipeline.wrappers import WanDiffusionWrapper
 from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE
 
 NUM_FRAMES = 6  # 2 blocks of 3

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 
 import wan.modules.causal_model as cm
 from utils.loading import WeightFileError
-from wan.modules.causal_model import WAN_T2V_1_3B, CausalWanModel
+from utils.wan21 import WAN_T2V_1_3B
+from wan.modules.causal_model import CausalWanModel
 from wan.modules.kv_cache import KVCache
 
 # Tiny model of the same architecture: head_dim 16, so RoPE pairs split [4, 2, 2] (time, rows, cols).
@@ -172,7 +173,7 @@ class NotATensor:
 
 
 def wrapper_and_states():
-    from utils.wan_wrapper import WanDiffusionWrapper
+    from pipeline.wrappers import WanDiffusionWrapper
 
     wrapper = WanDiffusionWrapper(tiny_model(seed=3))
     shapes = {k: v.shape for k, v in wrapper.state_dict().items()}
@@ -192,7 +193,7 @@ def assert_state_equals(module, expected):
 
 @pytest.mark.parametrize("use_ema", [True, False])
 def test_generator_checkpoint_loads_ema_or_generator(tmp_path, use_ema):
-    from utils.wan_wrapper import load_generator_checkpoint
+    from pipeline.wrappers import load_generator_checkpoint
 
     wrapper, sd_a, sd_b = wrapper_and_states()
     path = tmp_path / "self_forcing_dmd.pt"
@@ -203,7 +204,7 @@ def test_generator_checkpoint_loads_ema_or_generator(tmp_path, use_ema):
 
 
 def test_generator_checkpoint_without_ema_names_file(tmp_path):
-    from utils.wan_wrapper import load_generator_checkpoint
+    from pipeline.wrappers import load_generator_checkpoint
 
     wrapper, sd_a, _ = wrapper_and_states()
     before = {k: v.clone() for k, v in wrapper.state_dict().items()}
@@ -218,7 +219,7 @@ def test_generator_checkpoint_without_ema_names_file(tmp_path):
 
 
 def test_generator_checkpoint_wrong_key_names_file_and_key(tmp_path):
-    from utils.wan_wrapper import load_generator_checkpoint
+    from pipeline.wrappers import load_generator_checkpoint
 
     wrapper, sd_a, sd_b = wrapper_and_states()
     good = "model.blocks.0.self_attn.q.weight"
@@ -233,7 +234,7 @@ def test_generator_checkpoint_wrong_key_names_file_and_key(tmp_path):
 
 
 def test_generator_checkpoint_with_objects_needs_allow_pickle(tmp_path):
-    from utils.wan_wrapper import load_generator_checkpoint
+    from pipeline.wrappers import load_generator_checkpoint
 
     wrapper, sd_a, sd_b = wrapper_and_states()
     path = tmp_path / "pickled.pt"
@@ -523,7 +524,7 @@ def test_model_caches_indices_are_python_ints_after_forward():
 def test_checkpoint_fills_a_meta_generator_without_reading_base_weights(tmp_path):
     from omegaconf import OmegaConf
 
-    from utils.wan_wrapper import WanDiffusionWrapper, load_generator_checkpoint
+    from pipeline.wrappers import WanDiffusionWrapper, load_generator_checkpoint
 
     folder = tmp_path / "wan"
     folder.mkdir()

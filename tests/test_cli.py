@@ -17,7 +17,7 @@ import experiments.run_extraction_figure4 as cli
 import utils.attention_cache as attention_cache
 from utils.attention_cache import SUMMARY_KEYS, open_cache
 from utils.output import Interrupted
-from utils.wan_wrapper import WanDiffusionWrapper
+from pipeline.wrappers import WanDiffusionWrapper
 
 SPEC_TOP_KEYS = {
     "attention_weights", "prompt", "num_frames", "frame_seq_length", "num_frame_per_block", "layer_indices",
@@ -259,12 +259,12 @@ def test_output_path_fifo_refused_symlink_followed(tmp_path, capsys):
 
 
 def test_preflight_refuses_what_cannot_fit_before_building_anything(tmp_path, capsys, monkeypatch):
-    import utils.extraction
+    import pipeline.extraction
 
     def never(*args, **kwargs):
         raise AssertionError("no model may be built for a run that cannot fit")
 
-    monkeypatch.setattr(utils.extraction, "Extractor", never)
+    monkeypatch.setattr(pipeline.extraction, "Extractor", never)
     argv = ["--config_path", "configs/random_1_3b.yaml", "--no_checkpoint", "--device", "cpu", "--quiet",
             "--num_frames", "3000", "--output_path", str(tmp_path / "big.pt")]
     assert cli.main(argv) == 2

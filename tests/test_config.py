@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from utils.config import BYTE_TOKENIZER_VOCAB, WAN_T2V_1_3B, ConfigError, load_config, model_sizes
+from utils.config import ConfigError, load_config, model_sizes
+from utils.wan21 import BYTE_TOKENIZER_VOCAB, WAN_T2V_1_3B
 
 CONFIGS = sorted(str(p) for p in Path("configs").glob("*.yaml") if p.name != "default_config.yaml")
 

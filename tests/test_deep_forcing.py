@@ -13,7 +13,7 @@ import wan.modules.causal_model as cm
 from pipeline.causal_inference import CausalInferencePipeline
 from tests.test_capture import FixedTextEncoder
 from tests.test_causal_model import check_blocks, inputs, tiny_model
-from utils.wan_wrapper import WanDiffusionWrapper
+from pipeline.wrappers import WanDiffusionWrapper
 from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE
 from wan.modules.causal_model import RoPE3D, apply_rope
 from wan.modules.deep_forcing import DeepSinkCache, ParticipativeCompressionCache

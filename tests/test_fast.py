@@ -12,7 +12,7 @@ from torch import nn
 from pipeline.causal_inference import CausalInferencePipeline
 from test_capture import FixedTextEncoder
 from test_causal_model import inputs, run_blocks, tiny_model
-from utils.wan_wrapper import WanDiffusionWrapper
+from pipeline.wrappers import WanDiffusionWrapper
 from wan.modules.attention import (
     ATTENTION_WEIGHT_CAPTURE,
     MIN_SPLIT_KEYS,

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from utils.loading import WeightFileError, load_into, read_state_dict
-from utils.wan_wrapper import load_generator_checkpoint
+from pipeline.wrappers import load_generator_checkpoint
 
 
 class Trainer:
@@ -149,7 +149,7 @@ def test_non_tensor_values_and_nested_non_string_keys_name_file_and_key(tmp_path
 def generator_and_states():
     from omegaconf import OmegaConf
 
-    from utils.wan_wrapper import WanDiffusionWrapper
+    from pipeline.wrappers import WanDiffusionWrapper
 
     config = OmegaConf.merge(OmegaConf.load("configs/default_config.yaml"), OmegaConf.load("configs/tiny.yaml"))
     config.model_config.num_layers = 1

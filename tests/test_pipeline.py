@@ -13,7 +13,7 @@ from torch import nn
 import pipeline.causal_inference as pipeline_module
 import utils.vae as vae_module
 from pipeline.causal_inference import CausalInferencePipeline
-from utils.wan_wrapper import WanDiffusionWrapper
+from pipeline.wrappers import WanDiffusionWrapper
 
 ROOT = Path(__file__).resolve().parent.parent
 WARPED = [1000.0, 937.5, 833.3333129882812, 625.0]

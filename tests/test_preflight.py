@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from utils.config import WAN_T2V_1_3B
+from utils.wan21 import WAN_T2V_1_3B
 from utils.preflight import (
     PreflightError, check_fits, disk_free_bytes, estimate, host_available_bytes, parameter_count,
 )

@@ -14,7 +14,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from utils.loading import WeightFileError
-from utils.text_encoder import T5_CHECKPOINT, UMT5_XXL, WanTextEncoder, clean_prompt, t5_key_map
+from utils.text_encoder import WanTextEncoder, clean_prompt, t5_key_map
+from utils.wan21 import T5_FILE as T5_CHECKPOINT, UMT5_XXL
 
 
 # Tiny sizes; inner attention width 3 * 4 = 12 differs from d_model, so q and o have distinct shapes.

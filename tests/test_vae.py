@@ -12,7 +12,8 @@ from diffusers import AutoencoderKLWan
 from omegaconf import OmegaConf
 
 from utils.loading import WeightFileError
-from utils.vae import VAE_CHECKPOINT, WAN21_VAE, WanVAEWrapper, vae_key_map
+from utils.vae import WAN21_VAE, WanVAEWrapper, vae_key_map
+from utils.wan21 import VAE_FILE as VAE_CHECKPOINT
 
 
 TINY = dict(base_dim=8, num_res_blocks=1)  # dim_mult [1, 2, 4, 4]: 8 to 32 channels

@@ -6,40 +6,16 @@ reported at once, in one line naming the file, the key, the value and what was e
 as a traceback minutes later. ``model_sizes`` gives the transformer sizes for a pre-flight estimate.
 Only the standard library and omegaconf are imported here (no torch).
 """
-import json
 import math
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from utils.wan21 import BYTE_TOKENIZER_VOCAB, UMT5_XXL, VAE_STRIDE, WAN_T2V_1_3B, ModelConfigError, read_model_config
+
 DEFAULT_CONFIG = "configs/default_config.yaml"
-MODEL_CONFIG_FILE = "config.json"  # of the official model folder
-VAE_STRIDE = 8  # the Wan2.1 VAE downsamples height and width 8x
 NUM_TRAIN_TIMESTEPS = 1000
-BYTE_TOKENIZER_VOCAB = 259  # utils.text_encoder.byte_tokenizer: 3 special tokens + 256 bytes
-
-# CausalWanModel arguments of Wan2.1-T2V-1.3B. The official config.json holds the sizes in
-# CONFIG_JSON_SIZES (and eps); text_dim and patch_size are not in it and come from here.
-WAN_T2V_1_3B = dict(
-    patch_size=(1, 2, 2), text_len=512, in_dim=16, dim=1536, ffn_dim=8960, freq_dim=256, text_dim=4096,
-    out_dim=16, num_heads=12, num_layers=30, qk_norm=True, cross_attn_norm=True, eps=1e-6,
-)
-CONFIG_JSON_SIZES = ("text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "out_dim", "num_heads", "num_layers")
-
-# UMT5Config of Wan's umt5_xxl(encoder_only=True).
-UMT5_XXL = dict(
-    vocab_size=256384,
-    d_model=4096,
-    d_kv=64,
-    d_ff=10240,
-    num_layers=24,
-    num_heads=64,
-    relative_attention_num_buckets=32,
-    relative_attention_max_distance=128,
-    feed_forward_proj="gated-gelu",
-    layer_norm_epsilon=1e-6,
-)
 
 
 class ConfigError(ValueError):
@@ -334,23 +310,12 @@ def load_config(config_path, default_path=DEFAULT_CONFIG, model_dir=None) -> Dic
 
 def model_sizes(config) -> dict:
     """The transformer's CausalWanModel sizes (patch_size as a tuple): ``model_config`` with
-    ``random_init``, else those of ``<model_dir>/config.json`` (read as JSON; the sizes it does not
-    hold, text_dim and patch_size, are the official model's). Raises ``ConfigError`` naming the file."""
+    ``random_init``, else those of ``<model_dir>/config.json`` (``utils.wan21.read_model_config``).
+    Raises ``ConfigError`` naming the file."""
     if config.get("random_init"):
         sizes = dict(WAN_T2V_1_3B, **OmegaConf.to_container(config.model_config))
         return dict(sizes, patch_size=tuple(sizes["patch_size"]))
-    path = Path(config.model_dir) / MODEL_CONFIG_FILE
     try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError as err:
-        raise ConfigError(f"{path}: model config file not found (model_dir = {config.model_dir!r})") from err
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path}: not a readable JSON model config ({err})") from err
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: holds a {type(raw).__name__}; expected a JSON object of model sizes")
-    for key in CONFIG_JSON_SIZES:
-        if not _positive_int(raw.get(key)):
-            raise ConfigError(f"{path}: {key} = {raw.get(key, 'missing')!r}; expected a positive int")
-    if not (_is_number(raw.get("eps", 1e-6)) and raw.get("eps", 1e-6) > 0):
-        raise ConfigError(f"{path}: eps = {raw['eps']!r}; expected a number > 0")
-    return dict(WAN_T2V_1_3B, **{key: raw[key] for key in (*CONFIG_JSON_SIZES, "eps") if key in raw})
+        return read_model_config(config.model_dir)
+    except ModelConfigError as err:
+        raise ConfigError(str(err)) from err

@@ -10,7 +10,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-VAE_STRIDE = 8  # the Wan2.1 VAE downsamples height and width 8x
+from utils.wan21 import frame_seq_length as tokens_per_frame
+
 GB = 1e9
 
 
@@ -74,8 +75,7 @@ def estimate(sizes, *, num_frames, num_frame_per_block, height, width, local_att
       fp32 [B, N, Fq, Fk] per entry (Fq = num_frame_per_block, Fk = window);
     - host_peak: the output, held whole in host memory before it is written.
     """
-    _, ph, pw = sizes["patch_size"]
-    frame_seq_length = (height // VAE_STRIDE // ph) * (width // VAE_STRIDE // pw)
+    frame_seq_length = tokens_per_frame(height, width, sizes["patch_size"])
     window = num_frames if local_attn_size == -1 else local_attn_size
     lq, lk = num_frame_per_block * frame_seq_length, window * frame_seq_length
     dim, heads = sizes["dim"], sizes["num_heads"]

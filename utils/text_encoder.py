@@ -18,12 +18,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
-from utils.config import UMT5_XXL
 from utils.loading import WeightFileError, load_into, read_state_dict
 from utils.misc import seeded
+from utils.wan21 import T5_FILE, T5_TOKENIZER_DIR, UMT5_XXL
 
-T5_CHECKPOINT = "models_t5_umt5-xxl-enc-bf16.pth"
-T5_TOKENIZER = "google/umt5-xxl"
 
 # Wan ``blocks.{i}.<key>`` -> UMT5 ``encoder.block.{i}.<value>``.
 _BLOCK_KEYS = {
@@ -142,8 +140,8 @@ class WanTextEncoder(nn.Module):
         is given; ``config`` gives the UMT5Config.
         """
         model_dir = Path(model_dir)
-        tokenizer = _load_tokenizer(model_dir / T5_TOKENIZER)
-        path = model_dir / T5_CHECKPOINT
+        tokenizer = _load_tokenizer(model_dir / T5_TOKENIZER_DIR)
+        path = model_dir / T5_FILE
         state_dict = t5_key_map(read_state_dict(path, device=device), path)
         with torch.device("meta"):
             encoder = UMT5EncoderModel(UMT5Config(**config))

@@ -17,8 +17,8 @@ from torch import nn
 
 from utils.loading import WeightFileError, load_into, read_state_dict
 from utils.misc import seeded
+from utils.wan21 import VAE_FILE
 
-VAE_CHECKPOINT = "Wan2.1_VAE.pth"
 
 # AutoencoderKLWan arguments of Wan's _video_vae(z_dim=16).
 WAN21_VAE = dict(
@@ -134,7 +134,7 @@ class WanVAEWrapper(nn.Module):
         """Load ``Wan2.1_VAE.pth`` from ``model_dir`` onto ``device`` (cast to ``dtype`` if given);
         ``config`` gives the AutoencoderKLWan arguments."""
 
-        path = Path(model_dir) / VAE_CHECKPOINT
+        path = Path(model_dir) / VAE_FILE
         with torch.device("meta"):
             model = AutoencoderKLWan(**_plain(config))
         state_dict = vae_key_map(read_state_dict(path, device=device), path, model.config.num_res_blocks)

@@ -21,7 +21,6 @@ Two numerics modes (``CausalWanModel.set_numerics``):
   the KV-cache write and the attention capture stay eager between them.
 """
 import collections
-import json
 import math
 from pathlib import Path
 
@@ -30,14 +29,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from utils.config import (
-    CONFIG_JSON_SIZES,
-    MODEL_CONFIG_FILE,
-    PRECISIONS,
-    WAN_T2V_1_3B,
-    resolve_attention_mode,
-)
+from utils.config import PRECISIONS, resolve_attention_mode
 from utils.loading import WeightFileError, load_into, read_state_dict
+from utils.wan21 import TRANSFORMER_FILE, ModelConfigError, latent_frame_tokens, read_model_config
 from wan.modules.attention import (
     ATTENTION_WEIGHT_CAPTURE,
     attention,
@@ -48,9 +42,6 @@ from wan.modules.attention import (
 from wan.modules.compilation import compiled
 from wan.modules.deep_forcing import DeepSinkCache, ParticipativeCompressionCache
 from wan.modules.kv_cache import KVCache
-
-WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
-
 
 def sinusoidal_embedding(dim, position):
     """[N] positions -> [N, dim] embedding in float64: cos in the first half, sin in the second."""
@@ -391,31 +382,20 @@ class CausalWanModel(nn.Module):
         straight onto ``device`` (cast to ``dtype`` if given) without initializing random weights
         first; with ``load_weights=False`` the model stays on the meta device, for a checkpoint to
         fill. ``overrides``: constructor arguments such as local_attn_size and sink_size."""
-        model_dir = Path(model_dir)
-        config_path = model_dir / MODEL_CONFIG_FILE
-        if not config_path.is_file():
-            raise WeightFileError(f"{config_path}: file not found")
         try:
-            raw = json.loads(config_path.read_text())
-        except json.JSONDecodeError as err:
-            raise WeightFileError(f"{config_path}: not valid JSON ({err})") from err
-        if raw.get("model_type", "t2v") != "t2v":
-            raise WeightFileError(f"{config_path}: model_type {raw['model_type']!r}; only 't2v' is supported")
-        missing = [key for key in CONFIG_JSON_SIZES if key not in raw]
-        if missing:
-            raise WeightFileError(f"{config_path}: missing {', '.join(missing)}")
-        config = dict(WAN_T2V_1_3B, **{key: raw[key] for key in (*CONFIG_JSON_SIZES, "eps") if key in raw}, **overrides)
+            config = dict(read_model_config(model_dir), **overrides)
+        except ModelConfigError as err:
+            raise WeightFileError(str(err)) from err
         with torch.device("meta"):
             model = cls(**config)
         if not load_weights:
             return model.eval()
-        weights = model_dir / WEIGHTS_FILE
+        weights = Path(model_dir) / TRANSFORMER_FILE
         return load_into(model, read_state_dict(weights, device=device), weights, dtype=dtype).eval()
 
     def frame_seq_length(self, height, width):
         """Tokens per latent frame of size height x width."""
-        _, ph, pw = self.patch_size
-        return (height // ph) * (width // pw)
+        return latent_frame_tokens(height, width, self.patch_size)
 
     def new_caches(self, batch, num_frames, frame_seq_length, dtype, device):
         """Empty self- and cross-attention caches for a video of ``num_frames`` latent frames: the

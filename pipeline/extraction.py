@@ -11,7 +11,7 @@ import torch
 from pipeline.causal_inference import CausalInferencePipeline
 from utils.attention_cache import SUMMARY_KEYS
 from utils.misc import set_seed
-from utils.wan_wrapper import WanDiffusionWrapper, load_generator_checkpoint
+from pipeline.wrappers import WanDiffusionWrapper, load_generator_checkpoint
 from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE
 
 
