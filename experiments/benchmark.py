@@ -3,7 +3,7 @@
 Uses configs/random_1_3b.yaml (the Wan2.1-T2V-1.3B transformer with random weights) on a GPU and
 the Figure 4 job: 21 latent frames of 60x104, layers 0 and 4.
 
-1. In this process: plain inference against inference with the capture on (``keep="largest_k"``),
+1. In this process: plain inference against inference with the capture on (pass 0 of the last block),
    best of ``--repeats`` timed runs after a warm-up; GPU peaks; whether the latents stay
    bit-identical; the capture's work after inference (exact fp32 summary, fp16 logits to host).
 2. The CLI itself, in a child process per ``--save_mode``: wall time, host peak (the child's maximum
@@ -57,7 +57,7 @@ def in_process(args, device):
     torch.cuda.reset_peak_memory_stats(device)
     capture_times = []
     for repeat in range(args.repeats):
-        ATTENTION_WEIGHT_CAPTURE.enable(args.layers, num_layers=len(model.blocks), keep="largest_k")
+        ATTENTION_WEIGHT_CAPTURE.enable(args.layers, num_layers=len(model.blocks))
         captured, seconds = timed(run, device)
         capture_times.append(seconds)
     capture_peak = torch.cuda.max_memory_allocated(device) / 2**30

@@ -5,7 +5,7 @@ bf16 and runs, after one short warm-up:
 - ``deep_sink`` (S=10, W=21) and ``participative_compression`` (N=16, R=4, S=10, W=21) at 126 and
   240 latent frames: time per block, device memory allocated after each block (flat once the window
   is full) and the peak; then the same at the first length with the capture on for 2 layers at blocks
-  6, 20 and the last (``keep="pass"``, first pass);
+  6, 20 and the last (first pass);
 - ``global`` attention at the lengths in ``--global_frames`` (126 by default; 240 needs ~70 GB of
   cache and minutes), for contrast.
 A compact table is printed at the end. One model is built; each mode gets a model sharing its weights.
@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from pipeline.causal_inference import CausalInferencePipeline
 from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE
-from wan.modules.causal_model import CausalWanModel
+from wan.cache_policies import policy_from_kwargs
 
 MODES = {
     "deep_sink": dict(attention_mode="deep_sink", local_attn_size=21, sink_size=10),
@@ -32,13 +32,9 @@ MODES = {
 }
 
 
-def use_mode(pipeline, base, mode):
-    """Give the pipeline a model in ``mode`` that shares ``base``'s weights and numerics."""
-    with torch.device("meta"):
-        model = CausalWanModel(**dict(base.config, **MODES[mode]))
-    model.load_state_dict(base.state_dict(), assign=True)
-    model.set_numerics(base.precision, compile=base.compiled)
-    pipeline.generator.model = model.eval()
+def use_mode(pipeline, mode):
+    """Give the pipeline's model the cache policy of ``mode`` (read when a run builds its caches)."""
+    pipeline.generator.model.cache_policy = policy_from_kwargs(MODES[mode], pipeline.num_frame_per_block)
 
 
 class BlockClock:
@@ -104,17 +100,17 @@ def main():
     print(f"{fsl} tokens a frame, {len(base.blocks)} layers, {len(pipeline.denoising_steps) + 1} forwards a block, "
           f"precision {base.precision} (compiled: {base.compiled})")
 
-    use_mode(pipeline, base, "participative_compression")
+    use_mode(pipeline, "participative_compression")
     rollout(pipeline, clock, 2 * 21, device)  # warm-up, with a compression
 
     rows = []
     runs = [(m, f) for m in ("deep_sink", "participative_compression") for f in args.frames]
     runs += [("global", f) for f in args.global_frames]
     for mode, frames in runs:
-        use_mode(pipeline, base, mode)
+        use_mode(pipeline, mode)
         result = rollout(pipeline, clock, frames, device)
         if mode != "global" and frames == args.frames[0]:
-            ATTENTION_WEIGHT_CAPTURE.enable(args.layers, num_layers=len(base.blocks), keep="pass", passes=[0], blocks=[6, 20, "last"])
+            ATTENTION_WEIGHT_CAPTURE.enable(args.layers, num_layers=len(base.blocks), passes=[0], blocks=[6, 20, "last"])
             captured = rollout(pipeline, clock, frames, device)
             kept = ATTENTION_WEIGHT_CAPTURE.kept_calls
             labelled = all(r.key_positions is not None and r.key_positions[0].shape[1] == r.k_shape[1] for r in kept)

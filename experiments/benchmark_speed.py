@@ -3,7 +3,7 @@
 configs/random_1_3b.yaml (the Wan2.1-T2V-1.3B transformer with random weights, no files), bf16, a fixed
 random text context instead of the text encoder, 21 latent frames of 60x104. Prints, per mode, the
 first (warm-up, compile included) run and the best of ``--repeats`` timed runs with the GPU peak:
-exact, fast, fast + capture of layers 0 and 4 (keep="pass"), and (not with ``--quick``) fast on 33
+exact, fast, fast + capture of layers 0 and 4 (pass 0 of the last block), and (not with ``--quick``) fast on 33
 frames and with a local window (9 frames, sink 1). Then the fidelity gate: the same weights in fp32
 with exact numerics are the truth; rel L2 of exact-bf16 and of fast-bf16 against it, over a whole run
 (not with ``--quick``) and over one forward (first block, t = 1000); passes if rel(fast) <= 1.1 *
@@ -26,6 +26,7 @@ from torch._dynamo.utils import counters
 
 from pipeline.causal_inference import CausalInferencePipeline
 from pipeline.wrappers import WanDiffusionWrapper
+from wan.cache_policies.window import Window
 from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE
 
 GATE = 1.1
@@ -166,7 +167,7 @@ def main():
         return generator(noise[:, :per_block].to(dtype), embeds, t, kv, xattn, 0)[0]
 
     def capture_run():
-        ATTENTION_WEIGHT_CAPTURE.enable(args.layers, num_layers=len(model.blocks), keep="pass")
+        ATTENTION_WEIGHT_CAPTURE.enable(args.layers, num_layers=len(model.blocks))
         return inference(bf16, torch.bfloat16)
 
     rows = []
@@ -195,10 +196,10 @@ def main():
     del fast_calls, exact_calls
     if not args.quick:
         measure("fast", lambda: inference(bf16, torch.bfloat16, 33), args.repeats, device, rows, 33)
-        window = model.local_attn_size, model.sink_size
-        model.local_attn_size, model.sink_size = 9, 1  # what new_caches reads
+        policy = model.cache_policy
+        model.cache_policy = Window(local_attn_size=9, sink_size=1)  # what new_caches reads
         measure("fast, window 9 sink 1", lambda: inference(bf16, torch.bfloat16), args.repeats, device, rows, args.num_frames)
-        model.local_attn_size, model.sink_size = window
+        model.cache_policy = policy
 
     truth_forward = first_forward(truth, torch.float32)
     gate_rows = [("one forward (block 0, t=1000)", rel_l2(exact_forward, truth_forward), rel_l2(fast_forward, truth_forward))]

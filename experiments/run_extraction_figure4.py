@@ -24,6 +24,7 @@ from utils.config import ConfigError, load_config, model_sizes
 from utils.output import OutputPathError, check_output_path, exit_status
 from utils.preflight import PreflightError, check_fits, estimate, host_available_bytes
 from utils.wan21 import MODEL_FILES
+from wan.families import check_model_kwargs
 
 DEFAULT_CONFIG = "configs/default_config.yaml"
 DEFAULT_PROMPT = "A majestic eagle soaring through a cloudy sky, cinematic lighting"
@@ -244,7 +245,7 @@ def parse_device(args):
 def plan_run(args):
     """Every check that needs no torch: config, arguments, files, the output. Returns the Plan."""
     try:
-        config = load_config(args.config_path, DEFAULT_CONFIG, args.model_dir)
+        config = load_config(args.config_path, DEFAULT_CONFIG, args.model_dir, check_model_kwargs=check_model_kwargs)
     except ConfigError as err:
         raise UsageError(f"--config_path: {err}") from err
     if not config.get("random_init"):

@@ -5,7 +5,8 @@ t = 1000, 937.5, 833.33, 625 for the Self-Forcing config), re-noising x0 with on
 after every step but the last, then one more forward on the clean x0 at t = ``context_noise`` that
 rewrites the block's KV-cache slots. The draw order equals upstream's, so a seed gives upstream's noise.
 The last block's cache update writes keys and values that nothing reads: it is skipped unless the
-attention capture wants that pass (the latents are the same either way).
+model's attention observer wants that pass (the latents are the same either way). Every forward is
+labelled for the observer with its block and pass.
 
 Numerics come from the config: ``precision`` ("exact", upstream's arithmetic, or "fast") and
 ``compile`` (fast mode through ``torch.compile``; null: on for fast on CUDA, off elsewhere).
@@ -15,8 +16,8 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.wrappers import WanDiffusionWrapper, WanTextEncoder
+from utils.passes import CACHE_PASS
 from utils.wan21 import VAE_STRIDE
-from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE
 
 
 
@@ -85,7 +86,8 @@ class CausalInferencePipeline(nn.Module):
         kv_cache, crossattn_cache = model.new_caches(batch, num_frames, frame_seq_length, noise.dtype, noise.device)
         output = torch.zeros_like(noise)
         num_blocks = num_frames // per_block
-        last_cache_pass = ATTENTION_WEIGHT_CAPTURE.wants(num_blocks - 1, num_blocks, "cache")
+        observer = model.observer if model.observer is not None and model.observer.enabled else None
+        last_cache_pass = observer is not None and observer.wants(num_blocks - 1, num_blocks, CACHE_PASS)
         passes = num_blocks * (len(self.denoising_steps) + 1) - (not last_cache_pass)
         bar = tqdm(total=passes, desc="inference", unit="pass", disable=not progress)
         for block in range(num_blocks):
@@ -94,7 +96,8 @@ class CausalInferencePipeline(nn.Module):
             noisy = noise[:, first : first + per_block]
             bar.set_postfix_str(f"block {block + 1}/{num_blocks}")
             for step, t in enumerate(self.denoising_steps):
-                x0 = self._forward(noisy, conditional_dict, t, kv_cache, crossattn_cache, current_start, (block, num_blocks, step))
+                x0 = self._forward(noisy, conditional_dict, t, kv_cache, crossattn_cache, current_start, observer,
+                                   dict(block=block, num_blocks=num_blocks, step=step))
                 if step + 1 < len(self.denoising_steps):
                     flat = x0.flatten(0, 1)
                     t_next = torch.full((flat.shape[0],), self.denoising_steps[step + 1], device=noise.device)
@@ -103,7 +106,8 @@ class CausalInferencePipeline(nn.Module):
             output[:, first : first + per_block] = x0
             if block == num_blocks - 1 and not last_cache_pass:
                 break
-            self._forward(x0, conditional_dict, self.context_noise, kv_cache, crossattn_cache, current_start, (block, num_blocks, "cache"))
+            self._forward(x0, conditional_dict, self.context_noise, kv_cache, crossattn_cache, current_start, observer,
+                          dict(block=block, num_blocks=num_blocks, step=CACHE_PASS))
             bar.update()
         bar.close()
         if return_latents:
@@ -111,15 +115,14 @@ class CausalInferencePipeline(nn.Module):
         video = self._decoder(output).decode_to_pixel(output)
         return (video * 0.5 + 0.5).clamp(0, 1)
 
-    def _forward(self, noisy, conditional_dict, t, kv_cache, crossattn_cache, current_start, place):
-        """One generator forward at timestep t for every frame; returns x0. ``place``: (block,
-        number of blocks, pass), the labels the attention capture records the forward's calls under."""
+    def _forward(self, noisy, conditional_dict, t, kv_cache, crossattn_cache, current_start, observer, place):
+        """One generator forward at timestep t for every frame; returns x0. ``place``: block, number of
+        blocks and pass, the labels the ``observer`` (None: off) records the forward's calls under."""
         timestep = torch.full(noisy.shape[:2], t, device=noisy.device)
-        if not ATTENTION_WEIGHT_CAPTURE.enabled:
+        if observer is None:
             return self.generator(noisy, conditional_dict, timestep, kv_cache, crossattn_cache, current_start)[1]
-        block, num_blocks, step = place
-        ATTENTION_WEIGHT_CAPTURE.annotate(block=block, num_blocks=num_blocks, step=step, timestep=t)
+        observer.annotate(**place, timestep=t)
         try:
             return self.generator(noisy, conditional_dict, timestep, kv_cache, crossattn_cache, current_start)[1]
         finally:
-            ATTENTION_WEIGHT_CAPTURE.annotate()
+            observer.annotate()

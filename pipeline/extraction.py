@@ -9,10 +9,9 @@ import time
 import torch
 
 from pipeline.causal_inference import CausalInferencePipeline
+from pipeline.wrappers import WanDiffusionWrapper, load_generator_checkpoint
 from utils.attention_cache import SUMMARY_KEYS
 from utils.misc import set_seed
-from pipeline.wrappers import WanDiffusionWrapper, load_generator_checkpoint
-from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE
 
 
 class Extractor:
@@ -57,15 +56,16 @@ class Extractor:
         then pass; self-attention calls seen for those layers; inference seconds)."""
         set_seed(seed)
         noise = torch.randn((1, *self.pipeline.latent_shape(num_frames)), device=self.device, dtype=self.dtype)
-        ATTENTION_WEIGHT_CAPTURE.enable(layers, num_layers=self.num_layers, keep="pass", passes=passes, blocks=blocks)
+        capture = self.model.observer
+        capture.enable(layers, num_layers=self.num_layers, passes=passes, blocks=blocks)
         try:
             start = time.perf_counter()
             self.pipeline.inference(noise, prompt_embeds=context, return_latents=True, progress=progress)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            return ATTENTION_WEIGHT_CAPTURE.kept_calls, ATTENTION_WEIGHT_CAPTURE.calls_seen, time.perf_counter() - start
+            return capture.kept_calls, capture.calls_seen, time.perf_counter() - start
         finally:
-            ATTENTION_WEIGHT_CAPTURE.disable()
+            capture.disable()
 
 
 def cache_entry(record, frame_seq_length, frames_per_block, save_mode):

@@ -1,8 +1,8 @@
 """The three models of the pipeline, behind upstream Self-Forcing's call interfaces.
 
-- ``WanDiffusionWrapper``: the causal transformer (``.model``) plus the flow-matching schedule;
-  returns (flow_pred, x0_pred). Its state dict has Self-Forcing's ``model.``-prefixed keys, so a
-  checkpoint's ``generator`` / ``generator_ema`` loads strictly.
+- ``WanDiffusionWrapper``: the causal transformer (``.model``, with the config's cache policy) plus the
+  flow-matching schedule; returns (flow_pred, x0_pred). Its state dict has Self-Forcing's
+  ``model.``-prefixed keys, so a family's checkpoint (``generator`` / ``generator_ema``) loads strictly.
 - ``WanTextEncoder`` (utils/text_encoder.py), re-exported here; the VAE is in utils/vae.py (imported
   only where something decodes: diffusers takes seconds to import).
 
@@ -15,13 +15,14 @@ from utils.loading import WeightFileError, load_into, read_state_dict
 from utils.misc import seeded
 from utils.scheduler import FlowMatchScheduler
 from utils.text_encoder import WanTextEncoder
+from wan import cache_policies, families
 from wan.modules.causal_model import CausalWanModel
 
 __all__ = ["WanDiffusionWrapper", "WanTextEncoder", "load_generator_checkpoint"]
 
 
 class WanDiffusionWrapper(nn.Module):
-    def __init__(self, model: CausalWanModel, timestep_shift=5.0):
+    def __init__(self, model: CausalWanModel, timestep_shift=families.DEFAULT_FAMILY.schedule.timestep_shift):
         super().__init__()
         self.model = model
         self.scheduler = FlowMatchScheduler(shift=timestep_shift, sigma_min=0.0, extra_one_step=True)
@@ -32,13 +33,14 @@ class WanDiffusionWrapper(nn.Module):
         ``load_weights=False`` leaves a non-random model on the meta device, for
         ``load_generator_checkpoint`` to fill (the base weights are then never read)."""
         kwargs = dict(cfg.get("model_kwargs") or {})
-        shift = kwargs.pop("timestep_shift", 5.0)
+        policy_kwargs = {key: value for key, value in kwargs.items() if key not in families.SCHEDULE_KEYS}
+        policy = cache_policies.policy_from_kwargs(policy_kwargs, int(cfg.get("num_frame_per_block", 1)))
         if cfg.get("random_init"):
-            sizes = dict(cfg["model_config"], **kwargs)
+            sizes = dict(cfg["model_config"], cache_policy=policy)
             model = seeded(lambda: CausalWanModel(**sizes), cfg.get("init_seed", 0)).to(device=device, dtype=dtype)
         else:
-            model = CausalWanModel.from_pretrained(cfg["model_dir"], device, dtype, load_weights, **kwargs)
-        return cls(model.eval(), timestep_shift=shift)
+            model = CausalWanModel.from_pretrained(cfg["model_dir"], device, dtype, load_weights, cache_policy=policy)
+        return cls(model.eval(), timestep_shift=families.timestep_shift(kwargs))
 
     def get_scheduler(self):
         return self.scheduler
@@ -58,18 +60,21 @@ class WanDiffusionWrapper(nn.Module):
 
 
 def load_generator_checkpoint(
-    generator: WanDiffusionWrapper, path, use_ema=True, allow_pickle=False, device=None, dtype=None, pickle_flag="--allow_pickle"
+    generator: WanDiffusionWrapper, path, use_ema=True, allow_pickle=False, device=None, dtype=None, pickle_flag="--allow_pickle",
+    family=families.SELF_FORCING,
 ):
-    """Load a Self-Forcing checkpoint's ``generator_ema`` (or ``generator``) state dict strictly, by
-    assignment, onto ``device`` in ``dtype`` (default: those of the generator's parameters; give both
-    for a generator on the meta device). The file is memory-mapped: the other state dicts it holds
-    are never read. ``allow_pickle`` fully unpickles a checkpoint that holds objects beyond tensors;
-    ``pickle_flag`` is the option that sets it, suggested when such a file is refused. Returns the key
-    used; every problem with the file raises ``WeightFileError``."""
+    """Load ``family``'s checkpoint at ``path``: its EMA state dict (``generator_ema`` for Self-Forcing)
+    or, without ``use_ema``, its plain one (``generator``), strictly, by assignment, onto ``device`` in
+    ``dtype`` (default: those of the generator's parameters; give both for a generator on the meta
+    device). The file is memory-mapped: the other state dicts it holds are never read. ``allow_pickle``
+    fully unpickles a checkpoint that holds objects beyond tensors; ``pickle_flag`` is the option that
+    sets it, suggested when such a file is refused. Returns the key used; every problem with the file
+    raises ``WeightFileError``."""
     checkpoint = read_state_dict(path, allow_pickle=allow_pickle, pickle_flag=pickle_flag)
-    key = "generator_ema" if use_ema else "generator"
+    spec = family.checkpoint
+    key = spec.state_dict_key(use_ema)
     if key not in checkpoint:
-        hint = " (use --no-use_ema for 'generator')" if use_ema and "generator" in checkpoint else ""
+        hint = f" (use --no-use_ema for {spec.key!r})" if use_ema and spec.key in checkpoint else ""
         raise WeightFileError(f"{path}: no '{key}' state dict{hint}; top-level entries: {sorted(checkpoint)[:10]}")
     state = checkpoint[key]
     if not isinstance(state, dict):

@@ -1,5 +1,6 @@
-"""Tests of utils/config.py: every rule of load_config on small YAML files written here, the shipped
-configs, model_sizes, and that the module imports no torch."""
+"""Tests of utils/config.py: every rule of load_config on small YAML files written here (model_kwargs
+checked by their owners, wan.families and wan.cache_policies), the shipped configs, model_sizes, and
+that neither the module nor the owners of model_kwargs import torch."""
 import json
 import re
 import subprocess
@@ -9,10 +10,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from utils.config import ConfigError, load_config, model_sizes
+import utils.config
+from utils.config import ConfigError, model_sizes
 from utils.wan21 import BYTE_TOKENIZER_VOCAB, WAN_T2V_1_3B
+from wan.families import check_model_kwargs
 
 CONFIGS = sorted(str(p) for p in Path("configs").glob("*.yaml") if p.name != "default_config.yaml")
+
+
+def load_config(path, *args, **kwargs):
+    return utils.config.load_config(path, *args, check_model_kwargs=check_model_kwargs, **kwargs)
 
 
 def write(tmp_path, text, name="run.yaml"):
@@ -43,7 +50,7 @@ def test_shipped_configs_validate(path):
 
 
 def test_import_is_light():
-    code = "import sys, utils.config; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, utils.config, wan.families; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
@@ -90,13 +97,22 @@ def test_bad_top_level_values_name_file_key_value_and_expectation(tmp_path, chan
         ("{timestep_shift: 0}", "model_kwargs.timestep_shift = 0", "a number > 0"),
         ("{attn_window: 3}", "model_kwargs.attn_window = 3", "one of the known model_kwargs ['attention_mode', 'budget', "
          "'local_attn_size', 'recent', 'sink_size', 'timestep_shift', 'topc_max_reuse']"),
-        ("{attention_mode: deep_sink}", "model_kwargs.attention_mode = 'deep_sink'", "needs 0 <= sink_size < local_attn_size"),
+        ("{attention_mode: deep_sink}", "model_kwargs.local_attn_size = missing", "an int >= num_frame_per_block + sink_size"),
+        ("{attention_mode: deep_sink, local_attn_size: 4, sink_size: 4}", "model_kwargs.local_attn_size = 4",
+         "an int >= num_frame_per_block + sink_size = 3 + 4"),
         ("{attention_mode: participative_compression, local_attn_size: 21, sink_size: 10}",
-         "model_kwargs.attention_mode = 'participative_compression'", "needs budget and recent"),
-        ("{attention_mode: rolling}", "model_kwargs.attention_mode = 'rolling'", "attention_mode must be one of"),
-        ("{budget: 0}", "model_kwargs.budget = 0", "a positive int"),
+         "model_kwargs.budget = missing", "a positive int (frames)"),
+        ("{attention_mode: participative_compression, local_attn_size: 21, sink_size: 10, budget: 12, recent: 4}",
+         "model_kwargs.budget = 12", "sink_size + recent <= budget <= local_attn_size, here 10 + 4 <= budget <= 21"),
+        ("{attention_mode: rolling}", "model_kwargs.attention_mode = 'rolling'",
+         "one of ['global', 'window', 'deep_sink', 'participative_compression']"),
+        ("{attention_mode: global, local_attn_size: 5}", "model_kwargs.local_attn_size = 5", "-1 (global attention)"),
+        ("{budget: 0}", "model_kwargs.budget = 0", "absent with attention_mode 'global'"),
+        ("{local_attn_size: 6, budget: 4}", "model_kwargs.budget = 4", "absent with attention_mode 'window'"),
         ("{attention_mode: participative_compression, local_attn_size: 21, sink_size: 10, budget: 16, recent: 2}",
-         "model_kwargs.attention_mode = 'participative_compression'", "recent >= num_frame_per_block (3)"),
+         "model_kwargs.recent = 2", "an int >= num_frame_per_block (3)"),
+        ("{attention_mode: participative_compression, local_attn_size: 21, sink_size: 10, budget: 16, recent: 4, "
+         "topc_max_reuse: 0}", "model_kwargs.topc_max_reuse = 0", "a positive int"),
         ("[1, 2]", "model_kwargs = [1, 2]", "a mapping"),
     ],
 )

@@ -34,80 +34,6 @@ def _positive_int(value):
     return _is_int(value) and value > 0
 
 
-def _timestep_shift(value, kwargs, per_block):
-    """None if ``value`` is a valid timestep_shift, else what was expected."""
-    return None if _is_number(value) and value > 0 else "a number > 0 (the shift of the flow-matching schedule)"
-
-
-def _local_attn_size(value, kwargs, per_block):
-    sink = kwargs["sink_size"]
-    smallest = per_block + sink if _is_int(sink) else per_block
-    if _is_int(value) and (value == -1 or value >= smallest):
-        return None
-    return (f"-1 (global attention) or an int >= num_frame_per_block + sink_size = {per_block} + {sink}: a smaller "
-            "window could not hold a block next to the sink frames, and writing the block would overwrite the sink")
-
-
-def _sink_size(value, kwargs, per_block):
-    if not (_is_int(value) and value >= 0):
-        return "an int >= 0 (frames kept at the start of a local attention window)"
-    if value > 0 and kwargs["local_attn_size"] == -1:
-        return "0 with global attention: a sink needs a local window (set model_kwargs.local_attn_size)"
-    return None
-
-
-ATTENTION_MODES = ("global", "window", "deep_sink", "participative_compression")
-
-
-def resolve_attention_mode(mode, local_attn_size, sink_size, budget, recent, topc_max_reuse):
-    """The attention mode the model's settings ask for, checked: ``mode=None`` means today's behaviour
-    (``global`` with ``local_attn_size=-1``, else ``window``)."""
-    if mode is None:
-        mode = "global" if local_attn_size == -1 else "window"
-    if mode not in ATTENTION_MODES:
-        raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {mode!r}")
-    if mode == "global" and local_attn_size != -1:
-        raise ValueError(f"attention_mode 'global' needs local_attn_size -1, got {local_attn_size}")
-    if mode in ("deep_sink", "participative_compression") and not 0 <= sink_size < local_attn_size:
-        raise ValueError(f"{mode} needs 0 <= sink_size < local_attn_size, got sink_size {sink_size}, local_attn_size {local_attn_size}")
-    if mode == "participative_compression":
-        if budget is None or recent is None:
-            raise ValueError("participative_compression needs budget and recent (frames)")
-        if not sink_size + recent <= budget <= local_attn_size:
-            raise ValueError(f"participative_compression needs sink_size + recent <= budget <= local_attn_size, "
-                             f"got {sink_size} + {recent}, {budget}, {local_attn_size}")
-        if topc_max_reuse < 1:
-            raise ValueError(f"topc_max_reuse must be >= 1, got {topc_max_reuse}")
-    return mode
-
-
-def _attention_mode(value, kwargs, per_block):
-    try:
-        mode = resolve_attention_mode(value, kwargs["local_attn_size"], kwargs["sink_size"], kwargs["budget"],
-                                      kwargs["recent"], kwargs["topc_max_reuse"])
-    except (ValueError, TypeError) as err:
-        return f"a valid attention mode and sizes ({err})"
-    if mode == "participative_compression" and kwargs["recent"] < per_block:
-        return (f"participative_compression with recent >= num_frame_per_block ({per_block}): the recent frames "
-                "include the block being generated")
-    return None
-
-
-def _optional_positive_int(value, kwargs, per_block):
-    return None if value is None or _positive_int(value) else "a positive int (frames), or absent"
-
-
-# The model_kwargs the inference knows: key -> (default, check(value, all kwargs with defaults,
-# num_frame_per_block) -> None if fine, else what was expected). A new key is added here only.
-MODEL_KWARGS = {
-    "timestep_shift": (5.0, _timestep_shift),
-    "local_attn_size": (-1, _local_attn_size),
-    "sink_size": (0, _sink_size),
-    "attention_mode": (None, _attention_mode),
-    "budget": (None, _optional_positive_int),
-    "recent": (None, _optional_positive_int),
-    "topc_max_reuse": (7, lambda v, kwargs, per_block: None if _positive_int(v) else "a positive int"),
-}
 PRECISIONS = ("exact", "fast")
 
 # CausalWanModel arguments that model_config may hold with random_init -> what each must be.
@@ -189,16 +115,12 @@ def _check_schedule(c):
     return c.require("num_frame_per_block", _positive_int, "a positive int (latent frames per block)")
 
 
-def _check_model_kwargs(c, per_block):
+def _check_model_kwargs(c, per_block, check_model_kwargs):
     kwargs = c.require("model_kwargs", lambda v: v is None or isinstance(v, dict), "a mapping of model options", default=None) or {}
-    unknown = sorted(set(kwargs) - set(MODEL_KWARGS))
-    if unknown:
-        c.fail(f"model_kwargs.{unknown[0]}", kwargs[unknown[0]], f"one of the known model_kwargs {sorted(MODEL_KWARGS)}")
-    filled = {key: kwargs.get(key, default) for key, (default, _) in MODEL_KWARGS.items()}
-    for key, (_, check) in MODEL_KWARGS.items():
-        expected = check(filled[key], filled, per_block)
-        if expected is not None:
-            c.fail(f"model_kwargs.{key}", filled[key], expected)
+    problem = check_model_kwargs(kwargs, per_block)
+    if problem is not None:
+        key, expected = problem
+        c.fail(f"model_kwargs.{key}", kwargs.get(key), expected)
 
 
 def _check_random_model(c):
@@ -248,13 +170,13 @@ def _check_frame_size(c, patch_size):
                   f"a positive multiple of {step} pixels (VAE stride {VAE_STRIDE} x patch size {patch})")
 
 
-def _validate(config, sources):
+def _validate(config, sources, check_model_kwargs):
     """Raise ``ConfigError`` unless the resolved, merged ``config`` holds valid values for everything
     the inference reads. ``sources``: [(file name, its plain dict)] in merge order, to name the file
     that set a bad key."""
     c = _Checker(OmegaConf.to_container(config, resolve=True), sources)
     per_block = _check_schedule(c)
-    _check_model_kwargs(c, per_block)
+    _check_model_kwargs(c, per_block, check_model_kwargs)
     c.require("init_seed", lambda v: _is_int(v) and 0 <= v < 2**64, "an int in [0, 2**64) (seed of the random weights)", default=0)
     if c.require("random_init", lambda v: isinstance(v, bool), "true or false", default=False):
         patch_size = _check_random_model(c)
@@ -284,11 +206,15 @@ def _read_yaml(path):
     return loaded
 
 
-def load_config(config_path, default_path=DEFAULT_CONFIG, model_dir=None) -> DictConfig:
+def load_config(config_path, default_path=DEFAULT_CONFIG, model_dir=None, *, check_model_kwargs) -> DictConfig:
     """``config_path`` merged onto ``default_path`` (OmegaConf.merge), ``model_dir`` (where given)
     replacing the config's, every interpolation resolved, every value the inference reads checked.
     Keys the inference does not read (upstream's training keys) are kept as they are. Raises
-    ``ConfigError`` naming the file, the key, the value and what was expected."""
+    ``ConfigError`` naming the file, the key, the value and what was expected.
+
+    ``model_kwargs`` belongs to the model's owners in wan/ (the family's schedule and the cache
+    policy), which this floor does not import: ``check_model_kwargs(model_kwargs, num_frame_per_block)``
+    returns (key, what was expected) for a bad entry, else None (``wan.families.check_model_kwargs``)."""
     default, chosen = _read_yaml(default_path), _read_yaml(config_path)
     try:
         config = OmegaConf.merge(default, chosen)
@@ -304,7 +230,7 @@ def load_config(config_path, default_path=DEFAULT_CONFIG, model_dir=None) -> Dic
         key = getattr(err, "full_key", None) or "?"
         where, raw = _origin(sources, key)
         raise ConfigError(f"{where}: {key} = {raw!r}: the interpolation cannot be resolved ({_first_line(err)})") from err
-    _validate(config, sources)
+    _validate(config, sources, check_model_kwargs)
     return config
 
 

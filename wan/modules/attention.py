@@ -1,26 +1,18 @@
 """Attention, and the opt-in capture of self-attention logits.
 
-Every attention call of the causal model goes through ``attention``. With the capture off it is one
-flag check and torch's scaled-dot-product attention. Each self-attention module passes its own layer
-index (the transformer block it belongs to) and the KV cache its keys come from; the pipeline labels
-every forward with its block and pass. So a recorded call knows its layer, block, pass and the video
-frame of every key by construction: nothing is inferred from call order or tensor sizes. The capture
-only reads q and k; the attention output is the same computation either way, so a run with capture on
-gives bit-identical latents.
+``attention`` is softmax attention without mask. The model hands every self-attention call to an
+observer (``CausalWanModel.set_observer``; by default ``ATTENTION_WEIGHT_CAPTURE``, the public switch),
+as diffusers hands attention to its processors: with the observer off, the call costs one flag check.
+Each self-attention module passes its own layer index (the transformer block it belongs to) and the
+KV cache its keys come from; the pipeline labels every forward with its block and pass. So a recorded
+call knows its layer, block, pass and the video frame of every key by construction: nothing is
+inferred from call order or tensor sizes. The capture only reads q and k; the attention output is the
+same computation either way, so a run with the capture on gives bit-identical latents.
 
-Keep policies:
-- ``keep="pass"`` (the CLI's): per requested layer, the calls of the chosen passes (``passes``: pass
-  indices 0.. and/or ``"cache"``) of the chosen blocks (``blocks``: block indices and/or ``"last"``),
-  as labelled by the pipeline. Only those calls' q and a copy of their keys stay on the device (about
-  115 MB per layer and pass at full size); logits are computed from them when asked, one (head, query
-  frame) tile at a time.
-- ``keep="largest_k"``: the spec's rule, per layer the ``keep_pass``-th call among those with the
-  largest key length seen (``keep_pass=0``: what a stable sort by descending K picks). With global
-  attention that is the last block's pass ``keep_pass``; with a local window it is not (every block
-  after the window fills has the same key length), which is why the CLI uses ``keep="pass"``.
-- ``keep="all"`` copies every matching call's [B, N, Lq, Lk] fp32 matrix to the host as it happens
-  (waiting for the device each time). Fine for tiny models; at full size one last-block call is
-  1.84e9 elements (7.4 GB in fp32) and a 21-frame run has 35 calls per layer, so hundreds of GB.
+What is kept: per requested layer, the calls of the chosen passes (``passes``: pass indices 0.. and/or
+``"cache"``) of the chosen blocks (``blocks``: block indices and/or ``"last"``), as labelled by the
+pipeline. Only those calls' q and a copy of their keys stay on the device (about 115 MB per layer and
+pass at full size); logits are computed from them when asked, one (head, query frame) tile at a time.
 """
 import functools
 import importlib
@@ -31,8 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.attention_stats import summarize_logits
-
-KEEP_POLICIES = ("pass", "largest_k", "all")
+from utils.passes import block_wanted, is_block, is_pass, pass_order
 
 
 def sdpa(q, k, v):
@@ -153,15 +144,10 @@ def fast_attention_kernel(device, dtype, head_dim, merge=None):
     return kernel
 
 
-def attention(q, k, v, layer_idx=None, kv_cache=None, kernel=sdpa):
-    """Softmax attention without mask. q: [B, Lq, N, D], k and v: [B, Lk, N, D] -> [B, Lq, N, D].
-
-    ``layer_idx``: the transformer block of a self-attention call, which the capture may record;
-    None for cross-attention, which it never records. ``kv_cache``: where k and v were read from.
-    ``kernel``: ``sdpa`` (exact mode) or ``fast_attention_kernel(...)``.
-    """
-    if layer_idx is not None and ATTENTION_WEIGHT_CAPTURE.enabled:
-        ATTENTION_WEIGHT_CAPTURE.observe(layer_idx, q, k, kv_cache)
+def attention(q, k, v, kernel=sdpa):
+    """Self-attention without mask over the cached keys. q: [B, Lq, N, D], k and v: [B, Lk, N, D] ->
+    [B, Lq, N, D]. ``kernel``: ``sdpa`` (exact mode) or ``fast_attention_kernel(...)``. (Cross-attention
+    to the text calls ``sdpa`` itself.)"""
     return kernel(q, k, v)
 
 
@@ -169,11 +155,6 @@ def attention_logits(q, k, head, rows=slice(None)):
     """Pre-softmax logits (q . k^T) / sqrt(D) of one head in fp32: [B, len(rows), Lk]."""
     scale = q.shape[-1] ** -0.5
     return torch.einsum("bqd,bkd->bqk", q[:, rows, head].float(), k[:, :, head].float()) * scale
-
-
-def pass_order(step):
-    """Sort key of a pass label: the denoising passes 0, 1, ... then the cache-update pass."""
-    return (1, 0) if step == "cache" else (0, step)
 
 
 @dataclass
@@ -232,7 +213,9 @@ class CapturedCall:
 
 
 class AttentionWeightCapture:
-    """Global switch and store for self-attention captures (see the module docstring)."""
+    """The observer that keeps the chosen calls (see the module docstring). The model calls
+    ``begin_forward`` and ``observe``; the pipeline ``wants`` and ``annotate``; a run ``enable``,
+    ``kept_calls`` and ``disable``."""
 
     def __init__(self):
         self.enabled = False
@@ -241,32 +224,23 @@ class AttentionWeightCapture:
     def _clear(self):
         self.layer_indices = None  # requested layers in the order given, or None for every layer
         self._wanted_layers = None
-        self.capture_logits = True
         self.num_layers = None
-        self.keep = "pass"
-        self.keep_pass = 0
         self.passes = ()
         self.blocks = ()
         self.current_layer_idx = 0  # self-attention calls seen since enable(), every layer
-        self.calls_seen = 0  # of those, calls of a requested layer
+        self.calls_seen = 0  # of those, calls of a requested layer in a labelled forward
         self.labels = None  # the current forward's pass labels, set by the pipeline
-        self._selected = False  # keep="pass": whether the current forward is one of the kept passes
-        self._records = []  # keep="all": dicts in call order
-        self._kept = {}  # keep="pass": (layer, block, step) -> CapturedCall; keep="largest_k": layer -> CapturedCall
-        self._largest = {}  # keep="largest_k": layer -> (largest Lk seen, calls seen with it)
-        self._materialized = None
+        self._selected = False  # whether the current forward is one of the kept passes
+        self._kept = {}  # (layer, block, pass) -> CapturedCall
 
-    def enable(self, layer_indices=None, capture_logits=True, num_layers=None, keep="pass", keep_pass=0,
-               passes=(0,), blocks=("last",)):
-        """Start capturing. ``layer_indices=None`` captures every layer; ``num_layers``, when given, is
-        checked against the model's block count at its first forward. ``passes`` and ``blocks`` choose
-        the kept calls with ``keep="pass"``; ``keep_pass`` with ``keep="largest_k"``."""
-        if keep not in KEEP_POLICIES:
-            raise ValueError(f"keep must be one of {KEEP_POLICIES}, got {keep!r}")
-        bad = [p for p in passes if p != "cache" and not (isinstance(p, int) and p >= 0)]
+    def enable(self, layer_indices=None, num_layers=None, passes=(0,), blocks=("last",)):
+        """Start capturing the calls of ``passes`` of ``blocks`` for ``layer_indices`` (None: every
+        layer); ``num_layers``, when given, is checked against the model's block count at its first
+        forward."""
+        bad = [p for p in passes if not is_pass(p)]
         if bad:
             raise ValueError(f"passes must be pass indices >= 0 or 'cache', got {bad}")
-        bad = [b for b in blocks if b != "last" and not (isinstance(b, int) and b >= 0)]
+        bad = [b for b in blocks if not is_block(b)]
         if bad:
             raise ValueError(f"blocks must be block indices >= 0 or 'last', got {bad}")
         self._clear()
@@ -276,9 +250,6 @@ class AttentionWeightCapture:
                 raise ValueError(f"layer indices {layer_indices} repeat a layer")
         self.layer_indices = layer_indices
         self._wanted_layers = None if layer_indices is None else frozenset(layer_indices)
-        self.capture_logits = capture_logits
-        self.keep = keep
-        self.keep_pass = keep_pass
         self.passes = tuple(sorted(set(passes), key=pass_order))
         self.blocks = tuple(blocks)
         if num_layers is not None:
@@ -310,100 +281,41 @@ class AttentionWeightCapture:
 
     def annotate(self, **labels):
         """Pass labels of the forward about to run: block, num_blocks, step (0.. or 'cache'),
-        timestep. ``annotate()`` with none clears them: calls outside a labelled forward are not
-        kept by keep="pass"."""
+        timestep. ``annotate()`` with none clears them: calls outside a labelled forward are not kept."""
         self.labels = labels or None
         self._selected = self.labels is not None and self.wants(labels["block"], labels["num_blocks"], labels["step"])
 
     def wants(self, block, num_blocks, step):
-        """Whether a forward with these pass labels may keep a call: False while disabled; always True
-        for keep="all" and keep="largest_k"; for keep="pass", whether the pass is a chosen one."""
-        if not self.enabled:
-            return False
-        if self.keep != "pass":
-            return True
-        in_blocks = block in self.blocks or (block == num_blocks - 1 and "last" in self.blocks)
-        return in_blocks and step in self.passes
+        """Whether a forward with these pass labels keeps its calls (False while disabled)."""
+        return self.enabled and block_wanted(block, num_blocks, self.blocks) and step in self.passes
 
     def observe(self, layer_idx, q, k, kv_cache=None):
         """Record one self-attention call of transformer block ``layer_idx`` (q: [B, Lq, N, D],
         k: [B, Lk, N, D]). Shapes and labels are Python values: nothing here waits for the device."""
         call_idx = self.current_layer_idx
         self.current_layer_idx += 1
-        if self._wanted_layers is not None and layer_idx not in self._wanted_layers:
-            return
-        if self.keep == "pass" and self.labels is None:
+        if self.labels is None or (self._wanted_layers is not None and layer_idx not in self._wanted_layers):
             return
         self.calls_seen += 1
-        self._materialized = None
-        if self.keep == "pass":
-            if self._selected:
-                key = (layer_idx, self.labels["block"], self.labels["step"])
-                self._kept[key] = self._record(layer_idx, call_idx, q, k, kv_cache)
-            return
-        if self.keep == "all":
-            record = CapturedCall(layer_idx, call_idx, tuple(q.shape), tuple(k.shape), dict(self.labels or {}),
-                                  _key_frames(kv_cache), q, k, _key_positions(kv_cache))
-            self._records.append(self._as_dict(record, record.to_host(logits=self.capture_logits)))
-            return
-        k_len = k.shape[1]
-        largest, count = self._largest.get(layer_idx, (-1, 0))
-        if k_len > largest:
-            largest, count = k_len, 0
-            self._kept.pop(layer_idx, None)
-        if k_len == largest:
-            if count == self.keep_pass:
-                self._kept[layer_idx] = self._record(layer_idx, call_idx, q, k, kv_cache)
-            self._largest[layer_idx] = (largest, count + 1)
-
-    def _record(self, layer_idx, call_idx, q, k, kv_cache):
-        # q is a fresh tensor nobody writes to again; k is a view of the KV cache, which later passes
-        # overwrite, so it is copied.
-        return CapturedCall(layer_idx, call_idx, tuple(q.shape), tuple(k.shape), dict(self.labels or {}),
-                            _key_frames(kv_cache), q, k.clone(), _key_positions(kv_cache))
-
-    def _as_dict(self, record, weights):
-        positions = {}
-        if record.key_positions is not None:
-            video, rope = record.key_positions
-            positions = {"key_video_frames": video.cpu(), "key_rope_frames": rope.cpu()}
-        return {
-            "layer_idx": record.layer_idx,
-            "call_idx": record.call_idx,
-            "attn_weights": weights,
-            "is_logits": self.capture_logits,
-            "q_shape": torch.Size(record.q_shape),
-            "k_shape": torch.Size(record.k_shape),
-            "key_frames": record.key_frames,
-            **positions,
-            **record.labels,
-        }
+        if self._selected:
+            # q is a fresh tensor nobody writes to again; k is a view of the KV cache, which later
+            # passes overwrite, so it is copied.
+            key = (layer_idx, self.labels["block"], self.labels["step"])
+            self._kept[key] = CapturedCall(layer_idx, call_idx, tuple(q.shape), tuple(k.shape), dict(self.labels),
+                                           _key_frames(kv_cache), q, k.clone(), _key_positions(kv_cache))
 
     def _layer_position(self, layer_idx):
         return layer_idx if self.layer_indices is None else self.layer_indices.index(layer_idx)
 
     @property
     def kept_calls(self):
-        """The kept ``CapturedCall``s, in the order of the requested layers, then by block, then by
-        pass (keep="pass" and keep="largest_k")."""
-        return sorted(
-            self._kept.values(),
-            key=lambda r: (self._layer_position(r.layer_idx), r.labels.get("block", -1), pass_order(r.labels.get("step", 0))),
-        )
-
-    @property
-    def captured_weights(self):
-        """Captured calls as dicts, each with 'attn_weights' [B, N, Lq, Lk] fp32 on the host: in call
-        order for keep="all", else in the order of ``kept_calls`` (computed on first access)."""
-        if self.keep == "all":
-            return self._records
-        if self._materialized is None:
-            self._materialized = [self._as_dict(r, r.to_host(logits=self.capture_logits)) for r in self.kept_calls]
-        return self._materialized
+        """The kept ``CapturedCall``s, in the order of the requested layers, then by block, then by pass."""
+        return sorted(self._kept.values(),
+                      key=lambda r: (self._layer_position(r.layer_idx), r.labels["block"], pass_order(r.labels["step"])))
 
     @property
     def calls_kept(self):
-        return len(self._records) if self.keep == "all" else len(self._kept)
+        return len(self._kept)
 
 
 def _key_frames(kv_cache):

@@ -29,19 +29,13 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from utils.config import PRECISIONS, resolve_attention_mode
+from utils.config import PRECISIONS
 from utils.loading import WeightFileError, load_into, read_state_dict
 from utils.wan21 import TRANSFORMER_FILE, ModelConfigError, latent_frame_tokens, read_model_config
-from wan.modules.attention import (
-    ATTENTION_WEIGHT_CAPTURE,
-    attention,
-    fast_attention_kernel,
-    merge_key_splits,
-    sdpa,
-)
+from wan.cache_policies import CacheLayout
+from wan.cache_policies.global_attention import GlobalAttention
+from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE, attention, fast_attention_kernel, merge_key_splits, sdpa
 from wan.modules.compilation import compiled
-from wan.modules.deep_forcing import DeepSinkCache, ParticipativeCompressionCache
-from wan.modules.kv_cache import KVCache
 
 def sinusoidal_embedding(dim, position):
     """[N] positions -> [N, dim] embedding in float64: cos in the first half, sin in the second."""
@@ -191,12 +185,14 @@ class AttentionProjections(nn.Module):
 
 
 class CausalSelfAttention(AttentionProjections):
-    """Self-attention of transformer block ``layer_idx`` over the KV cache; the layer index is what the
-    attention capture records the call under."""
+    """Self-attention of transformer block ``layer_idx`` over the KV cache. When its ``observer`` (set
+    by ``CausalWanModel.set_observer``) is on, every call's rotated queries and attended keys are shown
+    to it under the layer index."""
 
     def __init__(self, dim, num_heads, qk_norm, eps, layer_idx):
         super().__init__(dim, num_heads, qk_norm, eps)
         self.layer_idx = layer_idx
+        self.observer = None
 
     def forward(self, x, freqs, cache, current_start):
         heads = (self.num_heads, -1)
@@ -205,14 +201,16 @@ class CausalSelfAttention(AttentionProjections):
         v = self.v(x).unflatten(2, heads)
         if cache is not None:
             k, v = cache.update(k, v, current_start, queries=q)  # [B, Lk, N, D]
-        return self.o(attention(q, k, v, layer_idx=self.layer_idx, kv_cache=cache).flatten(2))
+        if self.observer is not None and self.observer.enabled:
+            self.observer.observe(self.layer_idx, q, k, cache)
+        return self.o(attention(q, k, v).flatten(2))
 
 
 class CrossAttention(AttentionProjections):
     def forward(self, x, context, cache):
         q = self.norm_q(self.q(x)).unflatten(2, (self.num_heads, -1))
         k, v = self.text_kv(context, cache)
-        return self.o(attention(q, k, v).flatten(2))
+        return self.o(sdpa(q, k, v).flatten(2))
 
     def text_kv(self, context, cache):
         """Keys and values of the text context, [B, text_len, N, D]: the cached ones once filled."""
@@ -318,31 +316,23 @@ class Head(nn.Module):
 class CausalWanModel(nn.Module):
     def __init__(
         self, *, patch_size, text_len, in_dim, dim, ffn_dim, freq_dim, text_dim, out_dim, num_heads, num_layers,
-        qk_norm=True, cross_attn_norm=True, eps=1e-6, local_attn_size=-1, sink_size=0,
-        attention_mode=None, budget=None, recent=None, topc_max_reuse=7,
+        qk_norm=True, cross_attn_norm=True, eps=1e-6, cache_policy=None,
     ):
-        """``attention_mode``: ``global`` (every earlier frame), ``window`` (Self-Forcing's
-        ``local_attn_size``-frame window with ``sink_size`` sink frames), ``deep_sink`` or
-        ``participative_compression`` (Deep Forcing, with ``budget``, ``recent`` and
-        ``topc_max_reuse``; see wan/modules/deep_forcing.py); None picks global or window from
-        ``local_attn_size``."""
+        """The sizes of the official ``WanModel``; ``cache_policy``: which keys each block's
+        self-attention keeps and attends to (a ``wan.cache_policies`` policy; default global)."""
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.config = dict(
             patch_size=tuple(patch_size), text_len=text_len, in_dim=in_dim, dim=dim, ffn_dim=ffn_dim,
             freq_dim=freq_dim, text_dim=text_dim, out_dim=out_dim, num_heads=num_heads, num_layers=num_layers,
-            qk_norm=qk_norm, cross_attn_norm=cross_attn_norm, eps=eps, local_attn_size=local_attn_size,
-            sink_size=sink_size, attention_mode=attention_mode, budget=budget, recent=recent,
-            topc_max_reuse=topc_max_reuse,
+            qk_norm=qk_norm, cross_attn_norm=cross_attn_norm, eps=eps,
         )
         self.patch_size = tuple(patch_size)
         self.freq_dim = freq_dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.local_attn_size = local_attn_size
-        self.sink_size = sink_size
-        self.attention_mode = resolve_attention_mode(attention_mode, local_attn_size, sink_size, budget, recent, topc_max_reuse)
+        self.cache_policy = cache_policy if cache_policy is not None else GlobalAttention()
         self.patch_embedding = nn.Conv3d(in_dim, dim, kernel_size=self.patch_size, stride=self.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
         self.time_embedding = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
@@ -353,6 +343,15 @@ class CausalWanModel(nn.Module):
         self.head = Head(dim, out_dim, self.patch_size, eps)
         self.rope = RoPE3D(self.head_dim)
         self.set_numerics("exact")
+        self.set_observer(ATTENTION_WEIGHT_CAPTURE)
+
+    def set_observer(self, observer):
+        """Hand every self-attention call to ``observer`` (``AttentionWeightCapture``'s interface: an
+        ``enabled`` flag, ``begin_forward(num_layers)``, ``observe(layer, q, k, cache)``, and for the
+        pipeline ``wants`` and ``annotate``), or to nobody with None."""
+        self.observer = observer
+        for block in self.blocks:
+            block.self_attn.observer = observer
 
     def set_numerics(self, precision, compile=False):
         """``precision``: "exact" (upstream's arithmetic) or "fast" (see the module docstring).
@@ -377,13 +376,13 @@ class CausalWanModel(nn.Module):
         return f"fast ({'compiled' if self.compiled else 'not compiled'}; self-attention: {kernel})"
 
     @classmethod
-    def from_pretrained(cls, model_dir, device="cpu", dtype=None, load_weights=True, **overrides):
+    def from_pretrained(cls, model_dir, device="cpu", dtype=None, load_weights=True, cache_policy=None):
         """Build from ``<model_dir>/config.json`` and load ``diffusion_pytorch_model.safetensors``
         straight onto ``device`` (cast to ``dtype`` if given) without initializing random weights
         first; with ``load_weights=False`` the model stays on the meta device, for a checkpoint to
-        fill. ``overrides``: constructor arguments such as local_attn_size and sink_size."""
+        fill. ``cache_policy``: as in the constructor."""
         try:
-            config = dict(read_model_config(model_dir), **overrides)
+            config = dict(read_model_config(model_dir), cache_policy=cache_policy)
         except ModelConfigError as err:
             raise WeightFileError(str(err)) from err
         with torch.device("meta"):
@@ -398,28 +397,20 @@ class CausalWanModel(nn.Module):
         return latent_frame_tokens(height, width, self.patch_size)
 
     def new_caches(self, batch, num_frames, frame_seq_length, dtype, device):
-        """Empty self- and cross-attention caches for a video of ``num_frames`` latent frames: the
-        whole video with global attention, ``local_attn_size`` frames otherwise. Refuses a video longer
-        than the RoPE table."""
+        """Empty self- and cross-attention caches for a video of ``num_frames`` latent frames, one of
+        each per block; the self-attention caches are the cache policy's. Refuses a video longer than
+        the RoPE table."""
         if num_frames > self.rope.max_len:
             raise ValueError(f"{num_frames} latent frames: the RoPE table covers {self.rope.max_len}")
-        window = num_frames if self.local_attn_size == -1 else self.local_attn_size
-        sizes = (batch, window, frame_seq_length, self.num_heads, self.head_dim, self.sink_size, dtype, device)
-        if self.attention_mode == "deep_sink":
-            kv = [DeepSinkCache(*sizes, self.rope) for _ in self.blocks]
-        elif self.attention_mode == "participative_compression":
-            c = self.config
-            kv = [ParticipativeCompressionCache(*sizes, self.rope, c["budget"], c["recent"], c["topc_max_reuse"]) for _ in self.blocks]
-        else:
-            kv = [KVCache(*sizes) for _ in self.blocks]
-        return kv, [CrossAttnCache() for _ in self.blocks]
+        layout = CacheLayout(batch, num_frames, frame_seq_length, self.num_heads, self.head_dim, dtype, device, self.rope)
+        return [self.cache_policy.new_cache(layout) for _ in self.blocks], [CrossAttnCache() for _ in self.blocks]
 
     def forward(self, x, t, context, kv_cache=None, crossattn_cache=None, current_start=0):
         """Flow prediction for latent frames x [B, C, F, H, W] at per-frame timesteps t [B, F], text
         context [B, text_len, text_dim]. With caches, ``current_start`` is the token offset of x's
         first frame in the video and the caches are read and updated; without, x attends to itself."""
-        if ATTENTION_WEIGHT_CAPTURE.enabled:
-            ATTENTION_WEIGHT_CAPTURE.begin_forward(len(self.blocks))
+        if self.observer is not None and self.observer.enabled:
+            self.observer.begin_forward(len(self.blocks))
         batch, _, frames, height, width = x.shape
         x = self.patch_embedding(x)  # [B, dim, F, H/ph, W/pw]
         grid = x.shape[2:]
@@ -457,7 +448,9 @@ class CausalWanModel(nn.Module):
             q, k, v, mod = self._attention_inputs(block, x, e0, cos, sin)
             if cache is not None:
                 k, v = cache.update(k, v, current_start, queries=q)
-            y = attention(q, k, v, layer_idx=block.self_attn.layer_idx, kv_cache=cache, kernel=kernel)
+            if self.observer is not None and self.observer.enabled:
+                self.observer.observe(block.self_attn.layer_idx, q, k, cache)
+            y = attention(q, k, v, kernel=kernel)
             text_k, text_v = block.cross_attn.text_kv(context, xcache)
             x = self._block_output(block, x, y, mod, text_k, text_v)
         return x

@@ -1,0 +1,36 @@
+"""Deep Forcing's Deep Sink (arXiv 2512.05081, as its code release does it): Self-Forcing's window of W
+= ``local_attn_size`` frames with S = ``sink_size`` sink frames, whose keys are moved in time on every
+evicting pass so that sink frame i sits at temporal RoPE position cs - W + i (cs: the first frame of the
+block being written). The cache: ``wan.modules.deep_forcing.DeepSinkCache``."""
+from wan.cache_policies.base import CachePolicy
+from wan.cache_policies.window import WINDOW_OPTIONS
+
+
+def sink_inside_window(settings):
+    """The rule Deep Forcing's caches share: (option, expected) unless 0 <= sink_size < local_attn_size."""
+    if settings["sink_size"] >= settings["local_attn_size"]:
+        return "sink_size", f"an int in [0, local_attn_size = {settings['local_attn_size']}): the sink sits inside the window"
+    return None
+
+
+class DeepSink(CachePolicy):
+    name = "deep_sink"
+    options = WINDOW_OPTIONS
+
+    @classmethod
+    def check(cls, settings, per_block):
+        return sink_inside_window(settings)
+
+    def cache_frames(self, num_frames):
+        return self.settings["local_attn_size"]
+
+    def describe(self):
+        s = self.settings
+        return (f"deep_sink: a {s['local_attn_size']}-frame window whose first {s['sink_size']} frames are a sink "
+                "moved in time to just before the window")
+
+    def new_cache(self, layout):
+        from wan.modules.deep_forcing import DeepSinkCache
+
+        return DeepSinkCache(layout.batch, self.settings["local_attn_size"], layout.frame_seq_length, layout.num_heads,
+                             layout.head_dim, self.settings["sink_size"], layout.dtype, layout.device, layout.rope)
