@@ -1,5 +1,6 @@
 """Tests of the Figure 4 cache reader (utils/attention_cache.py) and plot command
-(experiments/plot_figure4.py) on small synthetic caches built here.
+(experiments/plot_figure4.py, its library utils/figure4_sources.py and utils/figure4_plot.py) on small
+synthetic caches built here.
 
 Expected numbers are computed in this file with plain loops and an explicit softmax, never with the
 project's reductions.
@@ -14,17 +15,7 @@ import torch
 from matplotlib.container import BarContainer
 
 from experiments.aggregate_figure4 import main as aggregate_main
-from experiments.plot_figure4 import (
-    StatsFile,
-    column_band,
-    layer_values,
-    main,
-    make_figure,
-    select,
-    select_columns,
-    sweep_values,
-    true_frame_tokens,
-)
+from experiments.plot_figure4 import main
 from utils.attention_cache import (
     CacheFileError,
     build_cache,
@@ -32,6 +23,8 @@ from utils.attention_cache import (
     open_cache,
     save_cache,
 )
+from utils.figure4_plot import make_figure, true_frame_tokens
+from utils.figure4_sources import StatsFile, column_band, layer_values, select, select_columns, sweep_values
 from utils.sweep_stats import save_statistics, sweep_statistics
 
 B, N, FSL, FQ, FK = 1, 2, 4, 3, 5

@@ -1,0 +1,316 @@
+"""The drawing of the Figure 4 plot (experiments/plot_figure4.py): the true-frame key axis (each key
+token at its video frame), the panels of the curve, frames and heatmap views, the figure of checked
+Sources (utils/figure4_sources.py) and its output file. matplotlib draws off-screen (Agg).
+"""
+from dataclasses import dataclass
+
+import matplotlib
+import torch
+
+from utils.attention_cache import AttentionCache
+from utils.figure4_sources import PlotInputError, StatsFile, column_band, columns_of
+from utils.output import OutputPathError, check_output_path, write_atomically
+
+matplotlib.use("Agg")  # before pyplot is imported: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+OUTPUT_FORMATS = ("png", "pdf", "svg")
+QUERY_SHADE = dict(color="tab:orange", alpha=0.15)
+SINK_SHADE = dict(color="tab:purple", alpha=0.12)
+TOPC_SHADE = dict(color="tab:green", alpha=0.12)
+
+
+# ---------------------------------------------------------------------------------------------
+# the true-frame key axis
+
+
+def has_slot_layout(entry, batch_index, frame_seq_length):
+    """Whether key slot j holds exactly video frame j (global attention): then slots are frames."""
+    slots = torch.arange(entry.num_key_frames, dtype=torch.int32).repeat_interleave(frame_seq_length)
+    return torch.equal(entry.key_video_frames[batch_index], slots)
+
+
+def true_frame_tokens(video_frames, frame_seq_length):
+    """Each key token's place on the video-frame axis, in tokens: its frame * frame_seq_length + its rank
+    among the cached tokens of that frame (the cache does not record which tokens of a frame top-C
+    kept, so they are packed from the frame's start). int64 [K]; divided by frame_seq_length it is x."""
+    frames = video_frames.long()
+    rank = torch.empty_like(frames)
+    for frame in frames.unique():
+        same = frames == frame
+        rank[same] = torch.arange(int(same.sum()))
+    return frames * frame_seq_length + rank
+
+
+@dataclass(frozen=True)
+class TrueFrameAxis:
+    """Where one entry's key tokens go on the true-frame axis: ``tokens`` as in ``true_frame_tokens``;
+    ``sink`` and ``topc`` boolean masks over the key tokens; the labels of their shading."""
+
+    frame_seq_length: int
+    tokens: torch.Tensor
+    sink: torch.Tensor
+    topc: torch.Tensor
+    sink_label: str
+    topc_label: str
+
+    def runs(self):
+        """Index slices of the key tokens that sit next to each other on the axis."""
+        breaks = (torch.nonzero(self.tokens.diff() != 1).flatten() + 1).tolist()
+        return [slice(a, b) for a, b in zip([0, *breaks], [*breaks, len(self.tokens)])]
+
+    def span(self, mask):
+        """(start, end) in frames of the tokens of ``mask``."""
+        chosen = self.tokens[mask]
+        return int(chosen.min()) / self.frame_seq_length, (int(chosen.max()) + 1) / self.frame_seq_length
+
+
+def _frame_range(frames):
+    return f"{min(frames)}-{max(frames)}"
+
+
+def true_frame_axis(entry, batch_index, frame_seq_length, model_kwargs):
+    """The TrueFrameAxis of a cache entry. Sink: keys at a RoPE frame other than their video frame (a
+    shifted sink) or in the first ``sink_size`` frames. Top-C, under participative compression once it
+    compressed: the tokens after the sink up to the last ``recent`` frames of the ``budget`` frames a
+    compression keeps (later blocks are appended after them)."""
+    video, rope = entry.key_video_frames[batch_index], entry.key_rope_frames[batch_index]
+    sink = (rope != video) | (video < model_kwargs.get("sink_size", 0))
+    sink_label = ""
+    if sink.any():
+        shifted = (rope[sink] != video[sink]).any()
+        sink_label = (f"sink (frames {_frame_range(video[sink].tolist())}"
+                      + (f", RoPE {_frame_range(rope[sink].tolist())})" if shifted else ")"))
+    topc = torch.zeros_like(sink)
+    topc_label = ""
+    if model_kwargs.get("attention_mode") == "participative_compression":
+        kept = min(model_kwargs["budget"], model_kwargs["local_attn_size"])
+        first = model_kwargs["sink_size"] * frame_seq_length
+        last = (kept - model_kwargs["recent"]) * frame_seq_length
+        if len(video) >= kept * frame_seq_length:
+            topc[first:last] = True
+            topc_label = f"top-C ({last - first} tokens of frames {_frame_range(video[topc].tolist())})"
+    return TrueFrameAxis(frame_seq_length, true_frame_tokens(video, frame_seq_length), sink, topc, sink_label,
+                         topc_label)
+
+
+# ---------------------------------------------------------------------------------------------
+# drawing
+
+
+def _query_slots(entry):
+    """Key frame slots that hold the entry's own query frames."""
+    return [j for j, frame in enumerate(entry.key_frame_indices) if frame in entry.query_frames]
+
+
+def _frame_axis(ax, entry):
+    """Key-frame x axis 0..num_key_frames: thin frame boundaries and the query block shaded."""
+    fk = entry.num_key_frames
+    for j in range(1, fk):
+        ax.axvline(j, color="0.8", linewidth=0.4, zorder=0)
+    own = _query_slots(entry)
+    if own:
+        ax.axvspan(min(own), max(own) + 1, **QUERY_SHADE, zorder=0,
+                   label=f"query block (frames {min(entry.query_frames)}-{max(entry.query_frames)})")
+    ax.set_xlim(0, fk)
+    ax.set_xticks(range(0, fk + 1, 1 if fk <= 12 else 2))
+    ax.set_xlabel("Key Frame Index")
+
+
+def _steps(values, per_frame, start=0):
+    """x edges and y for a step plot where each value spans 1/per_frame of a frame, the first from
+    start / per_frame: [L] -> [L + 1]."""
+    x = (start + torch.arange(values.shape[-1] + 1)) / per_frame
+    y = torch.cat([values, values[-1:]])
+    return x.numpy(), y.numpy()
+
+
+def _draw_steps(ax, start, mean, low, high, band_label, per_frame):
+    """Filled step curve of ``mean`` [L], each value spanning 1/per_frame of a frame from
+    start / per_frame on, with the band low..high when given (labelled ``band_label``)."""
+    x, y = _steps(mean, per_frame, start)
+    if low is not None:
+        _, lo = _steps(low, per_frame)
+        _, hi = _steps(high, per_frame)
+        ax.fill_between(x, lo, hi, step="post", color="0.6", alpha=0.5, linewidth=0, zorder=1, label=band_label)
+    ax.fill_between(x, y, 0, step="post", color="tab:blue", alpha=0.6, linewidth=0, zorder=2)
+    ax.step(x, y, where="post", color="tab:blue", linewidth=0.5, zorder=3,
+            label=None if band_label is None else "mean")
+
+
+def draw_curve(ax, entry, mean, low, high, band_label, per_frame, ylabel):
+    """Filled step curve of ``mean`` [L] (``per_frame`` values per key slot), with the band low..high."""
+    _draw_steps(ax, 0, mean, low, high, band_label, per_frame)
+    ax.axhline(0, color="black", linewidth=0.5)
+    _frame_axis(ax, entry)
+    ax.set_ylabel(ylabel)
+
+
+def draw_true_frame_curve(ax, entry, axis, mean, low, high, band_label, ylabel):
+    """The token curve ``mean`` [K] with each key token at its video frame (``axis``: a TrueFrameAxis),
+    one filled run per stretch of adjacent tokens, so evicted frames stay empty; the sink, the top-C
+    tokens and the query block shaded."""
+    for i, run in enumerate(axis.runs()):
+        band = (None, None) if low is None else (low[run], high[run])
+        _draw_steps(ax, int(axis.tokens[run.start]), mean[run], *band, band_label if i == 0 else None,
+                    axis.frame_seq_length)
+    for frame in axis.tokens.div(axis.frame_seq_length, rounding_mode="floor").unique().tolist():
+        ax.axvline(frame, color="0.8", linewidth=0.4, zorder=0)
+    for mask, label, shade in ((axis.sink, axis.sink_label, SINK_SHADE), (axis.topc, axis.topc_label, TOPC_SHADE)):
+        if mask.any():
+            ax.axvspan(*axis.span(mask), **shade, zorder=0, label=label)
+    ax.axvspan(min(entry.query_frames), max(entry.query_frames) + 1, **QUERY_SHADE, zorder=0,
+               label=f"query block (frames {_frame_range(entry.query_frames)})")
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_xlim(0, max(entry.query_frames) + 1)
+    ax.set_xlabel("Key Video Frame")
+    ax.set_ylabel(ylabel)
+
+
+def draw_frames(ax, entry, mean, low, high, ylabel):
+    """Bars of ``mean`` [Fk], one per key frame, with error bars from low to high."""
+    centers = torch.arange(mean.shape[0]) + 0.5
+    yerr = None if low is None else torch.stack([mean - low, high - mean]).numpy()
+    ax.bar(centers.numpy(), mean.numpy(), width=0.85, color="tab:blue",
+           yerr=yerr, capsize=2, error_kw=dict(linewidth=0.8))
+    ax.axhline(0, color="black", linewidth=0.5)
+    _frame_axis(ax, entry)
+    ax.set_ylabel(ylabel)
+
+
+def draw_heatmap(fig, ax, entry, mean, label):
+    """Heads x key frames image of ``mean`` [N, Fk]; the query block's columns outlined."""
+    n, fk = mean.shape
+    image = ax.imshow(mean.numpy(), aspect="auto", origin="lower", extent=(0, fk, -0.5, n - 0.5), cmap="viridis")
+    own = _query_slots(entry)
+    if own:
+        ax.axvspan(min(own), max(own) + 1, fill=False, edgecolor="tab:red", linewidth=2)
+    ax.set_xticks(range(0, fk + 1, 1 if fk <= 12 else 2))
+    ax.set_yticks(range(n), [f"H{h + 1}" for h in range(n)], fontsize=6 if n > 8 else 8)
+    ax.set_xlabel("Key Frame Index")
+    ax.set_ylabel("Head")
+    fig.colorbar(image, ax=ax, label=label)
+
+
+def printable(text):
+    """``text`` as a matplotlib title shows it literally: lone surrogates (a prompt given as invalid
+    UTF-8) as backslash escapes, '$' not starting math."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("$", r"\$")
+
+
+def _model_kwargs(file):
+    """A cache's config model_kwargs; {} for a statistics file, which keeps none."""
+    if not isinstance(file, AttentionCache):
+        return {}
+    return file.metadata.get("config", {}).get("model_kwargs") or {}
+
+
+def _head(values, head):
+    return None if values is None else values[head]
+
+
+def draw_panel(ax, column, panel, view, softmax, batch_index, x_axis):
+    """One curve or frames panel (layer, head) of a column (the sources of one block)."""
+    layer, head = panel
+    source = column[0]
+    entry, fsl = source.entry(layer), source.file.frame_seq_length
+    if softmax:
+        quantity, per_frame, ylabel = "frame_mass", 1, "Attention Mass"
+    elif view == "curve":
+        quantity, per_frame, ylabel = "token_logits", fsl, "Average Attention Weight"
+    else:
+        quantity, per_frame, ylabel = "frame_logits", 1, "Average Attention Weight"
+    mean, low, high, band_label = column_band(column, layer, quantity, batch_index)
+    mean, low, high = (_head(v, head) for v in (mean, low, high))
+    if view == "frames":
+        draw_frames(ax, entry, mean, low, high, ylabel)
+    elif uses_true_frames(source, layer, view, softmax, batch_index, x_axis):
+        axis = true_frame_axis(entry, batch_index, fsl, _model_kwargs(source.file))
+        draw_true_frame_curve(ax, entry, axis, mean, low, high, band_label, ylabel)
+    else:
+        draw_curve(ax, entry, mean, low, high, band_label, per_frame, ylabel)
+
+
+def uses_true_frames(source, layer, view, softmax, batch_index, x_axis):
+    """Whether a panel of ``layer`` puts key tokens at their video frames: --x frames, the token curve
+    of a cache, and keys that are not simply video frames 0..Fk-1."""
+    return (x_axis == "frames" and view == "curve" and not softmax and isinstance(source.file, AttentionCache)
+            and not has_slot_layout(source.entry(layer), batch_index, source.file.frame_seq_length))
+
+
+def _column_name(column):
+    entry = column[0].entry(column[0].file.layer_indices[0])
+    return f"block {column[0].block} (frames {_frame_range(entry.query_frames)}), pass {column[0].pass_}"
+
+
+def make_figure(sources, panels, view, softmax, batch_index, x_axis="slots"):
+    """The figure for already checked sources and panels: one column per block of ``sources``, whose
+    sources of one block are averaged. ``x_axis`` 'frames' puts key tokens at their video frames
+    (``uses_true_frames``), 'slots' keeps the key slot axis."""
+    columns = columns_of(sources)
+    first = sources[0]
+    entry = first.entry(panels[0][0])
+    layers = list(dict.fromkeys(layer for layer, _ in panels))
+    rows = layers if view == "heatmap" else panels
+    width = 10 if len(columns) == 1 else 5.5 * len(columns)
+    if view == "heatmap":
+        height = 0.25 * first.file.num_heads * len(layers) + 1.5 * len(layers)
+    else:
+        height = 2.8 * len(panels)
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(width, height), squeeze=False)
+    quantity, label = ("frame_mass", "Attention Mass") if softmax else ("frame_logits", "Average Attention Weight")
+    for col, column in enumerate(columns):
+        suffix = f", {_column_name(column)}" if len(columns) > 1 else ""
+        for ax, row in zip(axes[:, col], rows):
+            if view == "heatmap":
+                mean = column_band(column, row, quantity, batch_index)[0]
+                draw_heatmap(fig, ax, column[0].entry(row), mean, label)
+                ax.set_title(f"L{row + 1}, all heads{suffix}")
+            else:
+                draw_panel(ax, column, row, view, softmax, batch_index, x_axis)
+                ax.set_title(f"L{row[0] + 1}H{row[1] + 1}{suffix}")
+        if view != "heatmap":
+            axes[0, col].legend(loc="upper left", fontsize=7)
+    blocks = ", ".join(map(str, dict.fromkeys(column[0].block for column in columns)))
+    passes = ", ".join(map(str, dict.fromkeys(column[0].pass_ for column in columns)))
+    timestep = f", t = {entry.timestep:g}" if len(columns) == 1 else ""
+    captured = f"  (block{'s' if ',' in blocks else ''} {blocks}, pass{'es' if ',' in passes else ''} {passes}{timestep})"
+    if isinstance(first.file, StatsFile):
+        fig.suptitle(f"mean over {first.file.n_items} items, 95% CI{captured}", fontsize=9)
+    else:
+        note = "  [RANDOM WEIGHTS: a demo, not a trained model]" if any(s.file.random_init for s in sources) else ""
+        files = columns[0]
+        if len(files) > 1:
+            fig.suptitle(f"mean over {len(files)} caches{captured}{note}", fontsize=9)
+        else:
+            prompt = first.file.prompt if len(first.file.prompt) <= 90 else first.file.prompt[:87] + "..."
+            fig.suptitle(printable(prompt) + captured + note, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# the output file
+
+
+def check_output(out):
+    """The output's format from its extension; its folder must exist and it must be a regular file or new."""
+    fmt = out.suffix.lower().lstrip(".")
+    if fmt not in OUTPUT_FORMATS:
+        raise PlotInputError(f"--out {out}: extension {out.suffix!r} not supported, expected one of .png, .pdf, .svg")
+    if not out.parent.is_dir():
+        raise PlotInputError(f"--out {out}: folder {out.parent} does not exist")
+    try:
+        check_output_path(out)
+    except OutputPathError as err:
+        raise PlotInputError(f"--out {err}") from None
+    return fmt
+
+
+def write_figure(fig, out, fmt):
+    """Write ``fig`` to ``out`` in the format ``fmt`` (from ``check_output``), replacing it whole or not at
+    all, then close the figure."""
+    try:
+        write_atomically(out, lambda handle: fig.savefig(handle, format=fmt, dpi=150))
+    finally:
+        plt.close(fig)
