@@ -10,7 +10,7 @@ import torch
 
 from pipeline.causal_inference import CausalInferencePipeline
 from pipeline.wrappers import WanDiffusionWrapper, load_generator_checkpoint
-from utils.attention_cache import SUMMARY_KEYS
+from utils.attention_cache import SUMMARY_KEYS, CacheEntry
 from utils.misc import set_seed
 
 
@@ -69,31 +69,33 @@ class Extractor:
 
 
 def cache_entry(record, frame_seq_length, frames_per_block, save_mode):
-    """The cache entry of one kept call and its exact fp32 reductions (on the host).
+    """The ``CacheEntry`` of one kept call, and its exact fp32 reductions (on the host).
 
     The entry carries the call's own labels: layer, block, pass, timestep, the video frames of its
-    queries and of each key frame, and per key token its video frame and temporal RoPE position (from
-    the KV cache); then either the fp16 logits [B, N, Q, K] (save_mode 'full') or the reductions
+    queries and of each key frame, and per key token its video frame, temporal RoPE position and role
+    (from the KV cache); then either the fp16 logits [B, N, Q, K] (save_mode 'full') or the reductions
     (SUMMARY_KEYS)."""
     summary = {name: value.cpu() for name, value in record.summary(frame_seq_length).items()}
     block = record.labels["block"]
     video, rope = (positions.to(device="cpu", dtype=torch.int32) for positions in record.key_positions)  # [B, Lk]
-    entry = {
-        "layer_idx": record.layer_idx,
-        "block": block,
-        "pass": record.labels["step"],
-        "timestep": float(record.labels["timestep"]),
-        "num_heads": record.num_heads,
-        "query_frames": list(range(block * frames_per_block, (block + 1) * frames_per_block)),
-        "key_frame_indices": video[0, ::frame_seq_length].tolist(),
-        "key_video_frames": video,
-        "key_rope_frames": rope,
-        "nonfinite": int(summary["nonfinite"].sum()),
-        "logit_min": float(summary["logit_min"].min()),
-        "logit_max": float(summary["logit_max"].max()),
-    }
     if save_mode == "full":
-        entry["attn_logits"] = record.to_host(torch.float16, frame_seq_length=frame_seq_length)
+        tensors = {"attn_logits": record.to_host(torch.float16, frame_seq_length=frame_seq_length)}
     else:
-        entry.update({name: summary[name] for name in SUMMARY_KEYS})
+        tensors = {name: summary[name] for name in SUMMARY_KEYS}
+    entry = CacheEntry(
+        layer_idx=record.layer_idx,
+        block=block,
+        pass_=record.labels["step"],
+        timestep=float(record.labels["timestep"]),
+        query_frames=list(range(block * frames_per_block, (block + 1) * frames_per_block)),
+        key_frame_indices=video[0, ::frame_seq_length].tolist(),
+        num_heads=record.num_heads,
+        nonfinite=int(summary["nonfinite"].sum()),
+        logit_min=float(summary["logit_min"].min()),
+        logit_max=float(summary["logit_max"].max()),
+        tensors=tensors,
+        key_video_frames=video,
+        key_rope_frames=rope,
+        key_roles=record.key_roles.to(device="cpu", dtype=torch.int8),
+    )
     return entry, summary

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import experiments.aggregate_figure4 as aggregate
-from utils.attention_cache import build_cache, open_cache, save_cache
+from utils.attention_cache import CacheEntry, build_cache, open_cache, save_cache
 from utils.sweep_stats import MixedCachesError, load_statistics, save_statistics, student_t_quantile, sweep_statistics
 
 FSL, PER_BLOCK, HEADS = 2, 3, 3
@@ -32,12 +32,12 @@ def make_cache(path, seed, num_frames=6, layers=(0, 2), labels=LABELS, model_dim
                 "frame_attention_mass": torch.rand(1, HEADS, PER_BLOCK, fk, generator=generator).softmax(-1),
             }
             frames = torch.tensor(keys, dtype=torch.int32).repeat_interleave(FSL)[None]
-            entries.append({
-                "layer_idx": layer, "block": block, "pass": pass_, "timestep": 0.0 if pass_ == "cache" else 1000.0,
-                "num_heads": HEADS, "query_frames": query_frames, "key_frame_indices": keys, "nonfinite": 0,
-                "logit_min": -1.0, "logit_max": 1.0, "key_video_frames": frames, "key_rope_frames": frames.clone(),
-                **tensors,
-            })
+            entries.append(CacheEntry(
+                layer_idx=layer, block=block, pass_=pass_, timestep=0.0 if pass_ == "cache" else 1000.0,
+                query_frames=query_frames, key_frame_indices=keys, num_heads=HEADS, nonfinite=0, logit_min=-1.0,
+                logit_max=1.0, tensors=tensors, key_video_frames=frames, key_rope_frames=frames.clone(),
+                key_roles=torch.zeros_like(frames, dtype=torch.int8),
+            ))
             known[(layer, block, pass_)] = {k: v.double().numpy()[0] for k, v in tensors.items()}
     metadata = {"seed": seed, "model": {"dim": model_dim, "num_heads": HEADS}, "checkpoint_path": None,
                 "checkpoint_key": None, "dtype": "float32"}

@@ -7,6 +7,7 @@ Independent references used here:
 - a dense attention with a boolean block-causal (or local-window) mask written in this file, run on
   all frames in one pass, against which the block-wise KV-cached run is compared.
 """
+import contextlib
 import json
 import re
 
@@ -17,6 +18,8 @@ from safetensors.torch import save_file
 import wan.modules.causal_model as cm
 from utils.loading import WeightFileError
 from utils.wan21 import WAN_T2V_1_3B
+from wan.cache_policies import GlobalAttention, PolicyError, Window, policy_from_kwargs
+from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE
 from wan.modules.causal_model import CausalWanModel
 from wan.modules.kv_cache import KVCache
 
@@ -25,11 +28,19 @@ TINY = dict(
     patch_size=(1, 2, 2), text_len=16, in_dim=4, dim=64, ffn_dim=128, freq_dim=32, text_dim=32,
     out_dim=4, num_heads=4, num_layers=2, qk_norm=True, cross_attn_norm=True, eps=1e-6,
 )
+PER_BLOCK = 3  # latent frames per block in the block-wise runs of these tests
+
+
+def policy(**kwargs):
+    """The cache policy of the model_kwargs ``kwargs`` (attention_mode and its options) for blocks of
+    ``PER_BLOCK`` frames, e.g. ``policy(local_attn_size=5, sink_size=1)``."""
+    return policy_from_kwargs(kwargs, PER_BLOCK)
 
 
 def tiny_model(seed=0, **overrides):
     """A tiny CausalWanModel whose norm weights and biases are perturbed away from their default
-    (1 and 0), so that a wrongly mapped or ignored norm changes the output."""
+    (1 and 0), so that a wrongly mapped or ignored norm changes the output. ``overrides``: sizes, or
+    ``cache_policy=policy(...)``."""
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -51,6 +62,44 @@ def inputs(frames, height=8, width=8, batch=1, seed=1, cfg=TINY):
     return x, context
 
 
+class CallObserver:
+    """A test observer with the model's observer interface: hands every self-attention call
+    (layer index, rotated queries, attended keys, the cache) to ``on_call`` and remembers the layer of
+    the last one in ``layer`` (``observe`` comes right before the call's ``attention``). As a pipeline's
+    observer it ignores the pass labels and ``wants`` every pass or none."""
+
+    enabled = True
+
+    def __init__(self, on_call=None, wants=False):
+        self.on_call = on_call
+        self.wants_passes = wants
+        self.layer = None
+        self.forwards = 0
+
+    def begin_forward(self, num_layers):
+        self.forwards += 1
+
+    def observe(self, layer_idx, q, k, kv_cache=None):
+        self.layer = layer_idx
+        if self.on_call is not None:
+            self.on_call(layer_idx, q, k, kv_cache)
+
+    def wants(self, block, num_blocks, step):
+        return self.wants_passes
+
+    def annotate(self, **labels):
+        pass
+
+
+@contextlib.contextmanager
+def observing(model, observer):
+    """``model``'s self-attention calls handed to ``observer`` inside the block; then back to the
+    default observer, the global capture."""
+    model.set_observer(observer)
+    try:
+        yield observer
+    finally:
+        model.set_observer(ATTENTION_WEIGHT_CAPTURE)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,10 +166,15 @@ def test_from_pretrained_reads_weights_bit_exactly(tmp_path):
         assert torch.equal(loaded[key], value), key
     assert model.config["text_dim"] == 4096 and model.config["patch_size"] == (1, 2, 2)
     assert model.config["dim"] == 32 and model.config["num_layers"] == 2 and model.config["text_len"] == 8
-    assert model.local_attn_size == -1 and model.sink_size == 0
-    # The window overrides reach the model.
-    windowed = CausalWanModel.from_pretrained(tmp_path / "m", local_attn_size=3, sink_size=1)
-    assert windowed.local_attn_size == 3 and windowed.sink_size == 1
+    assert set(model.config) == set(TINY)  # the sizes only: the cache policy is the model's cache_policy
+    assert model.cache_policy == GlobalAttention()
+    assert model.cache_policy.settings["local_attn_size"] == -1 and model.cache_policy.settings["sink_size"] == 0
+    # A window policy reaches the model and its caches.
+    windowed = CausalWanModel.from_pretrained(tmp_path / "m", cache_policy=policy(local_attn_size=4, sink_size=1))
+    assert isinstance(windowed.cache_policy, Window)
+    assert windowed.cache_policy.settings["local_attn_size"] == 4 and windowed.cache_policy.settings["sink_size"] == 1
+    kv, _ = windowed.new_caches(1, 12, 4, torch.float32, "cpu")
+    assert all(type(c) is KVCache and c.k.shape[1] == 4 * 4 and c.sink_tokens == 1 * 4 for c in kv)
     # And the loaded model runs.
     x = torch.randn(1, 4, 2, 4, 4)
     with torch.no_grad():
@@ -340,16 +394,15 @@ FSL = (8 // 2) * (8 // 2)  # tokens per 8x8 latent frame
 
 
 def dense_attention_with(mask_frames):
-    """An ``attention`` replacement: self-attention with the frame-level boolean mask
-    ``mask_frames[query_frame, key_frame]`` expanded to tokens, by an explicit softmax; cross-attention
-    unmasked. q, k, v: [B, L, N, D]."""
+    """An ``attention`` replacement (``attention`` is self-attention only; cross-attention calls
+    ``sdpa`` itself): self-attention with the frame-level boolean mask ``mask_frames[query_frame,
+    key_frame]`` expanded to tokens, by an explicit softmax. q, k, v: [B, L, N, D]."""
     token_mask = mask_frames.repeat_interleave(FSL, 0).repeat_interleave(FSL, 1)
 
-    def attention(q, k, v, layer_idx=None, kv_cache=None):
+    def attention(q, k, v, kernel=None):
         logits = torch.einsum("blnd,bmnd->bnlm", q, k) * q.shape[-1] ** -0.5
-        if layer_idx is not None:
-            assert token_mask.shape == logits.shape[-2:]
-            logits = logits.masked_fill(~token_mask, float("-inf"))
+        assert token_mask.shape == logits.shape[-2:]
+        logits = logits.masked_fill(~token_mask, float("-inf"))
         return torch.einsum("bnlm,bmnd->blnd", logits.softmax(dim=-1), v)
 
     return attention
@@ -456,9 +509,9 @@ def test_kv_cache_global_matches_dense_block_causal(monkeypatch):
     assert all(c.global_end == 6 * FSL and c.local_end == 6 * FSL for c in kv)
 
 
-@pytest.mark.parametrize("window,sink", [(3, 0), (3, 1), (5, 0), (5, 1)])
+@pytest.mark.parametrize("window,sink", [(3, 0), (5, 0), (5, 1)])
 def test_kv_cache_local_window_matches_dense_window(monkeypatch, window, sink):
-    model = tiny_model(seed=31, local_attn_size=window, sink_size=sink)
+    model = tiny_model(seed=31, cache_policy=policy(local_attn_size=window, sink_size=sink))
     x, context = inputs(frames=9, seed=6)
     t = torch.tensor([[1000.0, 937.5, 833.3, 625.0, 625.0, 0.0, 500.0, 250.0, 750.0]])
     gen = torch.Generator().manual_seed(10)
@@ -473,6 +526,14 @@ def test_kv_cache_local_window_matches_dense_window(monkeypatch, window, sink):
     assert (causal[:, :, 6:] - ref[:, :, 6:]).abs().max() > 1e-3
     assert all(c.k.shape[1] == window * FSL for c in kv)
     assert all(c.global_end == 9 * FSL and type(c.global_end) is int and type(c.local_end) is int for c in kv)
+
+
+def test_window_that_would_overwrite_the_sink_is_refused():
+    """W = L = 3 with S = 1 (the KVCache's overwritten sink, see ``window_mask``): the window policy
+    refuses it for blocks of 3 frames, naming the key; with 1-frame blocks it fits."""
+    with pytest.raises(PolicyError, match=r"model_kwargs\.local_attn_size = 3; expected .*3 \+ 1"):
+        policy(local_attn_size=3, sink_size=1)
+    assert policy_from_kwargs(dict(local_attn_size=3, sink_size=1), 1) == Window(1, local_attn_size=3, sink_size=1)
 
 
 # ------------------------------------------------------------------------------------------------

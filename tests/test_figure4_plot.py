@@ -17,6 +17,10 @@ from matplotlib.container import BarContainer
 from experiments.aggregate_figure4 import main as aggregate_main
 from experiments.plot_figure4 import main
 from utils.attention_cache import (
+    CACHED,
+    SINK,
+    TOP_C,
+    CacheEntry,
     CacheFileError,
     build_cache,
     describe,
@@ -68,15 +72,12 @@ def make_entry(layer, logits, mode, pass_=0, nonfinite=0):
     fk = logits.shape[-1] // FSL
     key_frames = KEY_FRAME_INDICES if fk == FK else list(range(NUM_FRAMES))
     per_token = torch.tensor(key_frames, dtype=torch.int32).repeat_interleave(FSL).expand(logits.shape[0], -1)
-    entry = {"layer_idx": layer, "block": 1, "pass": pass_, "timestep": 0.0 if pass_ == "cache" else 1000.0,
-             "num_heads": logits.shape[1], "query_frames": QUERY_FRAMES, "key_frame_indices": key_frames,
-             "key_video_frames": per_token.clone(), "key_rope_frames": per_token.clone(),
-             "nonfinite": nonfinite, "logit_min": logits.min().item(), "logit_max": logits.max().item()}
-    if mode == "full":
-        entry["attn_logits"] = logits.half()
-    else:
-        entry.update(expected_reductions(logits))
-    return entry
+    tensors = {"attn_logits": logits.half()} if mode == "full" else expected_reductions(logits)
+    return CacheEntry(layer_idx=layer, block=1, pass_=pass_, timestep=0.0 if pass_ == "cache" else 1000.0,
+                      query_frames=QUERY_FRAMES, key_frame_indices=key_frames, num_heads=logits.shape[1],
+                      nonfinite=nonfinite, logit_min=logits.min().item(), logit_max=logits.max().item(), tensors=tensors,
+                      key_video_frames=per_token.clone(), key_rope_frames=per_token.clone(),
+                      key_roles=torch.zeros_like(per_token, dtype=torch.int8))
 
 
 def build(logits_by_pass, mode="full", prompt="a cat surfing", layer_indices=LAYERS, nonfinite=0, random_init=False):
@@ -123,7 +124,7 @@ def test_reader_exposes_format_fields(full_cache):
     assert (cache.num_heads, cache.batch_size, cache.frame_seq_length) == (N, B, FSL)
     assert cache.query_frames == QUERY_FRAMES and cache.key_frames == list(range(FK))
     assert cache.prompt == "a cat surfing" and cache.labels == [(1, 0)]
-    assert cache.metadata["format_version"] == 2 and cache.metadata["capture_step"] == "0"
+    assert cache.metadata["format_version"] == 3 and cache.metadata["capture_step"] == "0"
     entry = cache.entry(2)
     assert (entry.layer_idx, entry.block, entry.pass_, entry.timestep, entry.nonfinite) == (2, 1, 0, 1000.0, 0)
     assert (entry.num_query_frames, entry.num_key_frames) == (FQ, FK)
@@ -226,7 +227,7 @@ def _metadata(data, key, value):
 
 CRAFTED = {  # id: (change to a valid cache dict, words the one-line error must hold)
     "version-1": (lambda d: _metadata(d, "format_version", 1), "metadata.format_version is 1 (int); this reader "
-                                                               "reads version 2 only"),
+                                                               "reads version 3 only"),
     "format": (lambda d: _metadata(d, "format", "other"), "metadata.format is 'other' (str)"),
     "metadata-list": (lambda d: d.update(metadata=[1]), "metadata is [1] (list), expected a dict"),
     "config-str": (lambda d: _metadata(d, "config", "x"), "metadata.config is 'x' (str), expected a dict"),
@@ -294,9 +295,12 @@ def test_build_cache_refuses_programming_errors(logits):
     with pytest.raises(ValueError, match=r"metadata may not set \['format_version'\]"):
         build_cache(prompt="p", num_frames=6, frame_seq_length=FSL, num_frame_per_block=FQ, layer_indices=[0],
                     save_mode="full", entries=[make_entry(0, logits[0], "full")], metadata={"format_version": 3})
-    with pytest.raises(ValueError, match=r"entries\[0\] has keys .*, expected"):
+    with pytest.raises(ValueError, match=r"build_cache: attention_weights\[0\] lacks 'query_mean_logits'"):
         build_cache(prompt="p", num_frames=6, frame_seq_length=FSL, num_frame_per_block=FQ, layer_indices=[0],
                     save_mode="summary", entries=[make_entry(0, logits[0], "full")], metadata={})
+    with pytest.raises(ValueError, match=r"build_cache: entries\[0\] is \{'layer_idx': 0\} \(dict\), expected a CacheEntry"):
+        build_cache(prompt="p", num_frames=6, frame_seq_length=FSL, num_frame_per_block=FQ, layer_indices=[0],
+                    save_mode="full", entries=[{"layer_idx": 0}], metadata={})
     with pytest.raises(ValueError, match="build_cache: layer 2 holds .* every layer must hold the same"):
         build_cache(prompt="p", num_frames=6, frame_seq_length=FSL, num_frame_per_block=FQ, layer_indices=[0, 2],
                     save_mode="full", entries=[make_entry(0, logits[0], "full"), make_entry(2, logits[2], "full"),
@@ -565,20 +569,22 @@ def tokens_of(frames):
 def layout_cache(path, layouts, *, num_frames=12, pass_=0, model_kwargs=None, model=None, seed=0, layers=LAYERS,
                  heads=N):
     """Save a summary cache with known logits whose blocks have the given key tokens: ``layouts`` maps a
-    block to (video frame, RoPE frame) per key token, both [K]. Returns the logits by (block, layer)."""
+    block to (video frame, RoPE frame[, role]) per key token, each [K] (roles default to plain cached
+    keys). Returns the logits by (block, layer)."""
     gen = torch.Generator().manual_seed(seed)
     entries, logits = [], {}
-    for block, (video, rope) in layouts.items():
+    for block, (video, rope, *roles) in layouts.items():
+        roles = roles[0] if roles else torch.full_like(video, CACHED)
         for layer in layers:
             lg = 3 * torch.randn(B, heads, FQ * FSL, len(video), generator=gen)
             logits[block, layer] = lg
-            entries.append({"layer_idx": layer, "block": block, "pass": pass_, "timestep": 1000.0, "num_heads": heads,
-                            "query_frames": list(range(block * FQ, block * FQ + FQ)),
-                            "key_frame_indices": video[::FSL].tolist(),
-                            "key_video_frames": video.to(torch.int32).expand(B, -1).clone(),
-                            "key_rope_frames": rope.to(torch.int32).expand(B, -1).clone(),
-                            "nonfinite": 0, "logit_min": lg.min().item(), "logit_max": lg.max().item(),
-                            **expected_reductions(lg)})
+            entries.append(CacheEntry(
+                layer_idx=layer, block=block, pass_=pass_, timestep=1000.0,
+                query_frames=list(range(block * FQ, block * FQ + FQ)), key_frame_indices=video[::FSL].tolist(),
+                num_heads=heads, nonfinite=0, logit_min=lg.min().item(), logit_max=lg.max().item(),
+                tensors=expected_reductions(lg), key_video_frames=video.to(torch.int32).expand(B, -1).clone(),
+                key_rope_frames=rope.to(torch.int32).expand(B, -1).clone(),
+                key_roles=roles.to(torch.int8).expand(B, -1).clone()))
     metadata = {"seed": seed, "model": model or {"dim": 64}, "config": {"model_kwargs": model_kwargs or {}}}
     save_cache(path, build_cache(prompt="p", num_frames=num_frames, frame_seq_length=FSL, num_frame_per_block=FQ,
                                  layer_indices=layers, save_mode="summary", entries=entries, metadata=metadata))
@@ -602,11 +608,18 @@ def spans(ax):
     return found
 
 
-WINDOW = (tokens_of([0, 6, 7, 8, 9, 10, 11]),) * 2  # sink frame 0, frames 1..5 evicted; RoPE = video
-DEEP_SINK = (tokens_of([0, 6, 7, 8, 9, 10, 11]), tokens_of([2, 6, 7, 8, 9, 10, 11]))  # sink moved to RoPE 2
+def roles_of(sink, top_c, total):
+    """Key roles [total]: ``sink`` sink tokens, then ``top_c`` top-C tokens, then plain cached keys."""
+    return torch.tensor([SINK] * sink + [TOP_C] * top_c + [CACHED] * (total - sink - top_c))
+
+
+WINDOW = (*(tokens_of([0, 6, 7, 8, 9, 10, 11]),) * 2, roles_of(FSL, 0, 7 * FSL))  # sink frame 0, 1..5 evicted
+DEEP_SINK = (tokens_of([0, 6, 7, 8, 9, 10, 11]), tokens_of([2, 6, 7, 8, 9, 10, 11]),  # sink moved to RoPE 2
+             roles_of(FSL, 0, 7 * FSL))
 COMPRESSED = (  # [sink 0, 1 | top-C tokens of frames 3, 3, 5, 7 | recent 9..11]; the sink moved to RoPE 3, 4
     torch.cat([tokens_of([0, 1]), torch.tensor([3, 3, 5, 7]), tokens_of([9, 10, 11])]),
     torch.cat([tokens_of([3, 4]), torch.tensor([3, 3, 5, 7]), tokens_of([9, 10, 11])]),
+    roles_of(2 * FSL, 4, 5 * FSL + 4),
 )
 PC_KWARGS = {"attention_mode": "participative_compression", "local_attn_size": 7, "sink_size": 2, "budget": 6,
              "recent": 3}
@@ -649,7 +662,7 @@ def test_true_frame_axis_keeps_global_caches_on_slots(tmp_path):
 
 
 def test_true_frame_axis_refuses_averaging_other_top_c_tokens(tmp_path, capsys):
-    other = (COMPRESSED[0].clone(), COMPRESSED[1].clone())
+    other = tuple(labels.clone() for labels in COMPRESSED)
     other[0][FSL * 2 + 2] = other[1][FSL * 2 + 2] = 6  # one top-C token from frame 6 instead of 5
     a, b, out = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "fig.png"
     layout_cache(a, {3: COMPRESSED}, model_kwargs=PC_KWARGS)

@@ -166,15 +166,16 @@ import sys
 
 import torch
 
-from utils.attention_cache import build_cache, save_cache
+from utils.attention_cache import CacheEntry, build_cache, save_cache
 from utils.output import Interrupted, exit_on_signals
 
 fsl, fk = 512, 128  # one 64 MB fp16 tensor
-entry = {"layer_idx": 0, "block": fk - 1, "pass": 0, "timestep": 1000.0, "num_heads": 1, "query_frames": [fk - 1],
-         "key_frame_indices": list(range(fk)), "nonfinite": 0, "logit_min": 1.0, "logit_max": 1.0,
-         "attn_logits": torch.ones(1, 1, fsl, fk * fsl, dtype=torch.float16),
-         "key_video_frames": torch.arange(fk, dtype=torch.int32).repeat_interleave(fsl)[None],
-         "key_rope_frames": torch.arange(fk, dtype=torch.int32).repeat_interleave(fsl)[None]}
+frames = torch.arange(fk, dtype=torch.int32).repeat_interleave(fsl)[None]
+entry = CacheEntry(layer_idx=0, block=fk - 1, pass_=0, timestep=1000.0, query_frames=[fk - 1],
+                   key_frame_indices=list(range(fk)), num_heads=1, nonfinite=0, logit_min=1.0, logit_max=1.0,
+                   tensors={"attn_logits": torch.ones(1, 1, fsl, fk * fsl, dtype=torch.float16)},
+                   key_video_frames=frames, key_rope_frames=frames.clone(),
+                   key_roles=torch.zeros_like(frames, dtype=torch.int8))
 data = build_cache(prompt="p", num_frames=fk, frame_seq_length=fsl, num_frame_per_block=1, layer_indices=[0],
                    save_mode="full", entries=[entry], metadata={})
 torch.save({}, io.BytesIO())  # torch.save's imports done, so the signal lands in the data writes

@@ -1,9 +1,10 @@
-"""The Figure 4 attention cache file, format version 2: built, written, read and checked here only.
+"""The Figure 4 attention cache file, format version 3: built, written, read and checked here only.
 
 A cache is a ``torch.save`` dict. Its entries hold, per captured layer and captured pass, either the
 full pre-softmax logit matrix of one temporal block's queries against every key (save_mode 'full', fp16
 [B, N, Q, K]) or its reductions (save_mode 'summary', fp32). ``build_cache`` makes the dict from the
-capture's results, ``save_cache`` writes it atomically, ``open_cache`` checks every field of a file and
+capture's entries (``CacheEntry``, the one form of a captured entry from the run to the reader),
+``save_cache`` writes it atomically, ``open_cache`` checks every field of a file and
 ``AttentionCache.summary`` gives the same three reductions for both modes, through the one code path in
 ``utils.attention_stats``. ``build_cache`` and ``open_cache`` run the same checks.
 
@@ -18,25 +19,28 @@ import torch
 
 from utils.attention_stats import stored_tiles, summarize_logits
 from utils.output import write_atomically
+from utils.passes import is_pass, pass_name
 
 CACHE_FORMAT = "figure4-attention-cache"
-CACHE_FORMAT_VERSION = 2
+CACHE_FORMAT_VERSION = 3
 CAPTURE_METHOD = "native_inference_capture"
-CACHE_PASS = "cache"  # the pass label of the clean cache-update pass
 SAVE_MODES = ("full", "summary")
 SUMMARY_KEYS = ("query_mean_logits", "frame_mean_logits", "frame_attention_mass")
 TOP_LEVEL_KEYS = (
     "attention_weights", "prompt", "num_frames", "frame_seq_length", "num_frame_per_block",
     "layer_indices", "is_logits", "capture_method", "query_frames", "key_frames", "metadata",
 )
-LABEL_KEYS = (
-    "layer_idx", "block", "pass", "timestep", "num_heads", "query_frames", "key_frame_indices",
-    "nonfinite", "logit_min", "logit_max",
+ENTRY_KEYS = (  # the spec's per-entry fields, then the entry's labels
+    "layer_idx", "is_logits", "num_frames", "frame_seq_length", "num_heads", "num_query_frames", "num_key_frames",
+    "block", "pass", "timestep", "query_frames", "key_frame_indices", "nonfinite", "logit_min", "logit_max",
 )
-ENTRY_KEYS = ("layer_idx", "is_logits", "num_frames", "frame_seq_length", "num_heads", "num_query_frames",
-              "num_key_frames") + LABEL_KEYS[1:]
-POSITION_KEYS = ("key_video_frames", "key_rope_frames")  # per key token: int32 [B, K]
-TENSOR_KEYS = {"full": ("attn_logits", *POSITION_KEYS), "summary": (*SUMMARY_KEYS, *POSITION_KEYS)}
+KEY_LABEL_KEYS = ("key_video_frames", "key_rope_frames", "key_roles")  # per key token, [B, K] each
+KEY_LABEL_DTYPES = {"key_video_frames": torch.int32, "key_rope_frames": torch.int32, "key_roles": torch.int8}
+# key_roles codes: what the cache policy kept each key token as. A plain cached key (a frame of the
+# window, or of the whole video), a sink key, or a token a compression selected (top-C).
+KEY_ROLES = ("cached", "sink", "top_c")
+CACHED, SINK, TOP_C = range(len(KEY_ROLES))
+TENSOR_KEYS = {"full": ("attn_logits",), "summary": SUMMARY_KEYS}
 RESERVED_METADATA = ("format", "format_version", "save_mode")
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's (zip) format starts with a zip local-file header
 
@@ -46,30 +50,19 @@ class CacheFileError(ValueError):
 
 
 @dataclass(frozen=True)
-class CacheEntry:
-    """One captured (layer, block, pass): its labels and its tensors (memory-mapped when read from a file).
-
-    ``pass_`` is the denoising pass 0.. or ``CACHE_PASS``; ``key_frame_indices[j]`` is the video frame
-    of the first token of key frame slot j (a compressed cache may fill a slot from several frames);
-    per key token, ``key_video_frames`` [B, K] is the video frame it came from and ``key_rope_frames``
-    [B, K] the temporal RoPE position it was attended at (they differ for Deep Sink's shifted sink);
-    ``nonfinite`` counts NaN/Inf logits; ``tensors`` maps 'attn_logits' (full) or SUMMARY_KEYS
-    (summary) to tensors of batch size ``batch_size``."""
+class EntryLabels:
+    """Where a captured entry comes from: the transformer block ``layer_idx``, the temporal ``block`` of
+    its queries and their video frames ``query_frames``, the pass (``pass_``: a denoising pass 0.. or
+    ``"cache"``, utils/passes.py) and its ``timestep``, and ``key_frame_indices[j]``, the video frame of
+    the first token of key frame slot j (a compressed cache may fill a slot from several frames). Shared
+    by the cache's entries and the statistics' groups (utils/sweep_stats.py)."""
 
     layer_idx: int
     block: int
     pass_: object
     timestep: float
-    num_heads: int
-    batch_size: int
     query_frames: list
     key_frame_indices: list
-    nonfinite: int
-    logit_min: float
-    logit_max: float
-    tensors: dict
-    key_video_frames: torch.Tensor
-    key_rope_frames: torch.Tensor
 
     @property
     def label(self):
@@ -83,6 +76,28 @@ class CacheEntry:
     @property
     def num_key_frames(self):
         return len(self.key_frame_indices)
+
+
+@dataclass(frozen=True)
+class CacheEntry(EntryLabels):
+    """One captured (layer, block, pass): its labels and its tensors (memory-mapped when read from a
+    file). Per key token, [B, K] each: ``key_video_frames``, the video frame it came from;
+    ``key_rope_frames``, the temporal RoPE position it was attended at (they differ for Deep Sink's
+    shifted sink); ``key_roles``, what the cache policy kept it as (``KEY_ROLES``). ``nonfinite``
+    counts NaN/Inf logits; ``tensors`` maps 'attn_logits' (full) or SUMMARY_KEYS (summary) to tensors."""
+
+    num_heads: int
+    nonfinite: int
+    logit_min: float
+    logit_max: float
+    tensors: dict
+    key_video_frames: torch.Tensor
+    key_rope_frames: torch.Tensor
+    key_roles: torch.Tensor
+
+    @property
+    def batch_size(self):
+        return self.key_video_frames.shape[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +170,7 @@ def _check_entry(entry, where, top, save_mode, fail):
     """One entry of attention_weights against the top level; returns its CacheEntry."""
     if not isinstance(entry, dict):
         fail(f"{where} is {_shown(entry)}, expected a dict")
-    tensor_keys = TENSOR_KEYS[save_mode]
+    tensor_keys = TENSOR_KEYS[save_mode] + KEY_LABEL_KEYS
     for key in ENTRY_KEYS + tensor_keys:
         _field(entry, key, where, fail)
     unexpected = sorted(map(str, set(entry) - set(ENTRY_KEYS) - set(tensor_keys)))
@@ -173,9 +188,8 @@ def _check_entry(entry, where, top, save_mode, fail):
     _check_int(entry["block"], f"{where}.block", fail)
     if entry["block"] >= num_blocks:
         fail(f"{where}.block is {entry['block']}, expected < {num_blocks} (num_frames / num_frame_per_block)")
-    if not (isinstance(entry["pass"], str) and entry["pass"] == CACHE_PASS) and not (
-            _is_int(entry["pass"]) and entry["pass"] >= 0):
-        fail(f"{where}.pass is {_shown(entry['pass'])}, expected an int >= 0 or {CACHE_PASS!r}")
+    if not is_pass(entry["pass"]):
+        fail(f"{where}.pass is {_shown(entry['pass'])}, expected an int >= 0 or 'cache'")
     for key in ("timestep", "logit_min", "logit_max"):
         _check_float(entry[key], f"{where}.{key}", fail)
     _check_int(entry["num_heads"], f"{where}.num_heads", fail, minimum=1)
@@ -199,8 +213,8 @@ def _check_entry(entry, where, top, save_mode, fail):
                   "frame_attention_mass": (n, fq, fk)}
         dtype = torch.float32
     dtypes = dict.fromkeys(shapes, dtype)
-    for key in POSITION_KEYS:
-        shapes[key], dtypes[key] = (fk * fsl,), torch.int32
+    for key in KEY_LABEL_KEYS:
+        shapes[key], dtypes[key] = (fk * fsl,), KEY_LABEL_DTYPES[key]
     batch_sizes = set()
     for key, shape in shapes.items():
         tensor = entry[key]
@@ -216,12 +230,15 @@ def _check_entry(entry, where, top, save_mode, fail):
         fail(f"{where}.key_video_frames does not start each key frame slot with its key_frame_indices")
     if int(video.min()) < 0 or int(video.max()) >= top["num_frames"] or int(rope.min()) < 0:
         fail(f"{where}.key_video_frames / key_rope_frames hold frames outside [0, {top['num_frames']}) / below 0")
+    roles = entry["key_roles"]
+    if int(roles.min()) < 0 or int(roles.max()) >= len(KEY_ROLES):
+        fail(f"{where}.key_roles holds codes outside 0..{len(KEY_ROLES) - 1} ({', '.join(KEY_ROLES)})")
     return CacheEntry(
         layer_idx=entry["layer_idx"], block=entry["block"], pass_=entry["pass"], timestep=entry["timestep"],
-        num_heads=n, batch_size=batch_sizes.pop(), query_frames=entry["query_frames"],
-        key_frame_indices=entry["key_frame_indices"], nonfinite=entry["nonfinite"], logit_min=entry["logit_min"],
-        logit_max=entry["logit_max"], tensors={key: entry[key] for key in shapes if key not in POSITION_KEYS},
-        key_video_frames=video, key_rope_frames=rope,
+        query_frames=entry["query_frames"], key_frame_indices=entry["key_frame_indices"], num_heads=n,
+        nonfinite=entry["nonfinite"], logit_min=entry["logit_min"], logit_max=entry["logit_max"],
+        tensors={key: entry[key] for key in shapes if key not in KEY_LABEL_KEYS},
+        key_video_frames=video, key_rope_frames=rope, key_roles=roles,
     )
 
 
@@ -319,14 +336,26 @@ def _as_float(value):
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
+def _stored(entry, num_frames, frame_seq_length):
+    """The dict a ``CacheEntry`` is stored as (the spec's per-entry fields, then the labels and tensors)."""
+    query_frames, key_frames = _as_list(entry.query_frames), _as_list(entry.key_frame_indices)
+    return {
+        "layer_idx": entry.layer_idx, "is_logits": True, "num_frames": num_frames, "frame_seq_length": frame_seq_length,
+        "num_heads": entry.num_heads, "num_query_frames": _length(query_frames), "num_key_frames": _length(key_frames),
+        "block": entry.block, "pass": entry.pass_, "timestep": _as_float(entry.timestep), "query_frames": query_frames,
+        "key_frame_indices": key_frames, "nonfinite": entry.nonfinite, "logit_min": _as_float(entry.logit_min),
+        "logit_max": _as_float(entry.logit_max), **entry.tensors, "key_video_frames": entry.key_video_frames,
+        "key_rope_frames": entry.key_rope_frames, "key_roles": entry.key_roles,
+    }
+
+
 def build_cache(*, prompt, num_frames, frame_seq_length, num_frame_per_block, layer_indices, save_mode, entries,
                 metadata):
     """The cache dict of captured entries, checked as ``open_cache`` checks a file (ValueError if not).
 
-    entries: list of dicts, kept in this order, each with LABEL_KEYS (layer_idx, block, pass (int or
-      'cache'), timestep, num_heads, query_frames, key_frame_indices, nonfinite, logit_min, logit_max)
-      and the tensors of ``save_mode``: 'attn_logits' fp16 [B, N, Q, K] for 'full', SUMMARY_KEYS fp32 for
-      'summary'. Every layer of ``layer_indices`` must have an entry for each captured (block, pass).
+    entries: ``CacheEntry``s, kept in this order, with the tensors of ``save_mode``: 'attn_logits' fp16
+      [B, N, Q, K] for 'full', SUMMARY_KEYS fp32 for 'summary'. Every layer of ``layer_indices`` must
+      have an entry for each captured (block, pass).
     layer_indices: kept in the given order. metadata: an open dict of plain values (no tensors), stored
       with 'format', 'format_version' and 'save_mode' added.
     The top-level query_frames / key_frames describe the last captured block."""
@@ -339,23 +368,11 @@ def build_cache(*, prompt, num_frames, frame_seq_length, num_frame_per_block, la
     if save_mode not in SAVE_MODES:
         _programming_error(f"save_mode is {_shown(save_mode)}, expected one of {SAVE_MODES}")
     if not isinstance(entries, (list, tuple)):
-        _programming_error(f"entries is {_shown(entries)}, expected a list of dicts")
-    stored = []
-    for i, given in enumerate(entries):
-        expected = set(LABEL_KEYS) | set(TENSOR_KEYS[save_mode])
-        if not isinstance(given, dict) or set(given) != expected:
-            found = sorted(given) if isinstance(given, dict) else _shown(given)
-            _programming_error(f"entries[{i}] has keys {found}, expected {sorted(expected)}")
-        query_frames, key_frames = _as_list(given["query_frames"]), _as_list(given["key_frame_indices"])
-        stored.append({
-            "layer_idx": given["layer_idx"], "is_logits": True, "num_frames": num_frames,
-            "frame_seq_length": frame_seq_length, "num_heads": given["num_heads"],
-            "num_query_frames": _length(query_frames), "num_key_frames": _length(key_frames),
-            "block": given["block"], "pass": given["pass"], "timestep": _as_float(given["timestep"]),
-            "query_frames": query_frames, "key_frame_indices": key_frames, "nonfinite": given["nonfinite"],
-            "logit_min": _as_float(given["logit_min"]), "logit_max": _as_float(given["logit_max"]),
-            **{key: given[key] for key in TENSOR_KEYS[save_mode]},
-        })
+        _programming_error(f"entries is {_shown(entries)}, expected a list of CacheEntry")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, CacheEntry):
+            _programming_error(f"entries[{i}] is {_shown(entry)}, expected a CacheEntry")
+    stored = [_stored(entry, num_frames, frame_seq_length) for entry in entries]
     no_entry = {"query_frames": [], "num_key_frames": 0}  # the check below names the empty list
     last = max(stored, key=lambda e: e["block"] if _is_int(e["block"]) else -1, default=no_entry)
     data = {
@@ -419,10 +436,6 @@ def _load(path):
         raise CacheFileError(f"{path}: unreadable torch file, truncated or corrupt? ({err})") from err
 
 
-def _pass_name(pass_):
-    return repr(pass_) if isinstance(pass_, str) else str(pass_)
-
-
 class AttentionCache:
     """One checked cache file; opening it reads no tensor data.
 
@@ -459,7 +472,7 @@ class AttentionCache:
         labels held when none or several match."""
         matches = [(b, p) for b, p in self.labels if (pass_ is None or p == pass_) and (block is None or b == block)]
         if len(matches) != 1:
-            held = ", ".join(f"block {b} pass {_pass_name(p)}" for b, p in self.labels)
+            held = ", ".join(f"block {b} pass {pass_name(p)}" for b, p in self.labels)
             wanted = ", ".join(f"{name} {value!r}" for name, value in (("block", block), ("pass", pass_))
                                if value is not None) or "no block or pass given"
             problem = "holds no such entry" if not matches else "holds several; choose a block and pass"

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import matplotlib
 import torch
 
-from utils.attention_cache import AttentionCache
+from utils.attention_cache import SINK, TOP_C, AttentionCache
 from utils.figure4_sources import PlotInputError, StatsFile, column_band, columns_of
 from utils.output import OutputPathError, check_output_path, write_atomically
 
@@ -69,27 +69,21 @@ def _frame_range(frames):
     return f"{min(frames)}-{max(frames)}"
 
 
-def true_frame_axis(entry, batch_index, frame_seq_length, model_kwargs):
-    """The TrueFrameAxis of a cache entry. Sink: keys at a RoPE frame other than their video frame (a
-    shifted sink) or in the first ``sink_size`` frames. Top-C, under participative compression once it
-    compressed: the tokens after the sink up to the last ``recent`` frames of the ``budget`` frames a
-    compression keeps (later blocks are appended after them)."""
+def true_frame_axis(entry, batch_index, frame_seq_length):
+    """The TrueFrameAxis of a cache entry, its regions as the cache policy labelled its key tokens
+    (``key_roles``): the sink (RoPE-shifted or not) and the top-C tokens of a compression."""
     video, rope = entry.key_video_frames[batch_index], entry.key_rope_frames[batch_index]
-    sink = (rope != video) | (video < model_kwargs.get("sink_size", 0))
+    roles = entry.key_roles[batch_index]
+    sink = roles == SINK
     sink_label = ""
     if sink.any():
         shifted = (rope[sink] != video[sink]).any()
         sink_label = (f"sink (frames {_frame_range(video[sink].tolist())}"
                       + (f", RoPE {_frame_range(rope[sink].tolist())})" if shifted else ")"))
-    topc = torch.zeros_like(sink)
+    topc = roles == TOP_C
     topc_label = ""
-    if model_kwargs.get("attention_mode") == "participative_compression":
-        kept = min(model_kwargs["budget"], model_kwargs["local_attn_size"])
-        first = model_kwargs["sink_size"] * frame_seq_length
-        last = (kept - model_kwargs["recent"]) * frame_seq_length
-        if len(video) >= kept * frame_seq_length:
-            topc[first:last] = True
-            topc_label = f"top-C ({last - first} tokens of frames {_frame_range(video[topc].tolist())})"
+    if topc.any():
+        topc_label = f"top-C ({int(topc.sum())} tokens of frames {_frame_range(video[topc].tolist())})"
     return TrueFrameAxis(frame_seq_length, true_frame_tokens(video, frame_seq_length), sink, topc, sink_label,
                          topc_label)
 
@@ -198,13 +192,6 @@ def printable(text):
     return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("$", r"\$")
 
 
-def _model_kwargs(file):
-    """A cache's config model_kwargs; {} for a statistics file, which keeps none."""
-    if not isinstance(file, AttentionCache):
-        return {}
-    return file.metadata.get("config", {}).get("model_kwargs") or {}
-
-
 def _head(values, head):
     return None if values is None else values[head]
 
@@ -225,7 +212,7 @@ def draw_panel(ax, column, panel, view, softmax, batch_index, x_axis):
     if view == "frames":
         draw_frames(ax, entry, mean, low, high, ylabel)
     elif uses_true_frames(source, layer, view, softmax, batch_index, x_axis):
-        axis = true_frame_axis(entry, batch_index, fsl, _model_kwargs(source.file))
+        axis = true_frame_axis(entry, batch_index, fsl)
         draw_true_frame_curve(ax, entry, axis, mean, low, high, band_label, ylabel)
     else:
         draw_curve(ax, entry, mean, low, high, band_label, per_frame, ylabel)

@@ -12,7 +12,7 @@ import torch
 
 from utils.attention_cache import AttentionCache, open_cache
 from utils.passes import ALL, pass_order
-from utils.sweep_stats import StatsFileError, compare_key, load_statistics
+from utils.sweep_stats import StatsFileError, compare_key, load_statistics, stats_groups
 
 STATS_QUANTITY = {"token_logits": "curve", "frame_logits": "frame_logit", "frame_mass": "mass"}
 DEFAULT_PANELS = ((0, 0), (4, 9))  # the paper's L1H1 and L5H10
@@ -37,24 +37,6 @@ def parse_panel(text):
     return layer, head
 
 
-@dataclass(frozen=True)
-class StatsGroup:
-    """One (layer, block, pass) of a statistics file, with the attributes of a CacheEntry that the
-    axes and titles read; ``values`` maps a quantity to its mean, std, ci_low and ci_high."""
-
-    layer_idx: int
-    block: int
-    pass_: object
-    timestep: float
-    query_frames: list
-    key_frame_indices: list
-    values: dict
-
-    @property
-    def num_key_frames(self):
-        return len(self.key_frame_indices)
-
-
 class StatsFile:
     """A statistics file of experiments/aggregate_figure4.py, read with utils.sweep_stats.load_statistics
     and opened for plotting like a cache: path, labels, layer_indices, num_heads, frame_seq_length,
@@ -68,9 +50,7 @@ class StatsFile:
         self.n_items = stats["n_items"]
         self.num_heads = stats["num_heads"]
         self.frame_seq_length = stats["frame_seq_length"]
-        self.groups = [StatsGroup(g["layer_idx"], g["block"], g["pass"], g["timestep"], g["query_frames"],
-                                  g["key_frame_indices"], {q: g[q] for q in STATS_QUANTITY.values()})
-                       for g in stats["groups"]]
+        self.groups = stats_groups(stats)
         self.labels = list(dict.fromkeys((g.block, g.pass_) for g in self.groups))
         self.layer_indices = list(dict.fromkeys(g.layer_idx for g in self.groups))
 

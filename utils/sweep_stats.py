@@ -15,16 +15,26 @@ deviation and a two-sided 95% confidence interval of the mean, mean +- t(0.975, 
 (Student's t; NaN for n = 1).
 """
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from utils.attention_cache import EntryLabels
 from utils.output import write_atomically
 
 STATS_FORMAT = "figure4-sweep-statistics"
 STATS_VERSION = 1
 QUANTITIES = ("curve", "frame_logit", "mass", "sink_ratio", "sink_logit_gap")
 FIELDS = ("mean", "std", "ci_low", "ci_high")
+
+
+@dataclass(frozen=True)
+class StatsGroup(EntryLabels):
+    """One (layer, block, pass) of a statistics file: the labels of the cache entries it is over, and
+    ``values``, which maps each of QUANTITIES to its FIELDS ({mean, std, ci_low, ci_high})."""
+
+    values: dict
 
 
 class StatsFileError(ValueError):
@@ -164,6 +174,13 @@ def save_statistics(stats, path):
 
     write_atomically(path.with_suffix(".csv"), write_csv)
     return path.with_suffix(".csv")
+
+
+def stats_groups(stats):
+    """The groups of a statistics dict (``load_statistics``) as ``StatsGroup``s, in file order."""
+    return [StatsGroup(layer_idx=g["layer_idx"], block=g["block"], pass_=g["pass"], timestep=g["timestep"],
+                       query_frames=g["query_frames"], key_frame_indices=g["key_frame_indices"],
+                       values={q: g[q] for q in QUANTITIES}) for g in stats["groups"]]
 
 
 def load_statistics(path):

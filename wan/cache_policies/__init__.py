@@ -4,7 +4,7 @@ base.py for what a policy is). A new policy is a module beside these and one ent
 Without ``attention_mode`` the policy follows upstream Self-Forcing's convention: ``global`` when
 ``local_attn_size`` is -1 (or absent), ``window`` otherwise. Torch is not imported here.
 """
-from wan.cache_policies.base import CacheLayout, CachePolicy, PolicyError
+from wan.cache_policies.base import CacheLayout, CachePolicy, Option, PolicyError
 from wan.cache_policies.deep_sink import DeepSink
 from wan.cache_policies.global_attention import GlobalAttention
 from wan.cache_policies.participative_compression import ParticipativeCompression
@@ -13,7 +13,7 @@ from wan.cache_policies.window import Window
 POLICIES = {policy.name: policy for policy in (GlobalAttention, Window, DeepSink, ParticipativeCompression)}
 MODE_KEY = "attention_mode"
 
-__all__ = ["POLICIES", "CacheLayout", "CachePolicy", "PolicyError", "option_names", "policy_from_kwargs", "problem"]
+__all__ = ["POLICIES", "CacheLayout", "CachePolicy", "Option", "PolicyError", "option_names", "policy_from_kwargs", "problem"]
 
 
 def option_names():

@@ -162,7 +162,8 @@ class CapturedCall:
     """One recorded self-attention call: its layer, its pass labels (block, step, timestep), the video
     frame of each of its key frames and, while kept, its q and k. ``key_positions``: when the cache
     labels its tokens, (video frame, temporal RoPE frame) of each key token, int64 [B, Lk] each on the
-    cache's device (they differ under Deep Sink shifts and compression; see deep_forcing.py)."""
+    cache's device (they differ under Deep Sink shifts and compression; see deep_forcing.py);
+    ``key_roles``: what the cache keeps each key token as, int8 [B, Lk] (utils.attention_cache.KEY_ROLES)."""
 
     layer_idx: int
     call_idx: int
@@ -173,6 +174,7 @@ class CapturedCall:
     q: torch.Tensor = field(repr=False)
     k: torch.Tensor = field(repr=False)
     key_positions: tuple = field(default=None, repr=False)
+    key_roles: torch.Tensor = field(default=None, repr=False)
 
     @property
     def num_heads(self):
@@ -302,7 +304,8 @@ class AttentionWeightCapture:
             # passes overwrite, so it is copied.
             key = (layer_idx, self.labels["block"], self.labels["step"])
             self._kept[key] = CapturedCall(layer_idx, call_idx, tuple(q.shape), tuple(k.shape), dict(self.labels),
-                                           _key_frames(kv_cache), q, k.clone(), _key_positions(kv_cache))
+                                           _key_frames(kv_cache), q, k.clone(), _key_positions(kv_cache),
+                                           _key_roles(kv_cache))
 
     def _layer_position(self, layer_idx):
         return layer_idx if self.layer_indices is None else self.layer_indices.index(layer_idx)
@@ -326,6 +329,11 @@ def _key_frames(kv_cache):
 def _key_positions(kv_cache):
     """(video frame, temporal RoPE frame) of each key token: the cache knows; None without one."""
     return kv_cache.key_positions() if kv_cache is not None else None
+
+
+def _key_roles(kv_cache):
+    """What the cache keeps each key token as (sink, top-C, ...): the cache knows; None without one."""
+    return kv_cache.key_roles() if kv_cache is not None else None
 
 
 ATTENTION_WEIGHT_CAPTURE = AttentionWeightCapture()

@@ -46,6 +46,7 @@ compress), not 21 <-> 16 as the paper's App. E says.
 """
 import torch
 
+from utils.attention_cache import CACHED, SINK, TOP_C
 from wan.modules.kv_cache import KVCache, token_frames
 
 
@@ -123,6 +124,7 @@ class ParticipativeCompressionCache:
         self.global_end = 0
         self.local_end = 0
         self.sink_start = 0  # temporal RoPE position of sink frame 0
+        self.topc_end = 0  # slot just after the top-C tokens of the last compression (0: none yet)
         self.compressions = 0
 
     def update(self, k, v, current_start, queries):
@@ -190,6 +192,7 @@ class ParticipativeCompressionCache:
         self._write(slice(0, kept), keys.gather(1, token_index), values.gather(1, token_index),
                     sources.gather(1, index), rope_frames.gather(1, index), picked)
         self.local_end = kept
+        self.topc_end = self.sink_tokens + count
         self.compressions += 1
 
     def _shift_sink(self, target):
@@ -202,6 +205,14 @@ class ParticipativeCompressionCache:
     def key_positions(self):
         """(video frame, temporal RoPE frame) of each cached token, int64 [B, local_end] each."""
         return self.source[:, : self.local_end] // self.frame_seq_length, self.rope_frame[:, : self.local_end].clone()
+
+    def key_roles(self):
+        """What each cached token is kept as (``utils.attention_cache.KEY_ROLES``), int8 [B, local_end]:
+        the sink, then the top-C tokens of the last compression, then plain cached keys."""
+        roles = torch.full((self.k.shape[0], self.local_end), CACHED, dtype=torch.int8, device=self.k.device)
+        roles[:, self.sink_tokens : self.topc_end] = TOP_C
+        roles[:, : self.sink_tokens] = SINK
+        return roles
 
     def key_tokens(self):
         """The video token index of each cached token, int64 [B, local_end]: frame * frame_seq_length

@@ -3,6 +3,8 @@ so far, with a local window and sink as upstream Self-Forcing evicts them. wan/m
 builds Deep Forcing's caches on it."""
 import torch
 
+from utils.attention_cache import CACHED, SINK
+
 
 class KVCache:
     """One transformer block's rotated keys and values, [B, frames * frame_seq_length, N, D], with
@@ -57,6 +59,13 @@ class KVCache:
         here, since keys keep the position they were written at."""
         video = token_frames(self.frames, self.frame_seq_length, self.k.device)
         return video.expand(self.k.shape[0], -1).clone(), video.expand(self.k.shape[0], -1).clone()
+
+    def key_roles(self):
+        """What each cached token is kept as (``utils.attention_cache.KEY_ROLES``), int8 [B, local_end]:
+        the first ``sink_frames`` frames are the sink, the rest plain cached keys."""
+        roles = torch.full((self.k.shape[0], self.local_end), CACHED, dtype=torch.int8, device=self.k.device)
+        roles[:, : self.sink_tokens] = SINK
+        return roles
 
 
 def token_frames(frames, frame_seq_length, device):
