@@ -3,7 +3,8 @@
 Independent references written here: a temporal RoPE rotation by cos/sin on real channel pairs; a
 brute-force top-C over dense logits (every recent query, every head) with its own reuse counter; a
 dense attention over the whole video that attends, per query block, to the token sets and RoPE
-positions the cache reports; the block cadence and positions of the release (facts §1-2).
+positions the cache reports; the block cadence and positions of the release (facts §1-2); an observer
+in front of the capture that copies each call's q, k, labels and key positions at the time of the call.
 """
 import pytest
 import torch
@@ -11,9 +12,10 @@ from omegaconf import OmegaConf
 
 import wan.modules.causal_model as cm
 from pipeline.causal_inference import CausalInferencePipeline
-from tests.test_capture import FixedTextEncoder
-from tests.test_causal_model import check_blocks, inputs, tiny_model
+from tests.test_capture import FixedTextEncoder, Tee, all_heads, dense_logits
+from tests.test_causal_model import CallObserver, check_blocks, inputs, observing, policy, tiny_model
 from pipeline.wrappers import WanDiffusionWrapper
+from wan.cache_policies import PolicyError
 from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE
 from wan.modules.causal_model import RoPE3D, apply_rope
 from wan.modules.deep_forcing import DeepSinkCache, ParticipativeCompressionCache
@@ -165,17 +167,15 @@ MODES = {
 }
 
 
-def dense_with_key_sets(key_sets, fsl):
-    """An ``attention`` replacement for one pass over all frames: query block b of layer l attends to
-    the tokens key_sets[l][b] = (video token indices [L], RoPE frames [L]), each key moved in time
-    from its own frame to its RoPE frame (``rotate_time``)."""
+def dense_with_key_sets(key_sets, fsl, observer):
+    """An ``attention`` replacement (self-attention only) for one pass over all frames: query block b of
+    layer l attends to the tokens key_sets[l][b] = (video token indices [L], RoPE frames [L]), each key
+    moved in time from its own frame to its RoPE frame (``rotate_time``). The layer is the one
+    ``observer`` (the model's) saw last: its ``observe`` comes right before the call's attention."""
 
-    def attention(q, k, v, layer_idx=None, kv_cache=None):
-        if layer_idx is None:
-            logits = torch.einsum("blnd,bmnd->bnlm", q, k) * q.shape[-1] ** -0.5
-            return torch.einsum("bnlm,bmnd->blnd", logits.softmax(-1), v)
+    def attention(q, k, v, kernel=None):
         outs = []
-        for b, (tokens, rope_frame) in enumerate(key_sets[layer_idx]):
+        for b, (tokens, rope_frame) in enumerate(key_sets[observer.layer]):
             rows = slice(b * PER_BLOCK * fsl, (b + 1) * PER_BLOCK * fsl)
             keys = rotate_time(k[:, tokens], rope_frame - tokens // fsl).to(q.dtype)
             logits = torch.einsum("blnd,bmnd->bnlm", q[:, rows], keys) * q.shape[-1] ** -0.5
@@ -187,7 +187,7 @@ def dense_with_key_sets(key_sets, fsl):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_bounded_mode_matches_dense_attention_with_the_same_key_sets(monkeypatch, mode):
-    model = tiny_model(seed=41, **MODES[mode])
+    model = tiny_model(seed=41, cache_policy=policy(**MODES[mode]))
     frames, fsl = 24, 2
     x, context = inputs(frames=frames, height=2, width=4, seed=7)  # 1 x 2 tokens a frame
     gen = torch.Generator().manual_seed(8)
@@ -195,17 +195,14 @@ def test_bounded_mode_matches_dense_attention_with_the_same_key_sets(monkeypatch
     junk = torch.randn(x.shape, generator=gen)
     key_sets = {layer: [] for layer in range(len(model.blocks))}
     record = [False]
-    real_attention = cm.attention
 
-    def spy(q, k, v, layer_idx=None, kv_cache=None):
-        if layer_idx is not None and record[0]:
+    def key_set(layer_idx, q, k, kv_cache):
+        if record[0]:
             video, rope_frame = kv_cache.key_positions()
             key_sets[layer_idx].append((kv_cache.key_tokens()[0], rope_frame[0]))
-        return real_attention(q, k, v, layer_idx=layer_idx, kv_cache=kv_cache)
 
     outs = []
-    with torch.no_grad(), monkeypatch.context() as mp:
-        mp.setattr(cm, "attention", spy)
+    with torch.no_grad(), monkeypatch.context() as mp, observing(model, CallObserver(key_set)) as observer:
         kv, xattn = model.new_caches(1, frames, fsl, x.dtype, x.device)
         for first in range(0, frames, PER_BLOCK):
             sl = slice(first, first + PER_BLOCK)
@@ -213,7 +210,8 @@ def test_bounded_mode_matches_dense_attention_with_the_same_key_sets(monkeypatch
             model(junk[:, :, sl], torch.full_like(t[:, sl], 1000.0), context, kv, xattn, current_start=first * fsl)
             record[0] = True
             outs.append(model(x[:, :, sl], t[:, sl], context, kv, xattn, current_start=first * fsl))
-        mp.setattr(cm, "attention", dense_with_key_sets(key_sets, fsl))
+        record[0] = False
+        mp.setattr(cm, "attention", dense_with_key_sets(key_sets, fsl, observer))
         ref = model(x, t, context)
         # The check can fail: the same key sets at their original positions, or without the
         # compressed-away tokens' replacement, give another last block.
@@ -221,7 +219,7 @@ def test_bounded_mode_matches_dense_attention_with_the_same_key_sets(monkeypatch
             moved = {l: [(tokens, tokens // fsl) for tokens, _ in sets] for l, sets in key_sets.items()}
         else:
             moved = {l: [(tokens[-6:], rope[-6:]) for tokens, rope in sets] for l, sets in key_sets.items()}
-        mp.setattr(cm, "attention", dense_with_key_sets(moved, fsl))
+        mp.setattr(cm, "attention", dense_with_key_sets(moved, fsl, observer))
         other = model(x, t, context)
     check_blocks(outs, ref, PER_BLOCK, f"{mode} vs dense with the cache's key sets")
     assert (other[:, :, -3:] - ref[:, :, -3:]).abs().max() > 1e-3
@@ -233,7 +231,7 @@ def test_bounded_mode_matches_dense_attention_with_the_same_key_sets(monkeypatch
 
 
 def test_rope_table_refusal():
-    model = tiny_model(seed=1, **MODES["deep_sink"])
+    model = tiny_model(seed=1, cache_policy=policy(**MODES["deep_sink"]))
     with pytest.raises(ValueError, match="RoPE table covers 1024"):
         model.new_caches(1, 1026, 2, torch.float32, "cpu")
     kv, _ = model.new_caches(1, 240, 2, torch.float32, "cpu")
@@ -241,15 +239,17 @@ def test_rope_table_refusal():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(attention_mode="global", local_attn_size=5), "global"),
-    (dict(attention_mode="deep_sink"), "sink_size"),
-    (dict(attention_mode="participative_compression", local_attn_size=8, sink_size=1), "budget and recent"),
-    (dict(attention_mode="participative_compression", local_attn_size=8, sink_size=3, budget=5, recent=3), "<= budget"),
-    (dict(attention_mode="sliding"), "attention_mode"),
+    (dict(attention_mode="global", local_attn_size=5), r"model_kwargs\.local_attn_size = 5; expected -1 \(global"),
+    (dict(attention_mode="deep_sink"), r"model_kwargs\.local_attn_size = missing; expected"),
+    (dict(attention_mode="participative_compression", local_attn_size=8, sink_size=1), r"model_kwargs\.budget = missing"),
+    (dict(attention_mode="participative_compression", local_attn_size=8, sink_size=1, budget=5), r"model_kwargs\.recent = missing"),
+    (dict(attention_mode="participative_compression", local_attn_size=8, sink_size=3, budget=5, recent=3),
+     r"model_kwargs\.budget = 5; expected sink_size \+ recent <= budget <= local_attn_size"),
+    (dict(attention_mode="sliding"), r"model_kwargs\.attention_mode = 'sliding'; expected one of \["),
 ])
 def test_bad_mode_settings_are_refused(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        tiny_model(**kwargs)
+    with pytest.raises(PolicyError, match=message):
+        policy(**kwargs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -287,44 +287,43 @@ def test_two_runs_in_one_process_equal_fresh_runs(config, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_long_rollout_runs_in_bounded_caches(config, mode, monkeypatch):
+def test_long_rollout_runs_in_bounded_caches(config, mode):
     pipeline = make_pipeline(config, mode, num_layers=1)
     lengths = set()
-    real_attention = cm.attention
-
-    def spy(q, k, v, layer_idx=None, kv_cache=None):
-        if layer_idx is not None:
-            lengths.add(k.shape[1])
-        return real_attention(q, k, v, layer_idx=layer_idx, kv_cache=kv_cache)
-
-    monkeypatch.setattr(cm, "attention", spy)
-    latents = run(pipeline, config, 240, seed=0)
+    with observing(pipeline.generator.model, CallObserver(lambda layer_idx, q, k, kv_cache: lengths.add(k.shape[1]))):
+        latents = run(pipeline, config, 240, seed=0)
     assert torch.isfinite(latents).all()
     assert max(lengths) <= MODES[mode]["local_attn_size"] * 2
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_capture_at_chosen_blocks_equals_keep_all_with_right_labels(config, mode):
+def test_capture_at_chosen_blocks_holds_the_calls_with_right_labels(config, mode):
+    """The kept calls of the chosen blocks and passes are the model's calls there, with the q, k, key
+    frames and key positions of the time of the call (copied by an observer in front of the capture)."""
     pipeline = make_pipeline(config, mode)
+    model = pipeline.generator.model
     frames, fsl, blocks = 21, 2, [1, 4, "last"]
-    ATTENTION_WEIGHT_CAPTURE.enable([1, 4], keep="all")
+    tee = Tee()
+    model.set_observer(tee)
     try:
-        run(pipeline, config, frames, seed=0)
-        everything = ATTENTION_WEIGHT_CAPTURE.captured_weights
-        ATTENTION_WEIGHT_CAPTURE.enable([1, 4], keep="pass", passes=[0, "cache"], blocks=blocks)
+        ATTENTION_WEIGHT_CAPTURE.enable([1, 4], passes=[0, "cache"], blocks=blocks)
         run(pipeline, config, frames, seed=0)
         kept = ATTENTION_WEIGHT_CAPTURE.kept_calls
     finally:
+        model.set_observer(ATTENTION_WEIGHT_CAPTURE)
         ATTENTION_WEIGHT_CAPTURE.disable()
-    chosen = [e for e in everything if e["block"] in (1, 4, 6) and e["step"] in (0, "cache")]
+    chosen = [c for c in tee.calls if c["layer"] in (1, 4) and c["labels"]["block"] in (1, 4, 6)
+              and c["labels"]["step"] in (0, "cache")]
     assert len(kept) == len(chosen) == 2 * 3 * 2
-    by_key = {(e["layer_idx"], e["block"], e["step"]): e for e in chosen}
+    by_key = {(c["layer"], c["labels"]["block"], c["labels"]["step"]): c for c in chosen}
+    assert sorted(by_key, key=str) == sorted(((r.layer_idx, r.labels["block"], r.labels["step"]) for r in kept), key=str)
     for record in kept:
         entry = by_key[(record.layer_idx, record.labels["block"], record.labels["step"])]
-        logits = torch.stack([record.weights(h) for h in range(record.num_heads)], dim=1)
-        torch.testing.assert_close(logits, entry["attn_weights"], rtol=0, atol=0)
+        assert record.labels == entry["labels"]
+        assert torch.equal(record.q, entry["q"]) and torch.equal(record.k, entry["k"])
+        torch.testing.assert_close(all_heads(record).double(), dense_logits(entry["q"], entry["k"]), rtol=0, atol=1e-5)
         video, rope_frame = record.key_positions
-        assert torch.equal(video, entry["key_video_frames"]) and torch.equal(rope_frame, entry["key_rope_frames"])
+        assert torch.equal(video, entry["key_positions"][0]) and torch.equal(rope_frame, entry["key_positions"][1])
         assert record.key_frames == entry["key_frames"]
         assert video.shape == rope_frame.shape == (1, record.k_shape[1])
         cs = 3 * record.labels["block"]

@@ -11,7 +11,7 @@ from torch import nn
 
 from pipeline.causal_inference import CausalInferencePipeline
 from test_capture import FixedTextEncoder
-from test_causal_model import inputs, run_blocks, tiny_model
+from test_causal_model import CallObserver, inputs, observing, policy, run_blocks, tiny_model
 from pipeline.wrappers import WanDiffusionWrapper
 from wan.modules.attention import (
     ATTENTION_WEIGHT_CAPTURE,
@@ -314,9 +314,10 @@ def test_fast_cache_holds_the_exact_keys_and_values():
 # Whole model
 
 
-@pytest.mark.parametrize("window,sink", [(-1, 0), (3, 1), (5, 1), (9, 1)])
+# A 3-frame window has no room for a sink next to a 3-frame block: the window policy refuses (3, 1).
+@pytest.mark.parametrize("window,sink", [(-1, 0), (3, 0), (5, 1), (9, 1)])
 def test_fast_model_matches_exact(window, sink):
-    model = tiny_model(seed=21, local_attn_size=window, sink_size=sink)
+    model = tiny_model(seed=21, cache_policy=policy(local_attn_size=window, sink_size=sink))
     x, context = inputs(frames=12, batch=2, seed=4)
     t = torch.tensor([[1000.0, 937.5, 833.3, 625.0] * 3, [250.0, 0.0, 500.0, 750.0] * 3])
     junk = (torch.randn(x.shape, generator=torch.Generator().manual_seed(9)), torch.full_like(t, 1000.0))
@@ -332,7 +333,7 @@ def test_fast_model_matches_exact(window, sink):
 def test_fast_model_matches_exact_with_deep_forcing_caches(mode):
     """Deep Sink shifts and compression (which scores by the layer's queries) in fast mode: 5 blocks,
     the window full and compressed from block 2 on."""
-    model = tiny_model(seed=23, **mode)
+    model = tiny_model(seed=23, cache_policy=policy(**mode))
     x, context = inputs(frames=15, seed=7)
     t = torch.tensor([[1000.0, 937.5, 833.3] * 5])
     outs = in_both_modes(model, lambda: run_blocks(model, x, t, context, 3)[0])
@@ -384,10 +385,10 @@ def test_fast_capture_is_bit_identical_and_labelled_like_exact(config):
     fast = make_pipeline(config, "fast")
     plain = run(fast, config)
     everything = dict(passes=[0, 1, 2, 3, "cache"], blocks=[0, "last"])
-    ATTENTION_WEIGHT_CAPTURE.enable([1, 4], keep="pass", **everything)
+    ATTENTION_WEIGHT_CAPTURE.enable([1, 4], **everything)
     assert torch.equal(run(fast, config), plain)
     fast_calls = ATTENTION_WEIGHT_CAPTURE.kept_calls
-    ATTENTION_WEIGHT_CAPTURE.enable([1, 4], keep="pass", **everything)
+    ATTENTION_WEIGHT_CAPTURE.enable([1, 4], **everything)
     run(make_pipeline(config, "exact"), config)
     exact_calls = ATTENTION_WEIGHT_CAPTURE.kept_calls
     labels = [(r.layer_idx, r.labels["block"], r.labels["step"]) for r in exact_calls]
@@ -403,14 +404,15 @@ def test_fast_capture_is_bit_identical_and_labelled_like_exact(config):
 
 def test_capture_wants_the_passes_it_keeps():
     assert not ATTENTION_WEIGHT_CAPTURE.wants(1, 2, "cache")
-    ATTENTION_WEIGHT_CAPTURE.enable([0], keep="pass", passes=[0])
+    ATTENTION_WEIGHT_CAPTURE.enable([0], passes=[0])
     assert ATTENTION_WEIGHT_CAPTURE.wants(1, 2, 0) and not ATTENTION_WEIGHT_CAPTURE.wants(1, 2, "cache")
     assert not ATTENTION_WEIGHT_CAPTURE.wants(0, 2, 0)
-    ATTENTION_WEIGHT_CAPTURE.enable([0], keep="pass", passes=["cache"], blocks=[0])
+    ATTENTION_WEIGHT_CAPTURE.enable([0], passes=["cache"], blocks=[0])
     assert ATTENTION_WEIGHT_CAPTURE.wants(0, 2, "cache") and not ATTENTION_WEIGHT_CAPTURE.wants(1, 2, "cache")
-    for keep in ("all", "largest_k"):
-        ATTENTION_WEIGHT_CAPTURE.enable([0], keep=keep)
-        assert ATTENTION_WEIGHT_CAPTURE.wants(1, 2, "cache")
+    ATTENTION_WEIGHT_CAPTURE.enable([0], passes=[0, "cache"], blocks=["last"])
+    assert ATTENTION_WEIGHT_CAPTURE.wants(1, 2, "cache") and not ATTENTION_WEIGHT_CAPTURE.wants(0, 2, "cache")
+    ATTENTION_WEIGHT_CAPTURE.disable()
+    assert not ATTENTION_WEIGHT_CAPTURE.wants(1, 2, "cache")
 
 
 @pytest.mark.parametrize("precision", ["exact", "fast"])
@@ -418,12 +420,18 @@ def test_skipping_the_last_cache_pass_changes_no_latents(config, precision, monk
     pipeline = make_pipeline(config, precision)
     forwards = []
     real_forward = pipeline._forward
-    monkeypatch.setattr(pipeline, "_forward", lambda *a: forwards.append(a[-1]) or real_forward(*a))
+
+    def forward(*args):
+        place = args[-1]  # the forward's labels: block, num_blocks, step
+        forwards.append((place["block"], place["num_blocks"], place["step"]))
+        return real_forward(*args)
+
+    monkeypatch.setattr(pipeline, "_forward", forward)
     skipped = run(pipeline, config)
-    assert len(forwards) == 2 * 5 - 1 and (1, 2, "cache") not in forwards
-    monkeypatch.setattr(ATTENTION_WEIGHT_CAPTURE, "wants", lambda *labels: True)
+    assert len(forwards) == 2 * 5 - 1 and (1, 2, "cache") not in forwards and forwards[-1] == (1, 2, 3)
     forwards.clear()
-    assert torch.equal(run(pipeline, config), skipped)
+    with observing(pipeline.generator.model, CallObserver(wants=True)):  # an observer that wants every pass
+        assert torch.equal(run(pipeline, config), skipped)
     assert len(forwards) == 2 * 5 and forwards[-1] == (1, 2, "cache")
 
 
@@ -431,7 +439,7 @@ def test_skipping_the_last_cache_pass_changes_no_latents(config, precision, monk
 def test_capturing_the_cache_pass_still_runs_it(config, precision):
     pipeline = make_pipeline(config, precision)
     plain = run(pipeline, config)
-    ATTENTION_WEIGHT_CAPTURE.enable([0, 3], keep="pass", passes=["cache"])
+    ATTENTION_WEIGHT_CAPTURE.enable([0, 3], passes=["cache"])
     assert torch.equal(run(pipeline, config), plain)
     kept = ATTENTION_WEIGHT_CAPTURE.kept_calls
     assert [(r.layer_idx, r.labels["block"], r.labels["step"], r.labels["timestep"]) for r in kept] == [

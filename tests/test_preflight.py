@@ -16,7 +16,7 @@ from utils.preflight import (
 )
 from wan.modules.causal_model import CausalWanModel
 
-FULL_RUN = dict(num_frames=21, num_frame_per_block=3, height=480, width=832, local_attn_size=-1,
+FULL_RUN = dict(num_frames=21, num_frame_per_block=3, height=480, width=832, cache_frames=21,
                 num_captured_layers=2, num_kept_passes=1, save_mode="full", dtype_bytes=2)
 
 
@@ -47,7 +47,7 @@ def test_full_size_estimate_matches_the_formulas():
     assert e.device_total == e.weights + e.kv_cache + e.activations + e.capture_device
     summary = estimate(WAN_T2V_1_3B, **dict(FULL_RUN, save_mode="summary"))
     assert summary.output_file == 2 * 4 * (12 * 32760 + 2 * 12 * 3 * 21)
-    windowed = estimate(WAN_T2V_1_3B, **dict(FULL_RUN, local_attn_size=6, batch=2, text_encoder_bytes=10))
+    windowed = estimate(WAN_T2V_1_3B, **dict(FULL_RUN, cache_frames=6, batch=2, text_encoder_bytes=10))
     assert windowed.key_tokens == 6 * 1560 and windowed.kv_cache == 30 * 2 * 2 * 6 * 1560 * 1536 * 2
     assert windowed.weights == e.weights + 10
 

@@ -58,32 +58,31 @@ def parameter_count(sizes):
     )
 
 
-def estimate(sizes, *, num_frames, num_frame_per_block, height, width, local_attn_size, num_captured_layers,
+def estimate(sizes, *, num_frames, num_frame_per_block, height, width, cache_frames, num_captured_layers,
              num_kept_passes, save_mode, dtype_bytes, batch=1, text_encoder_bytes=0) -> Estimate:
     """Bytes of a run of ``num_frames`` latent frames at ``height`` x ``width`` pixels that keeps
     ``num_kept_passes`` self-attention calls for each of ``num_captured_layers`` layers.
 
     - weights: the transformer's parameters in the run's dtype, plus ``text_encoder_bytes``;
-    - kv_cache: per layer, K and V of ``window`` frames: window * frame_seq_length * dim * dtype_bytes * 2
-      (window = num_frames with global attention, ``local_attn_size`` with a local window), x batch;
+    - kv_cache: per layer, K and V of the ``cache_frames`` frames the cache policy keeps (its
+      ``cache_frames(num_frames)``): cache_frames * frame_seq_length * dim * dtype_bytes * 2, x batch;
     - activations: a rough upper bound for one block's forward over the Lq tokens of a block: ten
       [Lq, dim] tensors (input, norms, q, k, v, attention output, residuals, modulated input) and
       two [Lq, ffn_dim] FFN hiddens, in the run's dtype;
     - capture_device: per kept pass and layer, the kept q [Lq, dim] and a copy of the keys [Lk, dim]
       in the run's dtype, plus one fp32 tile [frame_seq_length, Lk] for the reductions (one at a time);
     - output_file: ``full``: fp16 [B, N, Lq, Lk] per kept entry; ``summary``: fp32 [B, N, Lk] plus two
-      fp32 [B, N, Fq, Fk] per entry (Fq = num_frame_per_block, Fk = window);
+      fp32 [B, N, Fq, Fk] per entry (Fq = num_frame_per_block, Fk = cache_frames);
     - host_peak: the output, held whole in host memory before it is written.
     """
     frame_seq_length = tokens_per_frame(height, width, sizes["patch_size"])
-    window = num_frames if local_attn_size == -1 else local_attn_size
-    lq, lk = num_frame_per_block * frame_seq_length, window * frame_seq_length
+    lq, lk = num_frame_per_block * frame_seq_length, cache_frames * frame_seq_length
     dim, heads = sizes["dim"], sizes["num_heads"]
     entries = num_captured_layers * num_kept_passes
     if save_mode == "full":
         per_entry = 2 * batch * heads * lq * lk
     elif save_mode == "summary":
-        per_entry = 4 * (batch * heads * lk + 2 * batch * heads * num_frame_per_block * window)
+        per_entry = 4 * (batch * heads * lk + 2 * batch * heads * num_frame_per_block * cache_frames)
     else:
         raise ValueError(f"save_mode {save_mode!r}; expected 'full' or 'summary'")
     tile = 4 * frame_seq_length * lk if entries else 0

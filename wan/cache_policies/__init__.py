@@ -40,7 +40,10 @@ def problem(kwargs, per_block):
     if foreign:
         readers = [name for name, other in POLICIES.items() if foreign[0] in other.options]
         return foreign[0], f"absent with attention_mode {policy.name!r}, which does not read it (read by {', '.join(readers)})"
-    return policy.problem(policy.with_defaults(settings), per_block)
+    found = policy.problem(policy.with_defaults(settings), per_block)
+    if found is not None and found[0] == "local_attn_size" and kwargs.get(MODE_KEY) is None:
+        return found[0], "-1 (global attention) or " + found[1]  # the window was chosen by local_attn_size
+    return found
 
 
 def policy_from_kwargs(kwargs, per_block=1):

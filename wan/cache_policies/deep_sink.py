@@ -6,20 +6,9 @@ from wan.cache_policies.base import CachePolicy
 from wan.cache_policies.window import WINDOW_OPTIONS
 
 
-def sink_inside_window(settings):
-    """The rule Deep Forcing's caches share: (option, expected) unless 0 <= sink_size < local_attn_size."""
-    if settings["sink_size"] >= settings["local_attn_size"]:
-        return "sink_size", f"an int in [0, local_attn_size = {settings['local_attn_size']}): the sink sits inside the window"
-    return None
-
-
 class DeepSink(CachePolicy):
     name = "deep_sink"
     options = WINDOW_OPTIONS
-
-    @classmethod
-    def check(cls, settings, per_block):
-        return sink_inside_window(settings)
 
     def cache_frames(self, num_frames):
         return self.settings["local_attn_size"]

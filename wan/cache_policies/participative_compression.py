@@ -6,7 +6,6 @@ selected ``topc_max_reuse`` times no longer a candidate. The cache:
 ``wan.modules.deep_forcing.ParticipativeCompressionCache`` (its docstring lists where the release and
 the paper differ)."""
 from wan.cache_policies.base import CachePolicy, Option, positive_int
-from wan.cache_policies.deep_sink import sink_inside_window
 from wan.cache_policies.window import WINDOW_OPTIONS
 
 
@@ -35,7 +34,7 @@ class ParticipativeCompression(CachePolicy):
         if not s["sink_size"] + s["recent"] <= s["budget"] <= s["local_attn_size"]:
             return "budget", (f"sink_size + recent <= budget <= local_attn_size, here {s['sink_size']} + {s['recent']} "
                               f"<= budget <= {s['local_attn_size']}")
-        return sink_inside_window(s)
+        return None
 
     def cache_frames(self, num_frames):
         return self.settings["local_attn_size"]

@@ -15,11 +15,6 @@ def window_size(value, settings, per_block):
             "block next to the sink frames, and writing the block would overwrite the sink")
 
 
-def _window_or_global(value, settings, per_block):
-    expected = window_size(value, settings, per_block)
-    return None if expected is None else "-1 (global attention) or " + expected
-
-
 def sink_size(value, settings, per_block):
     """The check of ``sink_size``."""
     return None if is_int(value) and value >= 0 else "an int >= 0 (frames kept at the start of a local attention window)"
@@ -30,7 +25,7 @@ WINDOW_OPTIONS = {"local_attn_size": Option(None, window_size), "sink_size": Opt
 
 class Window(CachePolicy):
     name = "window"
-    options = {**WINDOW_OPTIONS, "local_attn_size": Option(None, _window_or_global)}
+    options = WINDOW_OPTIONS
 
     def cache_frames(self, num_frames):
         return self.settings["local_attn_size"]

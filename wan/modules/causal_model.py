@@ -1,9 +1,11 @@
 """Causal Wan2.1 text-to-video transformer with a per-block KV cache (Self-Forcing inference).
 
 The video is generated a few latent frames (a "block") at a time. Each transformer block keeps the
-RoPE-rotated keys and the values of every frame generated so far in a ``KVCache``; a block's queries
-attend, without mask, to all cached frames and to the block's own frames. Parameter names and shapes
-equal the official ``WanModel`` checkpoint, so ``diffusion_pytorch_model.safetensors`` loads as is.
+RoPE-rotated keys and the values of earlier frames in a cache of the model's cache policy
+(wan/cache_policies: every frame, a window with a sink, Deep Forcing's caches); a block's queries
+attend, without mask, to the cached keys and to the block's own. Each self-attention call is handed to
+the model's observer (the attention capture) when one is on. Parameter names and shapes equal the
+official ``WanModel`` checkpoint, so ``diffusion_pytorch_model.safetensors`` loads as is.
 
 Token layout: a latent video [B, C, F, H, W] becomes F * (H/ph) * (W/pw) tokens, frame-major, then
 row, then column; ``frame_seq_length`` is the number of tokens of one frame.

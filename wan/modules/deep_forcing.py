@@ -2,8 +2,10 @@
 
 Both caches have ``KVCache``'s interface (``update(k, v, current_start)`` returns the keys and values
 to attend to; ``key_frames()``) and label every cached token with the video frame it came from and
-the temporal RoPE position its key is rotated at (``key_positions()``); sink shifts and compression
-make the two differ. Sizes are in latent frames of ``frame_seq_length`` tokens; cs is the first frame
+the temporal RoPE position its key is rotated at (``key_positions()``; sink shifts and compression
+make the two differ) and with what it is kept as (``key_roles()``: sink, top-C or plain). Their
+policies, with the settings' checks, are wan/cache_policies/deep_sink.py and
+participative_compression.py. Sizes are in latent frames of ``frame_seq_length`` tokens; cs is the first frame
 of the block being written. Behaviour follows the code release (Nizben/Spectral_C @ ea9961a), not the
 paper where the two differ:
 

@@ -1,6 +1,6 @@
 """The self-attention KV cache of one transformer block: rotated keys and values of the frames generated
-so far, with a local window and sink as upstream Self-Forcing evicts them. wan/modules/deep_forcing.py
-builds Deep Forcing's caches on it."""
+so far, with a local window and sink as upstream Self-Forcing evicts them (the cache of the global and
+window policies, wan/cache_policies). wan/modules/deep_forcing.py builds Deep Forcing's caches on it."""
 import torch
 
 from utils.attention_cache import CACHED, SINK
