@@ -12,29 +12,14 @@ beside it (per-frame quantities and sink scores). Exit status: 0 written; 2 bad 
 """
 import argparse
 import glob
-import json
 import sys
 from pathlib import Path
 
-MANIFEST = "manifest.jsonl"
+from pipeline.sweep import SweepFolderError, sweep_files
 
 
 class InputError(ValueError):
     """The inputs cannot be aggregated (missing, unreadable, mixed)."""
-
-
-def sweep_files(folder):
-    """The cache files of a sweep folder: those its manifest lists, else its p*_s*.pt files."""
-    manifest = folder / MANIFEST
-    if manifest.is_file():
-        files = []
-        for number, text in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
-            try:
-                files.append(folder / json.loads(text)["file"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise InputError(f"{manifest}: line {number} is not a manifest line with a 'file'") from None
-        return files
-    return sorted(folder.glob("p*_s*.pt"))
 
 
 def input_files(inputs):
@@ -85,7 +70,7 @@ def main(argv=None):
         print(f"{stats['n_items']} items, {len(stats['groups'])} (layer, block, pass) groups x {stats['num_heads']} heads")
         print(f"Saved: {out} and {csv_path}")
 
-    return exit_status(aggregate, (InputError, CacheFileError, MixedCachesError, OutputPathError))
+    return exit_status(aggregate, (InputError, SweepFolderError, CacheFileError, MixedCachesError, OutputPathError))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,304 @@
+"""The plan of a Figure 4 extraction run: every check that needs no torch, done before torch and the
+models are imported, so that a mistake is reported within a second or two.
+
+``options_from_args`` turns the command line's values into ``Options`` once; ``plan_run`` checks them
+against the config, the files and the output and resolves what they leave open (device, dtype,
+precision, output path) into a ``Plan``; ``preflight`` refuses a run that cannot fit. Neither the
+options nor the loaded config are changed: resolved values live in the Plan (its config is a new one
+holding the resolved precision).
+
+Standard library, omegaconf, utils/ and the torch-free parts of wan/ (the model family and cache
+policy registries) only: importing this module never imports torch.
+"""
+import os
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from utils.config import ConfigError, load_config, model_sizes
+from utils.output import OutputPathError, check_output_path
+from utils.passes import parse_blocks, parse_passes
+from utils.preflight import PreflightError, check_fits, estimate, host_available_bytes
+from utils.wan21 import MODEL_FILES
+from wan import cache_policies, families
+
+DEFAULT_CONFIG = "configs/default_config.yaml"
+DEFAULT_PROMPT = "A majestic eagle soaring through a cloudy sky, cinematic lighting"
+DEFAULT_OUTPUT = "cache/attention_cache_figure4.pt"
+DEFAULT_SEED = 42
+
+
+class UsageError(ValueError):
+    """Bad input from the command line or the files it names."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """The run's options as given (one field per command-line option, lists as tuples); what they
+    leave open is resolved by ``plan_run``."""
+
+    config_path: str
+    checkpoint_path: str
+    output_path: str | None
+    prompt: tuple | None
+    prompts_file: str | None
+    num_frames: int
+    layer_indices: tuple
+    no_checkpoint: bool
+    use_ema: bool
+    seed: int | None
+    seeds: tuple | None
+    output_dir: str | None
+    overwrite: bool
+    gpu_id: int
+    device: str | None
+    dtype: str | None
+    capture_step: str
+    capture_blocks: tuple
+    precision: str | None
+    model_dir: str | None
+    save_mode: str
+    allow_pickle: bool
+    threads: int | None
+    quiet: bool
+
+
+def options_from_args(args):
+    """``Options`` of an argparse namespace (every option, nothing else; lists become tuples)."""
+    values = vars(args)
+    names = {f.name for f in fields(Options)}
+    if set(values) != names:
+        raise TypeError(f"options and arguments differ: {sorted(set(values) ^ names)}")
+    return Options(**{name: tuple(value) if isinstance(value, list) else value for name, value in values.items()})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A checked run: the config (precision resolved) and its cache policy, prompts, seeds, captured
+    layers, passes and blocks, the device, dtype and outputs, and this process's place among torchrun's."""
+
+    config: object
+    cache_policy: object  # a wan.cache_policies policy
+    prompts: list
+    seeds: list
+    layers: list
+    passes: list
+    blocks: list
+    num_layers: int
+    device: str  # 'cpu' or 'cuda:N'
+    dtype: str  # 'bfloat16' or 'float32'
+    output_path: str | None  # the file of a single run
+    output_dir: Path | None  # the folder of a sweep
+    rank: int = 0
+    world_size: int = 1
+    items: tuple = ()  # (prompt index, seed), all ranks
+
+    @property
+    def sweep(self):
+        return len(self.items) > 1
+
+    @property
+    def precision(self):
+        return self.config.precision
+
+    def my_items(self):
+        """This process's share: every world_size-th item from its rank (none dropped, none twice)."""
+        return self.items[self.rank :: self.world_size]
+
+
+def parse_seeds(words):
+    """'0 1 2', '0-63', '5 10-12' -> a list of distinct seeds in the order given."""
+    seeds = []
+    for word in words:
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", word)
+        if not match:
+            raise UsageError(f"--seeds: {word!r} is not a seed (an integer >= 0) or a range like 0-63")
+        first, last = int(match[1]), int(match[2] or match[1])
+        if last < first:
+            raise UsageError(f"--seeds: range {word!r} runs backwards")
+        seeds.extend(range(first, last + 1))
+    duplicates = sorted({s for s in seeds if seeds.count(s) > 1})
+    if duplicates:
+        raise UsageError(f"--seeds: {duplicates} given more than once")
+    return seeds
+
+
+def read_prompts_file(path):
+    """Prompts of a UTF-8 file, one a line; blank lines and '#' lines skipped."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"--prompts_file: {path} not found") from None
+    except IsADirectoryError:
+        raise UsageError(f"--prompts_file: {path} is a folder; expected a text file") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise UsageError(f"--prompts_file: {path} is not UTF-8 text (line {line}: {err.reason})") from None
+    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise UsageError(f"--prompts_file: {path} holds no prompt (blank and # lines are skipped)")
+    return prompts
+
+
+def parse_layers(words, num_layers):
+    """Layer indices in the order given, or 'all' -> every layer."""
+    if list(words) == ["all"]:
+        return list(range(num_layers))
+    layers = []
+    for word in words:
+        try:
+            layers.append(int(word))
+        except ValueError:
+            raise UsageError(f"--layer_indices: {word!r} is not a layer index (0..{num_layers - 1}) or 'all'") from None
+    duplicates = sorted({i for i in layers if layers.count(i) > 1})
+    if duplicates:
+        raise UsageError(f"--layer_indices: {duplicates} given more than once")
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise UsageError(f"--layer_indices: {bad} out of range; the model has {num_layers} layers (0..{num_layers - 1})")
+    return layers
+
+
+def parse_device(device, gpu_id, local_rank=None):
+    """'cpu' or 'cuda:N' from --device, else torchrun's LOCAL_RANK, else --gpu_id; checked without
+    importing torch."""
+    name = device or (f"cuda:{local_rank}" if local_rank is not None else f"cuda:{gpu_id}")
+    match = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", name)
+    if not match or (match[1] == "cpu" and match[2] is not None):
+        raise UsageError(f"--device: {name!r} is not supported; expected cpu or cuda[:N] (e.g. cuda:0)")
+    if match[1] == "cuda" and not any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia")):
+        raise UsageError(f"--device: {name} asked for, but CUDA is not available here (no NVIDIA GPU found); use --device cpu with configs/tiny.yaml")
+    return "cpu" if match[1] == "cpu" else f"cuda:{match[2] or 0}"
+
+
+def _load_config(options):
+    try:
+        config = load_config(options.config_path, DEFAULT_CONFIG, options.model_dir,
+                             check_model_kwargs=families.check_model_kwargs)
+    except ConfigError as err:
+        raise UsageError(f"--config_path: {err}") from err
+    if not config.get("random_init"):
+        model_dir = Path(config.model_dir)
+        missing = [name for name in MODEL_FILES if not (model_dir / name).exists()]
+        if missing:
+            raise UsageError(f"--model_dir: {model_dir} lacks {', '.join(missing)}; it must hold {', '.join(MODEL_FILES)} "
+                             "(the official Wan2.1-T2V-1.3B files); configs/tiny.yaml needs none")
+    try:
+        sizes = model_sizes(config)
+    except ConfigError as err:
+        raise UsageError(f"--model_dir: {err}") from err
+    return config, sizes
+
+
+def _prompts(options):
+    prompts = list(options.prompt or [])
+    if options.prompts_file is not None:
+        prompts += read_prompts_file(options.prompts_file)
+    if not prompts:
+        prompts = [DEFAULT_PROMPT]
+    empty = [i for i, p in enumerate(prompts) if not p.strip()]
+    if empty:
+        raise UsageError(f"--prompt: prompt {empty[0]} is empty")
+    return prompts
+
+
+def _seeds(options):
+    if options.seeds is not None and options.seed is not None:
+        raise UsageError("--seed and --seeds given together; use --seeds for several seeds")
+    seeds = parse_seeds(options.seeds) if options.seeds is not None else [DEFAULT_SEED if options.seed is None else options.seed]
+    bad = [s for s in seeds if not 0 <= s < 2**32]
+    if bad:
+        raise UsageError(f"--seed: {bad[0]} is outside [0, 2**32)")
+    return seeds
+
+
+def plan_run(options, environ=os.environ):
+    """Every check that needs no torch: config, arguments, files, the output. Returns the Plan.
+    ``environ`` gives torchrun's RANK, WORLD_SIZE and LOCAL_RANK where set."""
+    config, sizes = _load_config(options)
+    per_block = int(config.num_frame_per_block)
+    if options.num_frames <= 0 or options.num_frames % per_block:
+        raise UsageError(f"--num_frames: {options.num_frames} is not a positive multiple of num_frame_per_block ({per_block})")
+    num_layers = sizes["num_layers"]
+    layers = parse_layers(options.layer_indices, num_layers)
+    try:
+        passes = parse_passes(options.capture_step, len(config.denoising_step_list))
+    except ValueError as err:
+        raise UsageError(f"--capture_step: {err}") from None
+    try:
+        blocks = parse_blocks(options.capture_blocks, options.num_frames // per_block)
+    except ValueError as err:
+        raise UsageError(f"--capture_blocks: {err}") from None
+    prompts = _prompts(options)
+    seeds = _seeds(options)
+    if not options.no_checkpoint and not Path(options.checkpoint_path).is_file():
+        raise UsageError(f"--checkpoint_path: {options.checkpoint_path} not found; pass --no_checkpoint to run the base model without it")
+    if options.threads is not None and options.threads < 1:
+        raise UsageError(f"--threads: {options.threads}; expected a positive number")
+    device = parse_device(options.device, options.gpu_id, environ.get("LOCAL_RANK"))
+    precision = options.precision or ("exact" if device == "cpu" else "fast")
+    dtype = options.dtype or ("float32" if device == "cpu" else "bfloat16")
+    rank, world_size = int(environ.get("RANK", 0)), int(environ.get("WORLD_SIZE", 1))
+    items = tuple((p, s) for p in range(len(prompts)) for s in seeds)
+    output_path = output_dir = None
+    if len(items) > 1 or options.output_dir is not None:
+        if options.output_path is not None:
+            raise UsageError(f"--output_path: {len(items)} items (prompts x seeds) are written to --output_dir, one file each")
+        if options.output_dir is None:
+            raise UsageError(f"{len(items)} items (prompts x seeds): give --output_dir for their files")
+        if not options.output_dir:
+            raise UsageError("--output_dir: an empty name; give the sweep's folder")
+        output_dir = Path(options.output_dir)
+        check_output_dir(output_dir)
+    else:
+        if world_size > 1:
+            raise UsageError(f"torchrun with {world_size} processes and one item: give several prompts or seeds and --output_dir")
+        output_path = options.output_path or DEFAULT_OUTPUT
+        try:
+            check_output_path(output_path)
+        except OutputPathError as err:
+            raise UsageError(f"--output_path: {err}") from err
+    kwargs = OmegaConf.to_container(config.get("model_kwargs") or OmegaConf.create({}))
+    policy = cache_policies.policy_from_kwargs(
+        {key: value for key, value in kwargs.items() if key not in families.SCHEDULE_KEYS}, per_block)
+    return Plan(OmegaConf.merge(config, {"precision": precision}), policy, prompts, seeds, layers, passes, blocks,
+                num_layers, device, dtype, output_path, output_dir, rank=rank, world_size=world_size, items=items)
+
+
+def check_output_dir(folder):
+    """A sweep's folder: a folder, or a path whose nearest existing parent is a writable folder."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--output_dir: {folder} exists and is not a folder")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UsageError(f"--output_dir: {existing} is not a writable folder, so {folder} cannot be written")
+
+
+def preflight(options, plan, device_free_bytes=None):
+    """Refuse, with the numbers, what cannot fit the device (when ``device_free_bytes`` is known), the
+    host or the output folder. The text encoder is left out: it is freed before diffusion starts."""
+    config = plan.config
+    sizes = model_sizes(config)
+    cpu = plan.device == "cpu"
+    need = estimate(
+        sizes, num_frames=options.num_frames, num_frame_per_block=int(config.num_frame_per_block),
+        height=int(config.height), width=int(config.width), cache_frames=plan.cache_policy.cache_frames(options.num_frames),
+        num_captured_layers=len(plan.layers), num_kept_passes=len(plan.passes) * len(plan.blocks),
+        save_mode=options.save_mode, dtype_bytes=4 if plan.dtype == "float32" else 2,
+    )
+    folder = plan.output_dir if plan.output_dir is not None else Path(plan.output_path).parent
+    host = host_available_bytes()
+    try:
+        if cpu:  # the model, caches and the output all live in host memory
+            check_fits(need, device_free_bytes=None if host is None else host - need.host_peak, host_available_bytes=host,
+                       output_dir=folder, output_files=len(plan.my_items()))
+        else:
+            check_fits(need, device_free_bytes=device_free_bytes, host_available_bytes=host, output_dir=folder,
+                       output_files=len(plan.my_items()))
+    except PreflightError as err:
+        raise UsageError(f"not enough room for this run: {err}") from err
