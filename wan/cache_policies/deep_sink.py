@@ -2,16 +2,13 @@
 = ``local_attn_size`` frames with S = ``sink_size`` sink frames, whose keys are moved in time on every
 evicting pass so that sink frame i sits at temporal RoPE position cs - W + i (cs: the first frame of the
 block being written). The cache: ``wan.modules.deep_forcing.DeepSinkCache``."""
-from wan.cache_policies.base import CachePolicy
-from wan.cache_policies.window import WINDOW_OPTIONS
+from wan.cache_policies.window import Window
 
 
-class DeepSink(CachePolicy):
+class DeepSink(Window):
+    """Self-Forcing's window and sink settings; the sink moves in time."""
+
     name = "deep_sink"
-    options = WINDOW_OPTIONS
-
-    def cache_frames(self, num_frames):
-        return self.settings["local_attn_size"]
 
     def describe(self):
         s = self.settings

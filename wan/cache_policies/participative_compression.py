@@ -5,8 +5,8 @@ by the logits of the last R = ``recent`` frames of queries, and the last R frame
 selected ``topc_max_reuse`` times no longer a candidate. The cache:
 ``wan.modules.deep_forcing.ParticipativeCompressionCache`` (its docstring lists where the release and
 the paper differ)."""
-from wan.cache_policies.base import CachePolicy, Option, positive_int
-from wan.cache_policies.window import WINDOW_OPTIONS
+from wan.cache_policies.base import Option, positive_int
+from wan.cache_policies.window import WINDOW_OPTIONS, Window
 
 
 def _frames(value, settings, per_block):
@@ -19,7 +19,9 @@ def _recent(value, settings, per_block):
     return (f"an int >= num_frame_per_block ({per_block}): the recent frames include the block being generated")
 
 
-class ParticipativeCompression(CachePolicy):
+class ParticipativeCompression(Window):
+    """The window's settings, and the compression's."""
+
     name = "participative_compression"
     options = {
         **WINDOW_OPTIONS,
@@ -35,9 +37,6 @@ class ParticipativeCompression(CachePolicy):
             return "budget", (f"sink_size + recent <= budget <= local_attn_size, here {s['sink_size']} + {s['recent']} "
                               f"<= budget <= {s['local_attn_size']}")
         return None
-
-    def cache_frames(self, num_frames):
-        return self.settings["local_attn_size"]
 
     def describe(self):
         s = self.settings
