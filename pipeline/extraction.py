@@ -1,8 +1,8 @@
 """Attention logits from real inference: the models loaded once, then any number of (prompt, seed)
 items, each run with the capture on and turned into the entries of one cache file.
 
-Nothing here parses a command line or writes a file: experiments/run_extraction_figure4.py plans
-the items and writes each cache through utils/attention_cache.py.
+Nothing here parses a command line or writes a file: pipeline/plan.py plans the items and
+pipeline/run.py writes each cache through utils/attention_cache.py.
 """
 import time
 
@@ -15,8 +15,8 @@ from utils.misc import set_seed
 
 
 class Extractor:
-    """The pipeline on one device, with a Self-Forcing checkpoint's generator loaded if one is given
-    (the base transformer weights are then never read)."""
+    """The pipeline on one device, with the family's generator checkpoint (Self-Forcing's) loaded if one
+    is given (the base transformer weights are then never read)."""
 
     def __init__(self, config, device, dtype, checkpoint_path=None, use_ema=True, allow_pickle=False):
         generator = WanDiffusionWrapper.from_config(config, device, dtype, load_weights=checkpoint_path is None)
