@@ -17,6 +17,7 @@ from pipeline.plan import DEFAULT_CONFIG, DEFAULT_OUTPUT, DEFAULT_PROMPT, UsageE
 from pipeline.run import run
 from pipeline.sweep import MANIFEST, SWEEP_SETTINGS, SweepFolderError
 from utils.output import exit_status
+from utils.passes import LAST_BLOCK
 from wan.families import DEFAULT_FAMILY
 
 
@@ -83,7 +84,7 @@ def parse_args(argv=None):
     parser.add_argument("--capture_step", default="0",
                         help="which pass of the last block is kept: 0..3 the denoising passes (t = 1000, 937.5, 833.33, 625), "
                         "'cache' the clean cache-update pass, 'all' every one of them (one entry per layer and pass)")
-    parser.add_argument("--capture_blocks", nargs="+", default=["last"],
+    parser.add_argument("--capture_blocks", nargs="+", default=[LAST_BLOCK],
                         help="temporal blocks whose pass is kept, 0-based block indices and/or 'last' (e.g. 6 20 40 last); "
                         "one entry per layer, block and pass")
     parser.add_argument("--precision", choices=("exact", "fast"), default=None,

@@ -12,6 +12,7 @@ from pipeline.causal_inference import CausalInferencePipeline
 from pipeline.wrappers import WanDiffusionWrapper, load_generator_checkpoint
 from utils.attention_cache import SUMMARY_KEYS, CacheEntry
 from utils.misc import set_seed
+from utils.passes import LAST_BLOCK
 
 
 class Extractor:
@@ -50,7 +51,7 @@ class Extractor:
             torch.cuda.empty_cache()
         return encoded, text_len
 
-    def capture(self, context, seed, num_frames, layers, passes, blocks=("last",), progress=False):
+    def capture(self, context, seed, num_frames, layers, passes, blocks=(LAST_BLOCK,), progress=False):
         """One item: noise from ``seed`` alone (the same whatever ran before in this process), the
         inference with the capture on. Returns (kept calls in the order of ``layers``, then block,
         then pass; self-attention calls seen for those layers; inference seconds)."""

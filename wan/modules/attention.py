@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.attention_stats import summarize_logits
-from utils.passes import block_wanted, is_block, is_pass, pass_order
+from utils.passes import LAST_BLOCK, block_wanted, is_block, is_pass, pass_order
 
 
 def sdpa(q, k, v):
@@ -235,7 +235,7 @@ class AttentionWeightCapture:
         self._selected = False  # whether the current forward is one of the kept passes
         self._kept = {}  # (layer, block, pass) -> CapturedCall
 
-    def enable(self, layer_indices=None, num_layers=None, passes=(0,), blocks=("last",)):
+    def enable(self, layer_indices=None, num_layers=None, passes=(0,), blocks=(LAST_BLOCK,)):
         """Start capturing the calls of ``passes`` of ``blocks`` for ``layer_indices`` (None: every
         layer); ``num_layers``, when given, is checked against the model's block count at its first
         forward."""
