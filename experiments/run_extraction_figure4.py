@@ -51,8 +51,9 @@ def parse_args(argv=None):
     )
     parser.add_argument("--config_path", default="configs/self_forcing_dmd.yaml",
                         help=f"inference config, merged onto {DEFAULT_CONFIG}; configs/tiny.yaml runs anywhere with random weights")
-    parser.add_argument("--checkpoint_path", default=DEFAULT_FAMILY.checkpoint.default_path,
-                        help="Self-Forcing checkpoint (a dict with 'generator' / 'generator_ema')")
+    parser.add_argument("--checkpoint_path", default=None,
+                        help="generator checkpoint (a dict with 'generator' / 'generator_ema'); default: the config's model "
+                        f"family's, {DEFAULT_FAMILY.variant().checkpoint.default_path} for Self-Forcing")
     parser.add_argument("--output_path", default=None,
                         help=f"where the .pt cache of a single run is written, atomically (default {DEFAULT_OUTPUT}); "
                         "a symlink is followed and its target replaced; devices, FIFOs and folders are refused")
@@ -66,8 +67,9 @@ def parse_args(argv=None):
                         "in the order given; 'all' for every layer")
     parser.add_argument("--no_checkpoint", action="store_true", default=False,
                         help="do not load a checkpoint: use the base Wan2.1 weights from the model folder")
-    parser.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True,
-                        help="load the checkpoint's 'generator_ema' (--no-use_ema: 'generator')")
+    parser.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=None,
+                        help="load the checkpoint's 'generator_ema' (--no-use_ema: 'generator'); default: as the family's "
+                        "release does (Self-Forcing: generator_ema)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the noise (default 42)")
     parser.add_argument("--seeds", nargs="+", default=None,
                         help="several seeds for a sweep: integers and ranges, e.g. 0 1 2 or 0-63 (replaces --seed)")

@@ -1,7 +1,8 @@
 """Block-wise, few-step, KV-cached text-to-video inference (Self-Forcing's ``CausalInferencePipeline``).
 
 Per block of ``num_frame_per_block`` latent frames: the warped denoising steps (4 forwards at
-t = 1000, 937.5, 833.33, 625 for the Self-Forcing config), re-noising x0 with one ``randn_like`` draw
+t = 1000, 937.5, 833.33, 625 for the Self-Forcing config; the first block may have steps of its own,
+``denoising_step_list_first_chunk``, as Causal Forcing++ does), re-noising x0 with one ``randn_like`` draw
 after every step but the last, then one more forward on the clean x0 at t = ``context_noise`` that
 rewrites the block's KV-cache slots. The draw order equals upstream's, so a seed gives upstream's noise.
 The last block's cache update writes keys and values that nothing reads: it is skipped unless the
@@ -20,7 +21,6 @@ from utils.passes import CACHE_PASS
 from utils.wan21 import VAE_STRIDE
 
 
-
 class CausalInferencePipeline(nn.Module):
     def __init__(self, args, device, generator=None, text_encoder=None, vae=None, dtype=None):
         """``args``: the merged config. Parts not given are built from it: the generator now, the text
@@ -32,8 +32,9 @@ class CausalInferencePipeline(nn.Module):
         self.text_encoder = text_encoder
         self.vae = vae
         self.scheduler = self.generator.get_scheduler()
-        steps = list(args.get("denoising_step_list"))
-        self.denoising_steps = self.scheduler.warp(steps) if args.get("warp_denoising_step") else [float(s) for s in steps]
+        self.denoising_steps = self._timesteps(args.get("denoising_step_list"))
+        first = args.get("denoising_step_list_first_chunk")
+        self.first_block_steps = self.denoising_steps if first is None else self._timesteps(first)
         self.num_frame_per_block = int(args.get("num_frame_per_block", 1))
         self.context_noise = float(args.get("context_noise", 0))
         if args.get("independent_first_frame"):
@@ -44,6 +45,16 @@ class CausalInferencePipeline(nn.Module):
         if compile is None:
             compile = precision == "fast" and torch.device(device).type == "cuda"
         self.generator.model.set_numerics(precision, compile=compile)
+
+    def _timesteps(self, steps):
+        """The config's step list as timesteps: warped onto the shifted schedule, or as given."""
+        steps = list(steps)
+        return self.scheduler.warp(steps) if self.args.get("warp_denoising_step") else [float(s) for s in steps]
+
+    def steps_of(self, block):
+        """The denoising timesteps of temporal block ``block``: the first block's own where the config
+        gives them (``denoising_step_list_first_chunk``, Causal Forcing++), else the schedule's."""
+        return self.first_block_steps if block == 0 else self.denoising_steps
 
     def latent_shape(self, num_frames):
         """[F, C, H, W] of the latent video for the config's pixel height and width."""
@@ -88,19 +99,20 @@ class CausalInferencePipeline(nn.Module):
         num_blocks = num_frames // per_block
         observer = model.observer if model.observer is not None and model.observer.enabled else None
         last_cache_pass = observer is not None and observer.wants(num_blocks - 1, num_blocks, CACHE_PASS)
-        passes = num_blocks * (len(self.denoising_steps) + 1) - (not last_cache_pass)
+        passes = sum(len(self.steps_of(block)) + 1 for block in range(num_blocks)) - (not last_cache_pass)
         bar = tqdm(total=passes, desc="inference", unit="pass", disable=not progress)
         for block in range(num_blocks):
             first = block * per_block
             current_start = first * frame_seq_length
             noisy = noise[:, first : first + per_block]
             bar.set_postfix_str(f"block {block + 1}/{num_blocks}")
-            for step, t in enumerate(self.denoising_steps):
+            steps = self.steps_of(block)
+            for step, t in enumerate(steps):
                 x0 = self._forward(noisy, conditional_dict, t, kv_cache, crossattn_cache, current_start, observer,
                                    dict(block=block, num_blocks=num_blocks, step=step))
-                if step + 1 < len(self.denoising_steps):
+                if step + 1 < len(steps):
                     flat = x0.flatten(0, 1)
-                    t_next = torch.full((flat.shape[0],), self.denoising_steps[step + 1], device=noise.device)
+                    t_next = torch.full((flat.shape[0],), steps[step + 1], device=noise.device)
                     noisy = self.scheduler.add_noise(flat, torch.randn_like(flat), t_next).unflatten(0, x0.shape[:2])
                 bar.update()
             output[:, first : first + per_block] = x0

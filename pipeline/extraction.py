@@ -19,11 +19,14 @@ class Extractor:
     """The pipeline on one device, with the family's generator checkpoint (Self-Forcing's) loaded if one
     is given (the base transformer weights are then never read)."""
 
-    def __init__(self, config, device, dtype, checkpoint_path=None, use_ema=True, allow_pickle=False):
+    def __init__(self, config, device, dtype, checkpoint_path=None, use_ema=True, allow_pickle=False, checkpoint_spec=None):
+        """``checkpoint_spec``: the family's ``Checkpoint`` (which state dicts, which prefixes); default
+        Self-Forcing's."""
         generator = WanDiffusionWrapper.from_config(config, device, dtype, load_weights=checkpoint_path is None)
         self.checkpoint_key = None
         if checkpoint_path is not None:
-            self.checkpoint_key = load_generator_checkpoint(generator, checkpoint_path, use_ema, allow_pickle, device, dtype)
+            self.checkpoint_key = load_generator_checkpoint(generator, checkpoint_path, use_ema, allow_pickle, device, dtype,
+                                                            spec=checkpoint_spec)
         self.pipeline = CausalInferencePipeline(config, device, generator=generator, dtype=dtype).eval()
         self.model = generator.model
         self.device, self.dtype = device, dtype

@@ -40,14 +40,14 @@ class Options:
     leave open is resolved by ``plan_run``."""
 
     config_path: str
-    checkpoint_path: str
+    checkpoint_path: str | None
     output_path: str | None
     prompt: tuple | None
     prompts_file: str | None
     num_frames: int
     layer_indices: tuple
     no_checkpoint: bool
-    use_ema: bool
+    use_ema: bool | None
     seed: int | None
     seeds: tuple | None
     output_dir: str | None
@@ -81,6 +81,11 @@ class Plan:
 
     config: object
     cache_policy: object  # a wan.cache_policies policy
+    family: object  # the config's wan.families ModelFamily and Variant
+    variant: object
+    checkpoint_path: str | None  # the generator checkpoint to load; None: the base weights
+    use_ema: bool  # whether its EMA state dict is loaded
+    schedule_differences: list  # where the config's schedule differs from the variant's release
     prompts: list
     seeds: list
     layers: list
@@ -179,7 +184,7 @@ def parse_device(device, gpu_id, local_rank=None):
 def _load_config(options):
     try:
         config = load_config(options.config_path, DEFAULT_CONFIG, options.model_dir,
-                             check_model_kwargs=families.check_model_kwargs)
+                             check_model=families.check_model)
     except ConfigError as err:
         raise UsageError(f"--config_path: {err}") from err
     if not config.get("random_init"):
@@ -217,6 +222,23 @@ def _seeds(options):
     return seeds
 
 
+def _checkpoint(options, family, variant):
+    """(checkpoint path or None, use_ema): the options' where given, else the variant's release's."""
+    spec = variant.checkpoint
+    if spec is None:
+        if options.checkpoint_path is not None and not options.no_checkpoint:
+            raise UsageError(f"--checkpoint_path: family {family.name} loads no generator checkpoint (the base weights "
+                             "only); leave it out, or choose a family with one in the config")
+        return None, True if options.use_ema is None else options.use_ema
+    use_ema = spec.use_ema if options.use_ema is None else options.use_ema
+    if options.no_checkpoint:
+        return None, use_ema
+    path = options.checkpoint_path or spec.default_path
+    if not Path(path).is_file():
+        raise UsageError(f"--checkpoint_path: {path} not found; pass --no_checkpoint to run the base model without it")
+    return path, use_ema
+
+
 def plan_run(options, environ=os.environ):
     """Every check that needs no torch: config, arguments, files, the output. Returns the Plan.
     ``environ`` gives torchrun's RANK, WORLD_SIZE and LOCAL_RANK where set."""
@@ -236,8 +258,8 @@ def plan_run(options, environ=os.environ):
         raise UsageError(f"--capture_blocks: {err}") from None
     prompts = _prompts(options)
     seeds = _seeds(options)
-    if not options.no_checkpoint and not Path(options.checkpoint_path).is_file():
-        raise UsageError(f"--checkpoint_path: {options.checkpoint_path} not found; pass --no_checkpoint to run the base model without it")
+    family, variant = families.family_and_variant(config)
+    checkpoint_path, use_ema = _checkpoint(options, family, variant)
     if options.threads is not None and options.threads < 1:
         raise UsageError(f"--threads: {options.threads}; expected a positive number")
     device = parse_device(options.device, options.gpu_id, environ.get("LOCAL_RANK"))
@@ -266,8 +288,10 @@ def plan_run(options, environ=os.environ):
     kwargs = OmegaConf.to_container(config.get("model_kwargs") or OmegaConf.create({}))
     policy = cache_policies.policy_from_kwargs(
         {key: value for key, value in kwargs.items() if key not in families.SCHEDULE_KEYS}, per_block)
-    return Plan(OmegaConf.merge(config, {"precision": precision}), policy, prompts, seeds, layers, passes, blocks,
-                num_layers, device, dtype, output_path, output_dir, rank=rank, world_size=world_size, items=items)
+    differences = families.schedule_differences(OmegaConf.to_container(config, resolve=True), variant)
+    return Plan(OmegaConf.merge(config, {"precision": precision}), policy, family, variant, checkpoint_path, use_ema,
+                differences, prompts, seeds, layers, passes, blocks, num_layers, device, dtype, output_path, output_dir,
+                rank=rank, world_size=world_size, items=items)
 
 
 def check_output_dir(folder):

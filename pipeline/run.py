@@ -26,8 +26,8 @@ def settings_of(options, plan):
         "capture_step": options.capture_step,
         "capture_blocks": plan.blocks,
         "save_mode": options.save_mode,
-        "checkpoint_path": None if options.no_checkpoint else str(Path(options.checkpoint_path).resolve()),
-        "use_ema": options.use_ema,
+        "checkpoint_path": None if plan.checkpoint_path is None else str(Path(plan.checkpoint_path).resolve()),
+        "use_ema": plan.use_ema,
         "dtype": plan.dtype,
         "device_type": plan.device.split(":")[0],
     }
@@ -40,6 +40,9 @@ def run(options):
     plan = plan_run(options)
     preflight(options, plan)
     say = (lambda *a, **k: None) if (options.quiet or plan.rank) else print
+    if plan.schedule_differences and plan.rank == 0:
+        print(f"warning: {options.config_path}: the schedule differs from the release of {plan.family.name} "
+              f"{plan.variant.name}: {'; '.join(plan.schedule_differences)}", file=sys.stderr)
 
     import torch
 
@@ -77,16 +80,17 @@ def run(options):
 
     if todo:
         say("Initializing inference pipeline...")
-        checkpoint = None if options.no_checkpoint else options.checkpoint_path
+        checkpoint = plan.checkpoint_path
         try:
-            extractor = Extractor(plan.config, device, dtype, checkpoint, options.use_ema, options.allow_pickle)
+            extractor = Extractor(plan.config, device, dtype, checkpoint, plan.use_ema, options.allow_pickle,
+                                  plan.variant.checkpoint)
             encoded, text_len = extractor.encode([plan.prompts[p] for p, _, _ in todo])
         except WeightFileError as err:
             raise UsageError(str(err)) from err
         if options.allow_pickle and checkpoint is not None:
             print(f"warning: --allow_pickle: {checkpoint} was fully unpickled (it can run code from the file)", file=sys.stderr)
-        say("No checkpoint: random weights (config random_init)" if options.no_checkpoint and plan.config.get("random_init")
-            else "No checkpoint: base Wan2.1 weights" if options.no_checkpoint else f"Loaded '{extractor.checkpoint_key}' from {checkpoint}")
+        say("No checkpoint: random weights (config random_init)" if checkpoint is None and plan.config.get("random_init")
+            else "No checkpoint: base Wan2.1 weights" if checkpoint is None else f"Loaded '{extractor.checkpoint_key}' from {checkpoint}")
         for prompt, (_, tokens) in encoded.items():
             if tokens > text_len:
                 print(f"warning: prompt of {tokens} tokens is longer than the text encoder's {text_len}; its end is cut off: "
@@ -196,7 +200,8 @@ def extract_item(options, plan, extractor, context, prompt, tokens, text_len, se
     say(f"Layer indices to capture: {plan.layers}\nPrompt: {prompt}")
     say(f"Capture step: {options.capture_step}  (denoising timesteps {[round(t, 2) for t in pipeline.denoising_steps]}); "
         f"blocks {plan.blocks}; precision {extractor.model.describe_numerics(extractor.device, extractor.dtype)}")
-    say(f"Attention cache: {extractor.model.cache_policy.describe()}")
+    say(f"Model: {plan.family.description} ({plan.family.name}, variant {plan.variant.name}); attention cache: "
+        f"{extractor.model.cache_policy.describe()}")
     say("\n" + "=" * 60 + "\nCapturing attention during inference (the model's own attention calls)\n" + "=" * 60)
     say(f"Model layers: {extractor.num_layers}")
     reset_peaks(extractor.device)
@@ -234,7 +239,7 @@ def extract_item(options, plan, extractor, context, prompt, tokens, text_len, se
         "text_len": text_len,
         "checkpoint_path": settings["checkpoint_path"],
         "checkpoint_key": extractor.checkpoint_key,
-        "use_ema": options.use_ema,
+        "use_ema": plan.use_ema,
         "capture_step": options.capture_step,
         "capture_blocks": plan.blocks,
         "precision": extractor.model.precision,
@@ -249,6 +254,8 @@ def extract_item(options, plan, extractor, context, prompt, tokens, text_len, se
         "config": settings["config"],
         "model": {name: list(v) if isinstance(v, tuple) else v for name, v in extractor.model.config.items()},
         "cache_policy": extractor.model.cache_policy.describe(),
+        "family": plan.family.name,
+        "variant": plan.variant.name,
         "torch_version": str(torch.__version__),
         "settings": settings,
     }

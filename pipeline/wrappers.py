@@ -22,7 +22,7 @@ __all__ = ["WanDiffusionWrapper", "WanTextEncoder", "load_generator_checkpoint"]
 
 
 class WanDiffusionWrapper(nn.Module):
-    def __init__(self, model: CausalWanModel, timestep_shift=families.DEFAULT_FAMILY.schedule.timestep_shift):
+    def __init__(self, model: CausalWanModel, timestep_shift=families.DEFAULT_FAMILY.variant().schedule.timestep_shift):
         super().__init__()
         self.model = model
         self.scheduler = FlowMatchScheduler(shift=timestep_shift, sigma_min=0.0, extra_one_step=True)
@@ -61,17 +61,19 @@ class WanDiffusionWrapper(nn.Module):
 
 def load_generator_checkpoint(
     generator: WanDiffusionWrapper, path, use_ema=True, allow_pickle=False, device=None, dtype=None, pickle_flag="--allow_pickle",
-    family=families.SELF_FORCING,
+    spec=None,
 ):
-    """Load ``family``'s checkpoint at ``path``: its EMA state dict (``generator_ema`` for Self-Forcing)
-    or, without ``use_ema``, its plain one (``generator``), strictly, by assignment, onto ``device`` in
-    ``dtype`` (default: those of the generator's parameters; give both for a generator on the meta
-    device). The file is memory-mapped: the other state dicts it holds are never read. ``allow_pickle``
-    fully unpickles a checkpoint that holds objects beyond tensors; ``pickle_flag`` is the option that
-    sets it, suggested when such a file is refused. Returns the key used; every problem with the file
-    raises ``WeightFileError``."""
+    """Load a generator checkpoint laid out as ``spec`` (a ``wan.families`` Checkpoint; None:
+    Self-Forcing's) says: its EMA state dict (``generator_ema``) or, without ``use_ema``, its plain one
+    (``generator``), with the keys of a saved prefix renamed as the release's loader does
+    (``spec.prefix_fallbacks``, applied only when the keys do not match as saved), strictly, by
+    assignment, onto ``device`` in ``dtype`` (default: those of the generator's parameters; give both
+    for a generator on the meta device). The file is memory-mapped: the other state dicts it holds are
+    never read. ``allow_pickle`` fully unpickles a checkpoint that holds objects beyond tensors;
+    ``pickle_flag`` is the option that sets it, suggested when such a file is refused. Returns the key
+    used; every problem with the file raises ``WeightFileError``."""
+    spec = spec or families.DEFAULT_FAMILY.variant().checkpoint
     checkpoint = read_state_dict(path, allow_pickle=allow_pickle, pickle_flag=pickle_flag)
-    spec = family.checkpoint
     key = spec.state_dict_key(use_ema)
     if key not in checkpoint:
         hint = f" (use --no-use_ema for {spec.key!r})" if use_ema and spec.key in checkpoint else ""
@@ -79,6 +81,11 @@ def load_generator_checkpoint(
     state = checkpoint[key]
     if not isinstance(state, dict):
         raise WeightFileError(f"{path}: '{key}' holds a {type(state).__name__}, not a state dict of tensors")
+    expected = set(generator.state_dict())
+    for saved, ours in spec.prefix_fallbacks:
+        if set(state) != expected:
+            state = {ours + name[len(saved):] if isinstance(name, str) and name.startswith(saved) else name: value
+                     for name, value in state.items()}
     parameter = next(generator.parameters())
     load_into(generator, state, f"{path} ['{key}']", device or parameter.device, dtype or parameter.dtype)
     return key

@@ -17,7 +17,7 @@ from utils.config import load_config
 from wan import cache_policies
 from wan.cache_policies import POLICIES, CachePolicy, Option, PolicyError, policy_from_kwargs
 from wan.cache_policies.base import CacheLayout, is_int
-from wan.families import check_model_kwargs
+from wan.families import check_model
 from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE
 from wan.modules.causal_model import CausalWanModel
 
@@ -183,11 +183,11 @@ def test_new_policy_passes_the_config_checks(tmp_path, sink_only):
     config["model_kwargs"] = {"attention_mode": "sink_only", "sink_size": 2}
     path = tmp_path / "sink_only.yaml"
     path.write_text(yaml.safe_dump(config))
-    loaded = load_config(path, str(REPO / "configs/default_config.yaml"), check_model_kwargs=check_model_kwargs)
+    loaded = load_config(path, str(REPO / "configs/default_config.yaml"), check_model=check_model)
     assert loaded.model_kwargs.attention_mode == "sink_only"
-    assert check_model_kwargs({"attention_mode": "sink_only", "sink_size": 0}, 3) == (
-        "sink_size", "an int > 0 (the frames kept from the start of the video)")
-    assert check_model_kwargs({"attention_mode": "sink_only", "budget": 4}, 3)[0] == "budget"
+    assert check_model({"model_kwargs": {"attention_mode": "sink_only", "sink_size": 0}}, 3) == (
+        "model_kwargs.sink_size", "an int > 0 (the frames kept from the start of the video)")
+    assert check_model({"model_kwargs": {"attention_mode": "sink_only", "budget": 4}}, 3)[0] == "model_kwargs.budget"
 
 
 def test_new_policy_runs_like_a_dense_mask(monkeypatch, sink_only):

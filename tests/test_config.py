@@ -13,13 +13,13 @@ import yaml
 import utils.config
 from utils.config import ConfigError, model_sizes
 from utils.wan21 import BYTE_TOKENIZER_VOCAB, WAN_T2V_1_3B
-from wan.families import check_model_kwargs
+from wan.families import check_model, family_and_variant
 
 CONFIGS = sorted(str(p) for p in Path("configs").glob("*.yaml") if p.name != "default_config.yaml")
 
 
 def load_config(path, *args, **kwargs):
-    return utils.config.load_config(path, *args, check_model_kwargs=check_model_kwargs, **kwargs)
+    return utils.config.load_config(path, *args, check_model=check_model, **kwargs)
 
 
 def write(tmp_path, text, name="run.yaml"):
@@ -46,7 +46,9 @@ def refused(path, **kwargs):
 @pytest.mark.parametrize("path", CONFIGS)
 def test_shipped_configs_validate(path):
     config = load_config(path)
-    assert list(config.denoising_step_list) == [1000, 750, 500, 250] and config.num_frame_per_block == 3
+    _, variant = family_and_variant(config)
+    assert list(config.denoising_step_list) == list(variant.schedule.denoising_steps)
+    assert config.num_frame_per_block == variant.schedule.num_frame_per_block
 
 
 def test_import_is_light():

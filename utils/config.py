@@ -16,6 +16,7 @@ from utils.wan21 import BYTE_TOKENIZER_VOCAB, UMT5_XXL, VAE_STRIDE, WAN_T2V_1_3B
 
 DEFAULT_CONFIG = "configs/default_config.yaml"
 NUM_TRAIN_TIMESTEPS = 1000
+MODEL_DIR_SOURCE = "the model_dir argument"  # how errors name a model_dir given beside the config
 
 
 class ConfigError(ValueError):
@@ -68,12 +69,13 @@ def _lookup(tree, key):
 
 def _origin(sources, key):
     """(name, raw value) of the last of ``sources`` ([(name, plain dict)] in merge order: the defaults,
-    the chosen config, then any override) that sets ``key``; (the chosen config, None) if none does."""
+    a base config, the chosen config, then any override) that sets ``key``; (the chosen config, None)
+    if none does."""
     for name, tree in reversed(sources):
         found, value = _lookup(tree, key)
         if found:
             return name, value
-    return sources[1][0], None
+    return [name for name, _ in sources if name != MODEL_DIR_SOURCE][-1], None
 
 
 class _Checker:
@@ -107,7 +109,9 @@ def _check_schedule(c):
     else:
         step_ok = lambda s: _is_number(s) and 0 < s <= NUM_TRAIN_TIMESTEPS
         expected = "a non-empty list of timesteps, numbers in (0, 1000]"
-    c.require("denoising_step_list", lambda v: isinstance(v, list) and v and all(step_ok(s) for s in v), expected)
+    for key in ("denoising_step_list", "denoising_step_list_first_chunk"):  # the second: the first block's, optional
+        c.require(key, lambda v, key=key: (v is None and key != "denoising_step_list")
+                  or (isinstance(v, list) and v and all(step_ok(s) for s in v)), expected)
     c.require("context_noise", lambda v: _is_number(v) and 0 <= v <= NUM_TRAIN_TIMESTEPS,
               "a timestep in [0, 1000] (of the clean cache-update pass)", default=0)
     c.require("independent_first_frame", lambda v: v is False,
@@ -115,12 +119,12 @@ def _check_schedule(c):
     return c.require("num_frame_per_block", _positive_int, "a positive int (latent frames per block)")
 
 
-def _check_model_kwargs(c, per_block, check_model_kwargs):
-    kwargs = c.require("model_kwargs", lambda v: v is None or isinstance(v, dict), "a mapping of model options", default=None) or {}
-    problem = check_model_kwargs(kwargs, per_block)
+def _check_model(c, per_block, check_model):
+    c.require("model_kwargs", lambda v: v is None or isinstance(v, dict), "a mapping of model options", default=None)
+    problem = check_model(c.values, per_block)
     if problem is not None:
         key, expected = problem
-        c.fail(f"model_kwargs.{key}", kwargs.get(key), expected)
+        c.fail(key, c.get(key), expected)
 
 
 def _check_random_model(c):
@@ -170,13 +174,13 @@ def _check_frame_size(c, patch_size):
                   f"a positive multiple of {step} pixels (VAE stride {VAE_STRIDE} x patch size {patch})")
 
 
-def _validate(config, sources, check_model_kwargs):
+def _validate(config, sources, check_model):
     """Raise ``ConfigError`` unless the resolved, merged ``config`` holds valid values for everything
     the inference reads. ``sources``: [(file name, its plain dict)] in merge order, to name the file
     that set a bad key."""
     c = _Checker(OmegaConf.to_container(config, resolve=True), sources)
     per_block = _check_schedule(c)
-    _check_model_kwargs(c, per_block, check_model_kwargs)
+    _check_model(c, per_block, check_model)
     c.require("init_seed", lambda v: _is_int(v) and 0 <= v < 2**64, "an int in [0, 2**64) (seed of the random weights)", default=0)
     if c.require("random_init", lambda v: isinstance(v, bool), "true or false", default=False):
         patch_size = _check_random_model(c)
@@ -206,31 +210,50 @@ def _read_yaml(path):
     return loaded
 
 
-def load_config(config_path, default_path=DEFAULT_CONFIG, model_dir=None, *, check_model_kwargs) -> DictConfig:
-    """``config_path`` merged onto ``default_path`` (OmegaConf.merge), ``model_dir`` (where given)
+def _with_base(config_path):
+    """[(file name, its config)] of ``config_path`` in merge order: the config named by its ``base`` key
+    (a path relative to it; a base has no base of its own), then the config itself without the key. A
+    variant of a config states only what differs."""
+    chosen = _read_yaml(config_path)
+    if "base" not in chosen:
+        return [(str(config_path), chosen)]
+    base = chosen.pop("base")
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{config_path}: base = {base!r}; expected the path of a config file, relative to this one")
+    base_path = Path(config_path).parent / base
+    base_config = _read_yaml(base_path)
+    if "base" in base_config:
+        raise ConfigError(f"{base_path}: base = {base_config.base!r}; a base config (of {config_path}) cannot have a base")
+    return [(str(base_path), base_config), (str(config_path), chosen)]
+
+
+def load_config(config_path, default_path=DEFAULT_CONFIG, model_dir=None, *, check_model) -> DictConfig:
+    """``config_path`` merged onto ``default_path`` (OmegaConf.merge; onto its ``base`` config first, when
+    it names one), ``model_dir`` (where given)
     replacing the config's, every interpolation resolved, every value the inference reads checked.
     Keys the inference does not read (upstream's training keys) are kept as they are. Raises
     ``ConfigError`` naming the file, the key, the value and what was expected.
 
-    ``model_kwargs`` belongs to the model's owners in wan/ (the family's schedule and the cache
-    policy), which this floor does not import: ``check_model_kwargs(model_kwargs, num_frame_per_block)``
-    returns (key, what was expected) for a bad entry, else None (``wan.families.check_model_kwargs``)."""
-    default, chosen = _read_yaml(default_path), _read_yaml(config_path)
+    ``family``, ``variant`` and ``model_kwargs`` belong to the model's owners in wan/ (the model family,
+    its schedule and the cache policy), which this floor does not import: ``check_model(config,
+    num_frame_per_block)`` gets the plain config and returns (dotted key, what was expected) for a bad
+    value, else None (``wan.families.check_model``)."""
+    layers = [(str(default_path), _read_yaml(default_path)), *_with_base(config_path)]
     try:
-        config = OmegaConf.merge(default, chosen)
+        config = OmegaConf.merge(*(layer for _, layer in layers))
     except OmegaConfBaseException as err:
         raise ConfigError(f"{config_path}: cannot be merged onto {default_path} ({_first_line(err)})") from err
-    sources = [(str(default_path), OmegaConf.to_container(default)), (str(config_path), OmegaConf.to_container(chosen))]
+    sources = [(name, OmegaConf.to_container(layer)) for name, layer in layers]
     if model_dir is not None:
         config.model_dir = model_dir
-        sources.append(("the model_dir argument", {"model_dir": model_dir}))
+        sources.append((MODEL_DIR_SOURCE, {"model_dir": model_dir}))
     try:
         OmegaConf.resolve(config)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         where, raw = _origin(sources, key)
         raise ConfigError(f"{where}: {key} = {raw!r}: the interpolation cannot be resolved ({_first_line(err)})") from err
-    _validate(config, sources, check_model_kwargs)
+    _validate(config, sources, check_model)
     return config
 
 

@@ -2,31 +2,50 @@
 these and one entry in ``FAMILIES``; Deep Forcing is not a family of its own but Self-Forcing with one
 of its cache policies.
 
-``check_model_kwargs`` checks the config's ``model_kwargs``, which the family and its cache policy
-share: ``timestep_shift`` (the schedule's) and the policy's options. Torch is not imported here.
+The config names the family (``family``, default Self-Forcing) and its variant (``variant``, default
+the family's first). ``check_model`` checks those and ``model_kwargs``, which the family and its
+cache policy share: ``timestep_shift`` (the schedule's) and the policy's options. Torch is not
+imported here.
 """
 import math
 
 from wan import cache_policies
+from wan.families.causal_forcing import CAUSAL_FORCING
 from wan.families.self_forcing import SELF_FORCING
 from wan.families.wan21 import WAN21
 
-FAMILIES = {family.name: family for family in (WAN21, SELF_FORCING)}
+FAMILIES = {family.name: family for family in (WAN21, SELF_FORCING, CAUSAL_FORCING)}
 DEFAULT_FAMILY = SELF_FORCING
 SCHEDULE_KEYS = ("timestep_shift",)  # the model_kwargs of the schedule; the rest are the cache policy's
 
-__all__ = ["DEFAULT_FAMILY", "FAMILIES", "SELF_FORCING", "WAN21", "check_model_kwargs", "timestep_shift"]
+__all__ = ["DEFAULT_FAMILY", "FAMILIES", "SCHEDULE_KEYS", "check_model", "family_and_variant", "schedule_differences",
+           "timestep_shift"]
 
 
 def timestep_shift(model_kwargs):
     """The flow-matching shift of a run: the config's ``model_kwargs.timestep_shift``, else the default
     family's."""
-    return model_kwargs.get("timestep_shift", DEFAULT_FAMILY.schedule.timestep_shift)
+    return model_kwargs.get("timestep_shift", DEFAULT_FAMILY.variant().schedule.timestep_shift)
 
 
-def check_model_kwargs(model_kwargs, per_block):
-    """(key, what was expected) for the first entry of the config's ``model_kwargs`` (a dict) that no
-    owner reads or that cannot run with blocks of ``per_block`` frames, else None."""
+def family_and_variant(config):
+    """The (ModelFamily, Variant) a checked config names."""
+    family = FAMILIES[config.get("family") or DEFAULT_FAMILY.name]
+    return family, family.variant(config.get("variant"))
+
+
+def _check_family(config):
+    name = config.get("family")
+    if name is not None and name not in FAMILIES:
+        return "family", f"one of {list(FAMILIES)} (absent: {DEFAULT_FAMILY.name})"
+    family = FAMILIES[name or DEFAULT_FAMILY.name]
+    variant = config.get("variant")
+    if variant is not None and variant not in family.variant_names:
+        return "variant", f"one of family {family.name}'s variants {family.variant_names} (absent: {family.variant_names[0]})"
+    return None
+
+
+def _check_model_kwargs(model_kwargs, per_block):
     known = sorted({*SCHEDULE_KEYS, *cache_policies.option_names()})
     unknown = sorted(set(model_kwargs) - set(known))
     if unknown:
@@ -35,3 +54,29 @@ def check_model_kwargs(model_kwargs, per_block):
     if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
         return "timestep_shift", "a number > 0 (the shift of the flow-matching schedule)"
     return cache_policies.problem({k: v for k, v in model_kwargs.items() if k not in SCHEDULE_KEYS}, per_block)
+
+
+def check_model(config, per_block):
+    """(dotted key, what was expected) for the first of the config's model settings (a plain dict with
+    ``family``, ``variant`` and ``model_kwargs``, each optional) that no owner reads or that cannot run
+    with blocks of ``per_block`` frames, else None."""
+    problem = _check_family(config)
+    if problem is not None:
+        return problem
+    problem = _check_model_kwargs(config.get("model_kwargs") or {}, per_block)
+    return None if problem is None else (f"model_kwargs.{problem[0]}", problem[1])
+
+
+def schedule_differences(config, variant):
+    """The config's schedule keys (dotted) whose values differ from the release schedule of
+    ``variant``, as 'key = value (release: value)' strings; [] for a variant without a schedule."""
+    if variant.schedule is None:
+        return []
+    found = []
+    for key, release in variant.schedule.config_values().items():
+        value = config
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value != release:
+            found.append(f"{key} = {value!r} (release: {release!r})")
+    return found

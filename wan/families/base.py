@@ -1,6 +1,7 @@
-"""What a model family is: one release of a causal video model on Wan2.1-T2V-1.3B, described by the
-files it loads, its sampling schedule and its attention-cache policy. Data only (no torch), so that a
-run is planned and checked before anything heavy is imported; pipeline/wrappers.py loads what it says.
+"""What a model family is: one release of a causal video model on Wan2.1-T2V-1.3B, in one or more
+variants, each described by the generator checkpoint it loads and its sampling schedule, and the
+attention-cache policy its inference uses. Data only (no torch), so that a run is planned and
+checked before anything heavy is imported; pipeline/wrappers.py loads what it says.
 """
 from dataclasses import dataclass
 
@@ -9,12 +10,16 @@ from dataclasses import dataclass
 class Checkpoint:
     """A release's generator checkpoint: a ``torch.save`` dict whose entry ``ema_key`` (or ``key``
     without EMA) is the state dict of the wrapped transformer (keys ``model.<transformer key>``).
-    ``default_path``: where the release's inference script reads it. Read with ``weights_only=True``
-    unless the user opts in."""
+    ``default_path``: where the release's inference command reads it; ``use_ema``: which of the two
+    that command loads; ``prefix_fallbacks``: (saved prefix, prefix) pairs the release's loader
+    rewrites when the keys do not match as saved (an FSDP wrapper's name, for example). Read with
+    ``weights_only=True`` unless the user opts in."""
 
     default_path: str
+    use_ema: bool = True
     ema_key: str = "generator_ema"
     key: str = "generator"
+    prefix_fallbacks: tuple = ()
 
     def state_dict_key(self, use_ema):
         return self.ema_key if use_ema else self.key
@@ -22,25 +27,61 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class Schedule:
-    """The release's sampling schedule: the denoising steps (``warp``: mapped onto the shifted
-    schedule by index, see utils/scheduler.py), the flow-matching ``timestep_shift``, the latent
-    frames of a block and the timestep of the clean cache-update pass."""
+    """The release's sampling schedule, as its config states it: the denoising steps (``warp``:
+    mapped onto the shifted schedule by index, see utils/scheduler.py), the flow-matching
+    ``timestep_shift``, the latent frames of a block, the timestep of the clean cache-update pass and,
+    where the release has one, the steps of the first block (``first_block_steps``)."""
 
     denoising_steps: tuple
     warp: bool
     timestep_shift: float
     num_frame_per_block: int
-    context_noise: float
+    context_noise: float = 0
+    first_block_steps: tuple = None
+
+    def config_values(self):
+        """The schedule as the config's keys (dotted) hold it."""
+        values = {
+            "denoising_step_list": list(self.denoising_steps),
+            "warp_denoising_step": self.warp,
+            "model_kwargs.timestep_shift": self.timestep_shift,
+            "num_frame_per_block": self.num_frame_per_block,
+            "context_noise": self.context_noise,
+        }
+        if self.first_block_steps is not None:
+            values["denoising_step_list_first_chunk"] = list(self.first_block_steps)
+        return values
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One released model of a family: its name (the config's ``variant``), checkpoint (None: the base
+    weights alone) and schedule (None: the config's, for a model without a release schedule)."""
+
+    name: str
+    checkpoint: Checkpoint | None
+    schedule: Schedule | None
 
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """``name``: the registry key; ``checkpoint``: the generator checkpoint on top of the base Wan2.1
-    weights, or None; ``schedule``: the release's (its configs/ files state it); ``default_policy``: the
-    cache policy its inference uses (``wan.cache_policies``)."""
+    """``name``: the config's ``family``; ``variants``: the released models, the first the default;
+    ``default_policy``: the cache policy its inference uses (``wan.cache_policies``)."""
 
     name: str
     description: str
-    checkpoint: Checkpoint | None
-    schedule: Schedule | None
-    default_policy: str
+    variants: tuple
+    default_policy: str = "global"
+
+    def variant(self, name=None):
+        """The variant called ``name`` (None: the default); KeyError for another name."""
+        if name is None:
+            return self.variants[0]
+        for variant in self.variants:
+            if variant.name == name:
+                return variant
+        raise KeyError(name)
+
+    @property
+    def variant_names(self):
+        return [variant.name for variant in self.variants]

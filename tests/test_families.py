@@ -1,0 +1,188 @@
+"""Model families (wan/families): the config's family and variant, each variant's schedule against the
+formulas (warp onto the shift-5 schedule, Causal Forcing++'s first block), the noise draws it makes,
+its checkpoint layout (which state dict, the FSDP prefix the release renames, strict), the default
+checkpoint the CLI reads, and configs that state only what differs (``base``)."""
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+import experiments.run_extraction_figure4 as cli
+import utils.config
+from pipeline.causal_inference import CausalInferencePipeline
+from pipeline.wrappers import WanDiffusionWrapper, load_generator_checkpoint
+from utils.attention_cache import open_cache
+from utils.config import ConfigError
+from utils.loading import WeightFileError
+from wan.families import FAMILIES, check_model, family_and_variant, schedule_differences
+from wan.families.causal_forcing import CAUSAL_FORCING
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").glob("*.yaml") if p.name != "default_config.yaml")
+
+
+def load_config(path, **kwargs):
+    return utils.config.load_config(path, str(REPO / "configs/default_config.yaml"), check_model=check_model, **kwargs)
+
+
+def shifted_timesteps(shift=5.0):
+    """The 1000 training timesteps of the shifted flow-matching schedule, from the formula:
+    sigma = shift * s / (1 + (shift - 1) * s) for s = 1000 points from 1 down to (not including) 0."""
+    return [1000 * shift * (1 - i / 1000) / (1 + (shift - 1) * (1 - i / 1000)) for i in range(1000)]
+
+
+def warped(steps, shift=5.0):
+    """Step t indexes 1000 - t into the timesteps (utils/scheduler.py's warp, written out)."""
+    table = shifted_timesteps(shift) + [0.0]
+    return [table[1000 - t] for t in steps]
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_shipped_configs_state_their_release_schedule(path):
+    config = load_config(REPO / path)
+    family, variant = family_and_variant(config)
+    assert schedule_differences(OmegaConf.to_container(config, resolve=True), variant) == []
+
+
+@pytest.mark.parametrize("variant, first, rest", [
+    ("chunkwise", [1000, 937.5, 833.33, 625], [1000, 937.5, 833.33, 625]),
+    ("framewise", [1000, 937.5, 833.33, 625], [1000, 937.5, 833.33, 625]),
+    ("framewise_2step", [1000, 937.5, 833.33, 625], [1000, 833.33]),
+    ("framewise_1step", [1000, 937.5, 833.33, 625], [1000]),
+])
+def test_causal_forcing_schedules(variant, first, rest):
+    config = load_config(REPO / f"configs/tiny_causal_forcing_{variant}.yaml")
+    pipeline = CausalInferencePipeline(config, "cpu")
+    schedule = CAUSAL_FORCING.variant(variant).schedule
+    assert pipeline.steps_of(0) == pytest.approx(warped(schedule.first_block_steps or schedule.denoising_steps), abs=1e-3)
+    assert pipeline.steps_of(1) == pytest.approx(warped(schedule.denoising_steps), abs=1e-3)
+    assert pipeline.steps_of(0) == pytest.approx(first, abs=0.01) and pipeline.steps_of(5) == pytest.approx(rest, abs=0.01)
+    assert pipeline.num_frame_per_block == schedule.num_frame_per_block == (3 if variant == "chunkwise" else 1)
+
+
+class StepRecorder:
+    """An observer that records the (block, pass, timestep) of every labelled forward."""
+
+    enabled = True
+
+    def __init__(self):
+        self.passes = []
+
+    def begin_forward(self, num_layers):
+        pass
+
+    def observe(self, layer_idx, q, k, kv_cache):
+        pass
+
+    def wants(self, block, num_blocks, step):
+        return True
+
+    def annotate(self, **labels):
+        if labels:
+            self.passes.append((labels["block"], labels["step"], round(float(labels["timestep"]), 2)))
+
+
+def test_first_block_steps_and_noise_draws(monkeypatch):
+    """Causal Forcing++ 1-step: block 0 (one frame) runs 4 steps and draws 3 noises, later blocks one
+    step and none; every block then rewrites its cache at t = 0."""
+    config = load_config(REPO / "configs/tiny_causal_forcing_framewise_1step.yaml")
+    pipeline = CausalInferencePipeline(config, "cpu")
+    recorder = StepRecorder()
+    pipeline.generator.model.set_observer(recorder)
+    draws = []
+    real = torch.randn_like
+    monkeypatch.setattr(torch, "randn_like", lambda x: draws.append(recorder.passes[-1][0]) or real(x))
+    noise = torch.randn(1, 3, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pipeline.inference(noise, prompt_embeds=torch.zeros(1, 128, 32), return_latents=True)
+    assert recorder.passes == [(0, 0, 1000.0), (0, 1, 937.5), (0, 2, 833.33), (0, 3, 625.0), (0, "cache", 0.0),
+                               (1, 0, 1000.0), (1, "cache", 0.0), (2, 0, 1000.0), (2, "cache", 0.0)]
+    assert draws == [0, 0, 0]
+
+
+def fsdp_checkpoint(path, generator, prefix, keys=("generator", "generator_ema")):
+    state = {name.replace("model.", prefix, 1): value.clone() for name, value in generator.state_dict().items()}
+    torch.save({key: state for key in keys}, path)
+
+
+@pytest.fixture(scope="module")
+def tiny_generator():
+    return WanDiffusionWrapper.from_config(load_config(REPO / "configs/tiny_causal_forcing_chunkwise.yaml"))
+
+
+def test_fsdp_prefix_is_renamed_and_loaded_strictly(tmp_path, tiny_generator):
+    path = tmp_path / "causal_forcing.pt"
+    fsdp_checkpoint(path, tiny_generator, "model._fsdp_wrapped_module.")
+    spec = CAUSAL_FORCING.variant("chunkwise").checkpoint
+    target = WanDiffusionWrapper.from_config(load_config(REPO / "configs/tiny_causal_forcing_chunkwise.yaml"))
+    with torch.no_grad():
+        for p in target.parameters():
+            p.zero_()
+    assert load_generator_checkpoint(target, path, use_ema=spec.use_ema, spec=spec) == "generator"
+    for (name, value), (_, loaded) in zip(tiny_generator.state_dict().items(), target.state_dict().items()):
+        assert torch.equal(value, loaded), name
+
+
+def test_other_prefix_or_missing_key_is_refused(tmp_path, tiny_generator):
+    spec = CAUSAL_FORCING.variant("framewise").checkpoint
+    path = tmp_path / "other.pt"
+    fsdp_checkpoint(path, tiny_generator, "module.")
+    with pytest.raises(WeightFileError, match=re.escape(f"{path} ['generator_ema']") + ".*missing.*model.patch_embedding"):
+        load_generator_checkpoint(tiny_generator, path, use_ema=True, spec=spec)
+    partial = tmp_path / "partial.pt"
+    state = {n.replace("model.", "model._fsdp_wrapped_module.", 1): v for n, v in tiny_generator.state_dict().items()
+             if n != "model.head.head.bias"}
+    torch.save({"generator_ema": state}, partial)
+    with pytest.raises(WeightFileError, match="model.head.head.bias"):
+        load_generator_checkpoint(tiny_generator, partial, use_ema=True, spec=spec)
+
+
+def test_family_and_variant_are_checked(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("base: " + str(REPO / "configs/tiny.yaml") + "\nfamily: causal_forcing\nvariant: stepwise\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: variant = 'stepwise'; expected one of family "
+                                                    "causal_forcing's variants ['chunkwise', 'framewise'")):
+        load_config(path)
+    path.write_text("base: " + str(REPO / "configs/tiny.yaml") + "\nfamily: causvid\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: family = 'causvid'; expected one of {list(FAMILIES)}")):
+        load_config(path)
+
+
+def test_base_configs(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"base": "other.yaml"}))
+    path = tmp_path / "run.yaml"
+    path.write_text("base: base.yaml\n")
+    with pytest.raises(ConfigError, match="base.yaml: base = 'other.yaml'; a base config .* cannot have a base"):
+        load_config(path)
+    path.write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        load_config(path)
+    path.write_text("base: " + str(REPO / "configs/tiny.yaml") + "\nnum_frame_per_block: 0\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: num_frame_per_block = 0")):
+        load_config(path)
+    path.write_text("base: " + str(REPO / "configs/tiny.yaml") + "\n")
+    config = load_config(path)
+    assert "base" not in config and config.model_config.dim == 64
+
+
+def test_cli_reads_the_family_and_its_default_checkpoint(tmp_path, capsys):
+    out = tmp_path / "cf.pt"
+    base = ["--config_path", "configs/tiny_causal_forcing_framewise_2step.yaml", "--device", "cpu", "--quiet",
+            "--num_frames", "3", "--output_path", str(out)]
+    assert cli.main(base) == 2
+    assert "--checkpoint_path: checkpoints/causal-forcing++/framewise-2step.pt not found" in capsys.readouterr().err
+    assert cli.main([*base, "--no_checkpoint", "--capture_step", "all"]) == 0
+    cache = open_cache(out)
+    assert cache.metadata["family"] == "causal_forcing" and cache.metadata["variant"] == "framewise_2step"
+    assert cache.metadata["use_ema"] is True and cache.labels == [(2, 0), (2, 1), (2, "cache")]
+    config = tmp_path / "changed.yaml"
+    changed = yaml.safe_load((REPO / "configs/tiny_causal_forcing_framewise_2step.yaml").read_text())
+    changed.update(base=str(REPO / "configs/tiny.yaml"), denoising_step_list=[1000, 750])
+    config.write_text(yaml.safe_dump(changed))
+    assert cli.main([*base, "--config_path", str(config), "--no_checkpoint"]) == 0
+    assert ("the schedule differs from the release of causal_forcing framewise_2step: denoising_step_list = "
+            "[1000, 750] (release: [1000, 500])") in capsys.readouterr().err
