@@ -85,7 +85,7 @@ class Plan:
     variant: object
     checkpoint_path: str | None  # the generator checkpoint to load; None: the base weights
     use_ema: bool  # whether its EMA state dict is loaded
-    schedule_differences: list  # where the config's schedule differs from the variant's release
+    beyond_release: list  # where the run differs from the variant's release (schedule, length)
     prompts: list
     seeds: list
     layers: list
@@ -231,9 +231,15 @@ def _checkpoint(options, family, variant):
                              "only); leave it out, or choose a family with one in the config")
         return None, True if options.use_ema is None else options.use_ema
     use_ema = spec.use_ema if options.use_ema is None else options.use_ema
+    if use_ema and spec.ema_key is None:
+        raise UsageError(f"--use_ema: the checkpoint of {family.name} {variant.name} holds no EMA state dict (only "
+                         f"{spec.key!r}); leave --use_ema out")
     if options.no_checkpoint:
         return None, use_ema
     path = options.checkpoint_path or spec.default_path
+    if path is None:
+        raise UsageError(f"--checkpoint_path: {family.name} {variant.name} has no released checkpoint; give one, or "
+                         "--no_checkpoint for the base weights")
     if not Path(path).is_file():
         raise UsageError(f"--checkpoint_path: {path} not found; pass --no_checkpoint to run the base model without it")
     return path, use_ema
@@ -289,6 +295,9 @@ def plan_run(options, environ=os.environ):
     policy = cache_policies.policy_from_kwargs(
         {key: value for key, value in kwargs.items() if key not in families.SCHEDULE_KEYS}, per_block)
     differences = families.schedule_differences(OmegaConf.to_container(config, resolve=True), variant)
+    if variant.max_frames is not None and options.num_frames > variant.max_frames:
+        differences.append(f"--num_frames {options.num_frames}: the release generates at most {variant.max_frames} "
+                           "latent frames in one call")
     return Plan(OmegaConf.merge(config, {"precision": precision}), policy, family, variant, checkpoint_path, use_ema,
                 differences, prompts, seeds, layers, passes, blocks, num_layers, device, dtype, output_path, output_dir,
                 rank=rank, world_size=world_size, items=items)

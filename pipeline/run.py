@@ -40,9 +40,9 @@ def run(options):
     plan = plan_run(options)
     preflight(options, plan)
     say = (lambda *a, **k: None) if (options.quiet or plan.rank) else print
-    if plan.schedule_differences and plan.rank == 0:
-        print(f"warning: {options.config_path}: the schedule differs from the release of {plan.family.name} "
-              f"{plan.variant.name}: {'; '.join(plan.schedule_differences)}", file=sys.stderr)
+    if plan.beyond_release and plan.rank == 0:
+        print(f"warning: beyond the release of {plan.family.name} {plan.variant.name} "
+              f"({options.config_path}): {'; '.join(plan.beyond_release)}", file=sys.stderr)
 
     import torch
 

@@ -146,8 +146,8 @@ def test_family_and_variant_are_checked(tmp_path):
     with pytest.raises(ConfigError, match=re.escape(f"{path}: variant = 'stepwise'; expected one of family "
                                                     "causal_forcing's variants ['chunkwise', 'framewise'")):
         load_config(path)
-    path.write_text("base: " + str(REPO / "configs/tiny.yaml") + "\nfamily: causvid\n")
-    with pytest.raises(ConfigError, match=re.escape(f"{path}: family = 'causvid'; expected one of {list(FAMILIES)}")):
+    path.write_text("base: " + str(REPO / "configs/tiny.yaml") + "\nfamily: longlive\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: family = 'longlive'; expected one of {list(FAMILIES)}")):
         load_config(path)
 
 
@@ -184,5 +184,43 @@ def test_cli_reads_the_family_and_its_default_checkpoint(tmp_path, capsys):
     changed.update(base=str(REPO / "configs/tiny.yaml"), denoising_step_list=[1000, 750])
     config.write_text(yaml.safe_dump(changed))
     assert cli.main([*base, "--config_path", str(config), "--no_checkpoint"]) == 0
-    assert ("the schedule differs from the release of causal_forcing framewise_2step: denoising_step_list = "
-            "[1000, 750] (release: [1000, 500])") in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"warning: beyond the release of causal_forcing framewise_2step ({config}): denoising_step_list = " in err
+    assert "[1000, 750] (release: [1000, 500])" in err
+
+
+def shifted_sigma(timestep, shift):
+    """The sigma of the shifted grid point nearest to ``timestep`` (grid: ``shifted_timesteps``)."""
+    grid = shifted_timesteps(shift)
+    nearest = min(range(1000), key=lambda i: abs(grid[i] - timestep))
+    return grid[nearest] / 1000
+
+
+@pytest.mark.parametrize("variant, timesteps", [
+    ("dmd_3step", [1000, 757, 522]),  # not warped
+    ("warp_4step", [1000, 960, 888.89, 727.27]),  # warped on the shift-8 grid (shift 5 gives 937.5, 833.3, 625)
+])
+def test_causvid_schedules(variant, timesteps):
+    config = load_config(REPO / f"configs/tiny_causvid_{variant}.yaml")
+    pipeline = CausalInferencePipeline(config, "cpu")
+    assert pipeline.steps_of(0) == pipeline.steps_of(3) == pytest.approx(timesteps, abs=0.01)
+    assert pipeline.scheduler.sigma(torch.tensor(pipeline.steps_of(0))).tolist() == pytest.approx(
+        [shifted_sigma(t, 8.0) for t in pipeline.steps_of(0)], abs=1e-6)
+    if variant == "dmd_3step":  # the facts' values
+        assert pipeline.scheduler.sigma(torch.tensor([757.0, 522.0])).tolist() == pytest.approx([0.75676, 0.52174], abs=1e-5)
+
+
+def test_causvid_checkpoint_and_length(tmp_path, capsys, tiny_generator):
+    out = tmp_path / "cv.pt"
+    base = ["--config_path", "configs/tiny_causvid_dmd_3step.yaml", "--device", "cpu", "--quiet", "--output_path", str(out)]
+    assert cli.main([*base, "--use_ema", "--no_checkpoint"]) == 2
+    assert "--use_ema: the checkpoint of causvid dmd_3step holds no EMA state dict (only 'generator')" in capsys.readouterr().err
+    assert cli.main([*base, "--config_path", "configs/tiny_causvid_warp_4step.yaml"]) == 2
+    assert "--checkpoint_path: causvid warp_4step has no released checkpoint" in capsys.readouterr().err
+    checkpoint = tmp_path / "model.pt"
+    torch.save({"generator": tiny_generator.state_dict(), "critic": {}}, checkpoint)
+    assert cli.main([*base, "--checkpoint_path", str(checkpoint), "--num_frames", "24"]) == 0
+    err = capsys.readouterr().err
+    assert "--num_frames 24: the release generates at most 21 latent frames in one call" in err
+    meta = open_cache(out).metadata
+    assert (meta["family"], meta["variant"], meta["checkpoint_key"], meta["use_ema"]) == ("causvid", "dmd_3step", "generator", False)

@@ -11,10 +11,11 @@ import math
 
 from wan import cache_policies
 from wan.families.causal_forcing import CAUSAL_FORCING
+from wan.families.causvid import CAUSVID
 from wan.families.self_forcing import SELF_FORCING
 from wan.families.wan21 import WAN21
 
-FAMILIES = {family.name: family for family in (WAN21, SELF_FORCING, CAUSAL_FORCING)}
+FAMILIES = {family.name: family for family in (WAN21, SELF_FORCING, CAUSAL_FORCING, CAUSVID)}
 DEFAULT_FAMILY = SELF_FORCING
 SCHEDULE_KEYS = ("timestep_shift",)  # the model_kwargs of the schedule; the rest are the cache policy's
 

@@ -10,14 +10,15 @@ from dataclasses import dataclass
 class Checkpoint:
     """A release's generator checkpoint: a ``torch.save`` dict whose entry ``ema_key`` (or ``key``
     without EMA) is the state dict of the wrapped transformer (keys ``model.<transformer key>``).
-    ``default_path``: where the release's inference command reads it; ``use_ema``: which of the two
-    that command loads; ``prefix_fallbacks``: (saved prefix, prefix) pairs the release's loader
-    rewrites when the keys do not match as saved (an FSDP wrapper's name, for example). Read with
+    ``default_path``: where the release's inference command reads it (None: no released file, the
+    user names one); ``use_ema``: which of the two that command loads (``ema_key`` None: the file
+    has no EMA); ``prefix_fallbacks``: (saved prefix, prefix) pairs the release's loader rewrites when
+    the keys do not match as saved (an FSDP wrapper's name, for example). Read with
     ``weights_only=True`` unless the user opts in."""
 
-    default_path: str
+    default_path: str | None
     use_ema: bool = True
-    ema_key: str = "generator_ema"
+    ema_key: str | None = "generator_ema"
     key: str = "generator"
     prefix_fallbacks: tuple = ()
 
@@ -56,11 +57,14 @@ class Schedule:
 @dataclass(frozen=True)
 class Variant:
     """One released model of a family: its name (the config's ``variant``), checkpoint (None: the base
-    weights alone) and schedule (None: the config's, for a model without a release schedule)."""
+    weights alone), schedule (None: the config's, for a model without a release schedule) and
+    ``max_frames``, the latent frames its release can generate in one call (None: no limit); past it
+    a run goes beyond the release."""
 
     name: str
     checkpoint: Checkpoint | None
     schedule: Schedule | None
+    max_frames: int | None = None
 
 
 @dataclass(frozen=True)
