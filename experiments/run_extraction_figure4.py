@@ -96,6 +96,9 @@ def parse_args(argv=None):
     parser.add_argument("--save_mode", choices=("full", "summary"), default="full",
                         help="full: fp16 logits [B, N, Q, K] per layer and pass (3.7 GB each at full size); summary: exact fp32 "
                         "query-averaged logits, frame-level means and attention mass (kilobytes)")
+    parser.add_argument("--lora_path", default=None,
+                        help="LoRA adapter loaded on the checkpoint, for a family that has one (LongLive); default: the "
+                        "family's (longlive_models/models/lora.pt); merged into the weights in fast mode")
     parser.add_argument("--allow_pickle", action="store_true",
                         help="load a checkpoint that holds more than tensors by full unpickling (runs code from the file; "
                         "only for files you trust)")

@@ -9,6 +9,7 @@ import time
 import torch
 
 from pipeline.causal_inference import CausalInferencePipeline
+from pipeline.lora import load_lora
 from pipeline.wrappers import WanDiffusionWrapper, load_generator_checkpoint
 from utils.attention_cache import SUMMARY_KEYS, CacheEntry
 from utils.misc import set_seed
@@ -19,14 +20,20 @@ class Extractor:
     """The pipeline on one device, with the family's generator checkpoint (Self-Forcing's) loaded if one
     is given (the base transformer weights are then never read)."""
 
-    def __init__(self, config, device, dtype, checkpoint_path=None, use_ema=True, allow_pickle=False, checkpoint_spec=None):
-        """``checkpoint_spec``: the family's ``Checkpoint`` (which state dicts, which prefixes); default
-        Self-Forcing's."""
+    def __init__(self, config, device, dtype, checkpoint_path=None, use_ema=True, allow_pickle=False, variant=None,
+                 lora_path=None):
+        """``variant``: the family's ``Variant`` (which state dicts, which prefixes, which LoRA); default
+        Self-Forcing's. ``lora_path``: its LoRA adapter, loaded on the checkpoint (merged in fast mode)."""
         generator = WanDiffusionWrapper.from_config(config, device, dtype, load_weights=checkpoint_path is None)
         self.checkpoint_key = None
         if checkpoint_path is not None:
+            spec = None if variant is None else variant.checkpoint
             self.checkpoint_key = load_generator_checkpoint(generator, checkpoint_path, use_ema, allow_pickle, device, dtype,
-                                                            spec=checkpoint_spec)
+                                                            spec=spec)
+        self.lora_layers = 0
+        if lora_path is not None:
+            self.lora_layers = load_lora(generator.model, lora_path, variant.lora, merge=config.get("precision") == "fast",
+                                         allow_pickle=allow_pickle)
         self.pipeline = CausalInferencePipeline(config, device, generator=generator, dtype=dtype).eval()
         self.model = generator.model
         self.device, self.dtype = device, dtype

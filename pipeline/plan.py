@@ -60,6 +60,7 @@ class Options:
     precision: str | None
     model_dir: str | None
     save_mode: str
+    lora_path: str | None
     allow_pickle: bool
     threads: int | None
     quiet: bool
@@ -85,6 +86,7 @@ class Plan:
     variant: object
     checkpoint_path: str | None  # the generator checkpoint to load; None: the base weights
     use_ema: bool  # whether its EMA state dict is loaded
+    lora_path: str | None  # the variant's LoRA adapter, loaded on the checkpoint; None: none
     beyond_release: list  # where the run differs from the variant's release (schedule, length)
     prompts: list
     seeds: list
@@ -245,6 +247,19 @@ def _checkpoint(options, family, variant):
     return path, use_ema
 
 
+def _lora(options, family, variant, checkpoint_path):
+    """The LoRA adapter to load on the checkpoint: the options' where given, else the variant's."""
+    if variant.lora is None or checkpoint_path is None:
+        if options.lora_path is not None:
+            reason = "no LoRA adapter" if variant.lora is None else "no checkpoint here (--no_checkpoint) to adapt"
+            raise UsageError(f"--lora_path: {family.name} {variant.name} loads {reason}; leave it out")
+        return None
+    path = options.lora_path or variant.lora.default_path
+    if not Path(path).is_file():
+        raise UsageError(f"--lora_path: {path} not found (the LoRA adapter of {family.name} {variant.name})")
+    return path
+
+
 def plan_run(options, environ=os.environ):
     """Every check that needs no torch: config, arguments, files, the output. Returns the Plan.
     ``environ`` gives torchrun's RANK, WORLD_SIZE and LOCAL_RANK where set."""
@@ -266,6 +281,7 @@ def plan_run(options, environ=os.environ):
     seeds = _seeds(options)
     family, variant = families.family_and_variant(config)
     checkpoint_path, use_ema = _checkpoint(options, family, variant)
+    lora_path = _lora(options, family, variant, checkpoint_path)
     if options.threads is not None and options.threads < 1:
         raise UsageError(f"--threads: {options.threads}; expected a positive number")
     device = parse_device(options.device, options.gpu_id, environ.get("LOCAL_RANK"))
@@ -299,7 +315,7 @@ def plan_run(options, environ=os.environ):
         differences.append(f"--num_frames {options.num_frames}: the release generates at most {variant.max_frames} "
                            "latent frames in one call")
     return Plan(OmegaConf.merge(config, {"precision": precision}), policy, family, variant, checkpoint_path, use_ema,
-                differences, prompts, seeds, layers, passes, blocks, num_layers, device, dtype, output_path, output_dir,
+                lora_path, differences, prompts, seeds, layers, passes, blocks, num_layers, device, dtype, output_path, output_dir,
                 rank=rank, world_size=world_size, items=items)
 
 

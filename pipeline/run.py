@@ -28,6 +28,7 @@ def settings_of(options, plan):
         "save_mode": options.save_mode,
         "checkpoint_path": None if plan.checkpoint_path is None else str(Path(plan.checkpoint_path).resolve()),
         "use_ema": plan.use_ema,
+        "lora_path": None if plan.lora_path is None else str(Path(plan.lora_path).resolve()),
         "dtype": plan.dtype,
         "device_type": plan.device.split(":")[0],
     }
@@ -82,8 +83,8 @@ def run(options):
         say("Initializing inference pipeline...")
         checkpoint = plan.checkpoint_path
         try:
-            extractor = Extractor(plan.config, device, dtype, checkpoint, plan.use_ema, options.allow_pickle,
-                                  plan.variant.checkpoint)
+            extractor = Extractor(plan.config, device, dtype, checkpoint, plan.use_ema, options.allow_pickle, plan.variant,
+                                  plan.lora_path)
             encoded, text_len = extractor.encode([plan.prompts[p] for p, _, _ in todo])
         except WeightFileError as err:
             raise UsageError(str(err)) from err
@@ -91,6 +92,9 @@ def run(options):
             print(f"warning: --allow_pickle: {checkpoint} was fully unpickled (it can run code from the file)", file=sys.stderr)
         say("No checkpoint: random weights (config random_init)" if checkpoint is None and plan.config.get("random_init")
             else "No checkpoint: base Wan2.1 weights" if checkpoint is None else f"Loaded '{extractor.checkpoint_key}' from {checkpoint}")
+        if plan.lora_path is not None:
+            say(f"Loaded the LoRA adapter {plan.lora_path} on {extractor.lora_layers} layers "
+                f"({'merged into the weights' if plan.precision == 'fast' else 'unmerged'})")
         for prompt, (_, tokens) in encoded.items():
             if tokens > text_len:
                 print(f"warning: prompt of {tokens} tokens is longer than the text encoder's {text_len}; its end is cut off: "
@@ -256,6 +260,8 @@ def extract_item(options, plan, extractor, context, prompt, tokens, text_len, se
         "cache_policy": extractor.model.cache_policy.describe(),
         "family": plan.family.name,
         "variant": plan.variant.name,
+        "lora_path": settings["lora_path"],
+        "lora_merged": plan.lora_path is not None and plan.precision == "fast",
         "torch_version": str(torch.__version__),
         "settings": settings,
     }

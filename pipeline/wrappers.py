@@ -65,7 +65,7 @@ def load_generator_checkpoint(
 ):
     """Load a generator checkpoint laid out as ``spec`` (a ``wan.families`` Checkpoint; None:
     Self-Forcing's) says: its EMA state dict (``generator_ema``) or, without ``use_ema``, its plain one
-    (``generator``), with the keys of a saved prefix renamed as the release's loader does
+    (``generator``, or the spec's fallback entries), with the keys of a saved prefix renamed as the release's loader does
     (``spec.prefix_fallbacks``, applied only when the keys do not match as saved), strictly, by
     assignment, onto ``device`` in ``dtype`` (default: those of the generator's parameters; give both
     for a generator on the meta device). The file is memory-mapped: the other state dicts it holds are
@@ -74,10 +74,12 @@ def load_generator_checkpoint(
     used; every problem with the file raises ``WeightFileError``."""
     spec = spec or families.DEFAULT_FAMILY.variant().checkpoint
     checkpoint = read_state_dict(path, allow_pickle=allow_pickle, pickle_flag=pickle_flag)
-    key = spec.state_dict_key(use_ema)
-    if key not in checkpoint:
+    keys = spec.state_dict_keys(use_ema)
+    key = next((key for key in keys if key in checkpoint), None)
+    if key is None:
         hint = f" (use --no-use_ema for {spec.key!r})" if use_ema and spec.key in checkpoint else ""
-        raise WeightFileError(f"{path}: no '{key}' state dict{hint}; top-level entries: {sorted(checkpoint)[:10]}")
+        wanted = " or ".join(f"'{key}'" for key in keys)
+        raise WeightFileError(f"{path}: no {wanted} state dict{hint}; top-level entries: {sorted(checkpoint)[:10]}")
     state = checkpoint[key]
     if not isinstance(state, dict):
         raise WeightFileError(f"{path}: '{key}' holds a {type(state).__name__}, not a state dict of tensors")

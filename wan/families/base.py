@@ -21,9 +21,26 @@ class Checkpoint:
     ema_key: str | None = "generator_ema"
     key: str = "generator"
     prefix_fallbacks: tuple = ()
+    key_fallbacks: tuple = ()  # entries read, in order, when the file lacks ``key`` (not for EMA)
 
-    def state_dict_key(self, use_ema):
-        return self.ema_key if use_ema else self.key
+    def state_dict_keys(self, use_ema):
+        """The entries of the file that may hold the state dict, in the order they are looked for."""
+        return (self.ema_key,) if use_ema else (self.key, *self.key_fallbacks)
+
+
+@dataclass(frozen=True)
+class Lora:
+    """A release's LoRA adapter on the generator, loaded after its checkpoint: a ``torch.save`` dict
+    whose entry ``state_key`` (or the whole file) maps PEFT's key names (``saved_prefix`` +
+    ``blocks.<i>.<target>.lora_A.weight`` / ``lora_B.weight``) to the low-rank factors, of rank
+    ``rank`` and scale ``alpha / rank``, on the Linear layers ``targets`` of every transformer block."""
+
+    default_path: str
+    rank: int
+    alpha: int
+    targets: tuple
+    state_key: str = "generator_lora"
+    saved_prefix: str = "base_model.model."
 
 
 @dataclass(frozen=True)
@@ -57,14 +74,15 @@ class Schedule:
 @dataclass(frozen=True)
 class Variant:
     """One released model of a family: its name (the config's ``variant``), checkpoint (None: the base
-    weights alone), schedule (None: the config's, for a model without a release schedule) and
-    ``max_frames``, the latent frames its release can generate in one call (None: no limit); past it
-    a run goes beyond the release."""
+    weights alone), schedule (None: the config's, for a model without a release schedule),
+    ``max_frames``, the latent frames its release can generate in one call (None: no limit; past it
+    a run goes beyond the release), and the LoRA adapter loaded on top of the checkpoint (None: none)."""
 
     name: str
     checkpoint: Checkpoint | None
     schedule: Schedule | None
     max_frames: int | None = None
+    lora: Lora | None = None
 
 
 @dataclass(frozen=True)
