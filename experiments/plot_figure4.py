@@ -5,6 +5,7 @@ from one or more attention caches written by experiments/run_extraction_figure4.
     PYTHONPATH=. python experiments/plot_figure4.py --cache 'cache/sweep_seed*.pt' --view frames
     PYTHONPATH=. python experiments/plot_figure4.py --stats stats/seeds.pt
     PYTHONPATH=. python experiments/plot_figure4.py --cache cache/tiny_df.pt --block all
+    PYTHONPATH=. python experiments/plot_figure4.py --cache cache/sf.pt cache/cf.pt cache/ll.pt --by_model
 
 Views (one panel per ``layer:head`` of --panels, 0-based; titles are 1-based like the paper):
   curve    the paper's layout: the logit averaged over the last block's query tokens, per key token,
@@ -18,15 +19,17 @@ since caches keep no token-level mass.
 
 Several caches (paths or quoted glob patterns) are averaged, with a band (curve) or error bars
 (frames) of +- one sample standard deviation over the files; they must share the pass, block, frames,
-layers, heads and model (utils/sweep_stats.compare_key: model sizes, checkpoint, dtype, model_kwargs).
+layers, heads and model (utils/sweep_stats.compare_key: model family and variant, model sizes, checkpoint,
+dtype, model_kwargs). --by_model draws each model (family, variant, attention-cache policy) in
+columns of its own instead, side by side on one y scale: models are compared, never averaged.
 --stats draws a statistics file of experiments/aggregate_figure4.py instead: the mean over its items
 with the 95% confidence interval of the mean as the band or error bars.
 
 True frames: when the keys of a window, Deep Sink or compressed cache are not video frames 0..Fk-1,
 the curve view puts each key token at its video frame (x = frame + its rank among the frame's cached
 tokens / frame_seq_length, so frame j's tokens fall in [j, j+1)), evicted frames left as gaps, and
-marks the sink (RoPE-shifted keys and the first sink_size frames), the top-C tokens of participative
-compression and the query block. --x slots keeps the key slot axis; global-attention caches, the
+marks the regions the cache labelled (the sink, RoPE-shifted or not, and the top-C tokens of
+participative compression) and the query block. --x slots keeps the key slot axis; global-attention caches, the
 per-slot views (frames, heatmap, --softmax) and statistics files (which keep no per-token frames)
 always use it.
 
@@ -105,6 +108,10 @@ def build_parser():
                         help="plot attention mass per key frame (post-softmax) instead of pre-softmax logits")
     parser.add_argument("--batch_index", type=int, default=0,
                         help="which sample of the cache's batch dimension to plot (default: 0)")
+    parser.add_argument("--by_model", action="store_true",
+                        help="draw the caches of each model (family, variant, attention-cache policy) in columns of "
+                             "their own, side by side on one y scale, the files of one model averaged (models are "
+                             "never averaged together)")
     parser.add_argument("--x", dest="x_axis", choices=("frames", "slots"), default="frames",
                         help="key axis of the curve view: frames puts each key token at its video frame when the "
                              "cache's keys are not frames 0..Fk-1 (window, Deep Sink, compression); slots keeps "
@@ -115,11 +122,13 @@ def build_parser():
 def plot(args):
     """Check every input, then draw and write the figure."""
     fmt = check_output(args.out)
+    if args.stats and args.by_model:
+        raise PlotInputError("--by_model tells the models of several caches apart; a statistics file is of one model")
     if args.stats:
         sources, panels, note = stats_sources(args.stats, args.pass_, args.block, args.panels, args.batch_index)
     else:
         sources, panels, note = cache_sources(args.cache, args.pass_, args.block, args.panels, args.batch_index,
-                                              args.x_axis, args.view, args.softmax)
+                                              args.x_axis, args.view, args.softmax, args.by_model)
     if note:
         print(note)
     write_figure(make_figure(sources, panels, args.view, args.softmax, args.batch_index, args.x_axis), args.out, fmt)

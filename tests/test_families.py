@@ -224,3 +224,40 @@ def test_causvid_checkpoint_and_length(tmp_path, capsys, tiny_generator):
     assert "--num_frames 24: the release generates at most 21 latent frames in one call" in err
     meta = open_cache(out).metadata
     assert (meta["family"], meta["variant"], meta["checkpoint_key"], meta["use_ema"]) == ("causvid", "dmd_3step", "generator", False)
+
+
+def test_families_side_by_side_never_averaged(tmp_path, capsys):
+    """One figure with Self-Forcing, Causal Forcing, CausVid and LongLive side by side (--by_model);
+    without it, caches of several families are refused, not averaged."""
+    import experiments.plot_figure4 as plot
+
+    paths = []
+    for config in ("tiny", "tiny_causal_forcing_framewise_2step", "tiny_causvid_dmd_3step", "tiny_longlive"):
+        paths.append(str(tmp_path / f"{config}.pt"))
+        assert cli.main(["--config_path", f"configs/{config}.yaml", "--no_checkpoint", "--device", "cpu", "--quiet",
+                         "--num_frames", "6", "--save_mode", "summary", "--output_path", paths[-1]]) == 0
+    figure = tmp_path / "models.png"
+    assert plot.main(["--cache", *paths, "--by_model", "--panels", "0:0", "--out", str(figure)]) == 0
+    assert figure.stat().st_size > 0
+    out = capsys.readouterr().out
+    assert out.count("cache file") == 1 and all(path in out for path in paths)
+    assert plot.main(["--cache", paths[0], paths[2], "--panels", "0:0", "--out", str(tmp_path / "mixed.png")]) == 2
+    assert "model family differs (('self_forcing', 'dmd', None) vs ('causvid', 'dmd_3step', None))" in capsys.readouterr().err
+    assert not (tmp_path / "mixed.png").exists()
+
+
+def test_by_model_columns_name_their_model(tmp_path):
+    from utils.figure4_plot import make_figure
+    from utils.figure4_sources import cache_sources
+
+    paths = []
+    for config in ("tiny", "tiny_longlive"):
+        paths.append(str(tmp_path / f"{config}.pt"))
+        assert cli.main(["--config_path", f"configs/{config}.yaml", "--no_checkpoint", "--device", "cpu", "--quiet",
+                         "--num_frames", "6", "--save_mode", "summary", "--output_path", paths[-1]]) == 0
+    sources, panels, _ = cache_sources(paths, None, None, [(0, 0)], 0, "frames", "curve", False, by_model=True)
+    figure = make_figure(sources, panels, "curve", False, 0, "frames")
+    titles = [ax.get_title() for ax in figure.axes]
+    assert titles == ["L1H1\nself_forcing, dmd, global: block 1 (frames 3-5), pass 0",
+                      "L1H1\nlonglive, 1.3b, window: block 1 (frames 3-5), pass 0"]
+    assert figure.axes[0].get_shared_y_axes().joined(figure.axes[0], figure.axes[1])

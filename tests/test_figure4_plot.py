@@ -80,13 +80,16 @@ def make_entry(layer, logits, mode, pass_=0, nonfinite=0):
                       key_roles=torch.zeros_like(per_token, dtype=torch.int8))
 
 
-def build(logits_by_pass, mode="full", prompt="a cat surfing", layer_indices=LAYERS, nonfinite=0, random_init=False):
+def build(logits_by_pass, mode="full", prompt="a cat surfing", layer_indices=LAYERS, nonfinite=0, random_init=False,
+          family=None):
     """A cache dict through build_cache; ``logits_by_pass`` maps a pass to {layer: logits}."""
     entries = [make_entry(layer, by_layer[layer], mode, pass_, nonfinite)
                for pass_, by_layer in logits_by_pass.items() for layer in layer_indices]
+    metadata = {"seed": 0, "capture_step": "0", "config": {"random_init": random_init}}
+    if family is not None:
+        metadata["family"] = family
     return build_cache(prompt=prompt, num_frames=NUM_FRAMES, frame_seq_length=FSL, num_frame_per_block=FQ,
-                       layer_indices=layer_indices, save_mode=mode, entries=entries,
-                       metadata={"seed": 0, "capture_step": "0", "config": {"random_init": random_init}})
+                       layer_indices=layer_indices, save_mode=mode, entries=entries, metadata=metadata)
 
 
 def write_cache(path, logits, mode="full", **options):
@@ -778,7 +781,7 @@ def test_readme_plot_commands_run_as_written(tmp_path, monkeypatch, capsys, logi
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     prefix = "PYTHONPATH=. python experiments/plot_figure4.py "
     commands = [line for line in readme.splitlines() if line.startswith(prefix)]
-    assert len(commands) == 9
+    assert len(commands) == 10
     aggregate_prefix = "PYTHONPATH=. python experiments/aggregate_figure4.py "
     aggregates = [line.split("#")[0].strip() for line in readme.splitlines() if line.startswith(aggregate_prefix)]
     assert len(aggregates) == 2
@@ -799,6 +802,8 @@ def test_readme_plot_commands_run_as_written(tmp_path, monkeypatch, capsys, logi
         assert aggregate_main(shlex.split(aggregate[len(aggregate_prefix):])) == 0, aggregate
     layout_cache(Path("cache/tiny_df.pt"), {1: (tokens_of(range(6)),) * 2, 3: COMPRESSED}, model_kwargs=PC_KWARGS,
                  layers=[0, 4], heads=4)
+    for i, model in enumerate(("tiny", "tiny_causal_forcing_framewise_2step", "tiny_causvid_dmd_3step", "tiny_longlive")):
+        write_cache(Path(f"cache/{model}.pt"), make_logits(seed=i), mode="summary", family=model)
     for command in commands:
         code, _, err = run(capsys, *shlex.split(command[len(prefix):]))
         assert code == 0, (command, err)

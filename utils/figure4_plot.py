@@ -227,7 +227,8 @@ def uses_true_frames(source, layer, view, softmax, batch_index, x_axis):
 
 def _column_name(column):
     entry = column[0].entry(column[0].file.layer_indices[0])
-    return f"block {column[0].block} (frames {_frame_range(entry.query_frames)}), pass {column[0].pass_}"
+    model = f"{column[0].model}: " if column[0].model else ""
+    return f"{model}block {column[0].block} (frames {_frame_range(entry.query_frames)}), pass {column[0].pass_}"
 
 
 def make_figure(sources, panels, view, softmax, batch_index, x_axis="slots"):
@@ -239,15 +240,18 @@ def make_figure(sources, panels, view, softmax, batch_index, x_axis="slots"):
     entry = first.entry(panels[0][0])
     layers = list(dict.fromkeys(layer for layer, _ in panels))
     rows = layers if view == "heatmap" else panels
-    width = 10 if len(columns) == 1 else 5.5 * len(columns)
+    by_model = first.model is not None  # models side by side: one y scale per row, to compare them
+    width = 10 if len(columns) == 1 else (6.5 if by_model else 5.5) * len(columns)
     if view == "heatmap":
         height = 0.25 * first.file.num_heads * len(layers) + 1.5 * len(layers)
     else:
         height = 2.8 * len(panels)
-    fig, axes = plt.subplots(len(rows), len(columns), figsize=(width, height), squeeze=False)
+    separator = "\n" if by_model else ", "  # a model's column names it on a line of its own
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(width, height), squeeze=False,
+                             sharey="row" if by_model and view != "heatmap" else "none")
     quantity, label = ("frame_mass", "Attention Mass") if softmax else ("frame_logits", "Average Attention Weight")
     for col, column in enumerate(columns):
-        suffix = f", {_column_name(column)}" if len(columns) > 1 else ""
+        suffix = separator + _column_name(column) if len(columns) > 1 else ""
         for ax, row in zip(axes[:, col], rows):
             if view == "heatmap":
                 mean = column_band(column, row, quantity, batch_index)[0]

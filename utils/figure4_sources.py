@@ -62,13 +62,19 @@ class StatsFile:
 @dataclass(frozen=True)
 class Source:
     """One file (an AttentionCache, or a StatsFile for --stats) and the captured (block, pass) of it
-    that is plotted. ``column``: the figure column it belongs to, by the block and pass the user asked
-    for (None where the file's only one was taken: files that differ there are refused, not split)."""
+    that is plotted. ``column``: the figure column it belongs to, by its model (with --by_model) and the
+    block and pass the user asked for (None where the file's only one was taken: files that differ
+    there are refused, not split)."""
 
     file: object
     block: int
     pass_: object
-    column: tuple = (None, None)
+    column: tuple = (None, None, None)
+
+    @property
+    def model(self):
+        """The model label of its column (--by_model), or None."""
+        return self.column[0]
 
     def entry(self, layer):
         return self.file.entry(layer, self.pass_, self.block)
@@ -77,13 +83,21 @@ class Source:
         return self.file.summary(layer, self.pass_, self.block)
 
 
-def select(file, pass_=None, block=None):
-    """The Source of ``file`` for --pass / --block (None: the file's only one)."""
+def model_label(cache):
+    """What --by_model tells apart: the cache's model family, variant and attention-cache policy."""
+    meta = cache.metadata
+    policy = str(meta.get("cache_policy", "")).split(":")[0]
+    return ", ".join(str(part) for part in (meta.get("family"), meta.get("variant"), policy) if part)
+
+
+def select(file, pass_=None, block=None, model=None):
+    """The Source of ``file`` for --pass / --block (None: the file's only one), in the column of
+    ``model`` (--by_model) or of the block and pass alone."""
     try:
         found_block, found_pass = file.label(pass_, block)
     except ValueError as err:
         raise PlotInputError(f"{err} (--pass / --block choose)") from None
-    return Source(file, found_block, found_pass, column=(block, pass_))
+    return Source(file, found_block, found_pass, column=(model, block, pass_))
 
 
 def _chosen(values, flag, held):
@@ -100,16 +114,16 @@ def _chosen(values, flag, held):
     return values
 
 
-def select_columns(file, passes=None, blocks=None):
+def select_columns(file, passes=None, blocks=None, model=None):
     """The Sources of ``file`` for --pass and --block, one per (block, pass) to draw, blocks first."""
     blocks = _chosen(blocks, "--block", sorted(b for b, _ in file.labels))
     passes = _chosen(passes, "--pass", sorted((p for _, p in file.labels), key=pass_order))
-    return [select(file, pass_, block) for block in blocks for pass_ in passes]
+    return [select(file, pass_, block, model) for block in blocks for pass_ in passes]
 
 
 def columns_of(sources):
-    """Sources grouped by the block and pass asked for, one figure column each, in the order they first
-    appear."""
+    """Sources grouped by model (--by_model) and the block and pass asked for, one figure column each,
+    in the order they first appear."""
     columns = dict.fromkeys(s.column for s in sources)
     return [[s for s in sources if s.column == column] for column in columns]
 
@@ -270,17 +284,21 @@ def column_band(column, layer, quantity, batch_index):
 # the checked sources of a command line
 
 
-def cache_sources(patterns, passes, blocks, panels, batch_index, x_axis, view, softmax):
+def cache_sources(patterns, passes, blocks, panels, batch_index, x_axis, view, softmax, by_model=False):
     """The Sources of --cache (paths or glob ``patterns``) for --pass, --block, --panels (None: the
     default ones) and --batch_index, checked for the --x axis, --view and --softmax they are drawn with;
-    prints the files used and any non-finite logits. Returns (sources, panels, a note to print or None)."""
+    with ``by_model`` each model (family, variant, cache policy) in columns of its own, its files
+    averaged. Prints the files used and any non-finite logits. Returns (sources, panels, a note to
+    print or None)."""
     caches = [open_cache(p) for p in expand_cache_paths(patterns)]
-    sources = [s for cache in caches for s in select_columns(cache, passes, blocks)]
+    sources = [s for cache in caches
+               for s in select_columns(cache, passes, blocks, model_label(cache) if by_model else None)]
     columns = columns_of(sources)
     for column in columns:
         check_compatible(column)
     panels, note = choose_panels(caches[0], panels)
-    check_panels(caches[0], panels)
+    for cache in caches:
+        check_panels(cache, panels)
     check_batch_index(caches, batch_index)
     if x_axis == "frames" and view == "curve" and not softmax:
         for column in columns:

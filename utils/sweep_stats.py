@@ -110,6 +110,7 @@ def compare_key(cache):
         "entries (layer, block, pass, key frames)": labels,
         "num_heads": cache.num_heads,
         "model": meta.get("model"),
+        "model family": (meta.get("family"), meta.get("variant"), meta.get("lora_path")),
         "checkpoint": (meta.get("checkpoint_path"), meta.get("checkpoint_key")),
         "dtype": meta.get("dtype"),
         "model_kwargs": meta.get("config", {}).get("model_kwargs"),
