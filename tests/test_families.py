@@ -2,7 +2,10 @@
 formulas (warp onto the shift-5 schedule, Causal Forcing++'s first block), the noise draws it makes,
 its checkpoint layout (which state dict, the FSDP prefix the release renames, strict), the default
 checkpoint the CLI reads, and configs that state only what differs (``base``)."""
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -261,3 +264,25 @@ def test_by_model_columns_name_their_model(tmp_path):
     assert titles == ["L1H1\nself_forcing, dmd, global: block 1 (frames 3-5), pass 0",
                       "L1H1\nlonglive, 1.3b, window: block 1 (frames 3-5), pass 0"]
     assert figure.axes[0].get_shared_y_axes().joined(figure.axes[0], figure.axes[1])
+
+
+def test_two_families_in_one_process_equal_one_process_each(tmp_path):
+    """Causal Forcing then LongLive in this process, and each alone in a fresh one: the same tensors."""
+    configs = ("tiny_causal_forcing_framewise_2step", "tiny_longlive")
+
+    def argv(config, out):
+        return ["--config_path", f"configs/{config}.yaml", "--no_checkpoint", "--device", "cpu", "--quiet",
+                "--num_frames", "6", "--capture_step", "all", "--save_mode", "summary", "--output_path", str(out)]
+
+    for config in configs:
+        assert cli.main(argv(config, tmp_path / f"together_{config}.pt")) == 0
+    for config in configs:
+        subprocess.run([sys.executable, "experiments/run_extraction_figure4.py", *argv(config, tmp_path / f"alone_{config}.pt")],
+                       cwd=REPO, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    for config in configs:
+        together = torch.load(tmp_path / f"together_{config}.pt", weights_only=True)["attention_weights"]
+        alone = torch.load(tmp_path / f"alone_{config}.pt", weights_only=True)["attention_weights"]
+        assert len(together) == len(alone) > 0
+        for a, b in zip(together, alone):
+            for key, value in a.items():
+                assert torch.equal(value, b[key]) if isinstance(value, torch.Tensor) else value == b[key], (config, key)
