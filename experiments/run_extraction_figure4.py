@@ -96,6 +96,10 @@ def parse_args(argv=None):
     parser.add_argument("--save_mode", choices=("full", "summary"), default="full",
                         help="full: fp16 logits [B, N, Q, K] per layer and pass (3.7 GB each at full size); summary: exact fp32 "
                         "query-averaged logits, frame-level means and attention mass (kilobytes)")
+    parser.add_argument("--switch", nargs=2, action="append", default=None, metavar=("FRAME", "PROMPT"),
+                        help="switch to PROMPT from the first block that starts at or after latent FRAME, with the "
+                        "cache re-encoded (LongLive's interactive mode: model_kwargs.attention_mode longlive); repeat "
+                        "for several switches; every item of a sweep switches alike")
     parser.add_argument("--lora_path", default=None,
                         help="LoRA adapter loaded on the checkpoint, for a family that has one (LongLive); default: the "
                         "family's (longlive_models/models/lora.pt); merged into the weights in fast mode")

@@ -77,10 +77,14 @@ class CausalInferencePipeline(nn.Module):
         return self.text_encoder(text_prompts=list(text_prompts))["prompt_embeds"]
 
     @torch.no_grad()
-    def inference(self, noise, text_prompts=None, return_latents=False, progress=False, prompt_embeds=None):
+    def inference(self, noise, text_prompts=None, return_latents=False, progress=False, prompt_embeds=None,
+                  prompt_switches=()):
         """noise [B, F, C, H, W] -> latents [B, F, C, H, W] if ``return_latents`` (no VAE is built),
         else the decoded video [B, 1 + 4(F-1), 3, 8H, 8W] in [0, 1]. The text comes as B prompts, or
-        already encoded (``prompt_embeds`` [B, text_len, text_dim], e.g. from ``encode_prompts``)."""
+        already encoded (``prompt_embeds`` [B, text_len, text_dim], e.g. from ``encode_prompts``).
+        ``prompt_switches``: (frame, encoded prompt) pairs, for a cache policy with prompt switches
+        (LongLive's): from the first block that starts at or after the frame, the new prompt, after a
+        recache of the cache with it (``_switch_prompt``)."""
         batch, num_frames, _, height, width = noise.shape
         per_block = self.num_frame_per_block
         if num_frames <= 0 or num_frames % per_block:
@@ -101,9 +105,17 @@ class CausalInferencePipeline(nn.Module):
         last_cache_pass = observer is not None and observer.wants(num_blocks - 1, num_blocks, CACHE_PASS)
         passes = sum(len(self.steps_of(block)) + 1 for block in range(num_blocks)) - (not last_cache_pass)
         bar = tqdm(total=passes, desc="inference", unit="pass", disable=not progress)
+        switches = sorted(prompt_switches, key=lambda switch: switch[0])
+        if switches and model.cache_policy.recache_frames() is None:
+            raise ValueError(f"prompt switches need a cache policy that re-encodes its cache (longlive), not "
+                             f"{model.cache_policy.name}")
         for block in range(num_blocks):
             first = block * per_block
             current_start = first * frame_seq_length
+            while switches and switches[0][0] <= first:
+                conditional_dict = {"prompt_embeds": switches.pop(0)[1].to(device=noise.device, dtype=noise.dtype)}
+                if block > 0:
+                    self._switch_prompt(output, first, conditional_dict, kv_cache, crossattn_cache, frame_seq_length)
             noisy = noise[:, first : first + per_block]
             bar.set_postfix_str(f"block {block + 1}/{num_blocks}")
             steps = self.steps_of(block)
@@ -126,6 +138,23 @@ class CausalInferencePipeline(nn.Module):
             return output
         video = self._decoder(output).decode_to_pixel(output)
         return (video * 0.5 + 0.5).clamp(0, 1)
+
+    def _switch_prompt(self, output, first, conditional_dict, kv_cache, crossattn_cache, frame_seq_length):
+        """LongLive's KV recache at a prompt switch before the block starting at frame ``first``: the
+        text caches cleared, one clean pass (t = 0) with the new prompt over the last n = min(W, first)
+        generated frames at their own positions, written by the caches in recache mode (see
+        wan/modules/longlive.py), the text caches cleared again. Not shown to the observer."""
+        start = first - min(self.generator.model.cache_policy.recache_frames(), first)
+        for cache in crossattn_cache:
+            cache.k = cache.v = None
+        for cache in kv_cache:
+            cache.begin_recache()
+        self._forward(output[:, start:first], conditional_dict, 0.0, kv_cache, crossattn_cache, start * frame_seq_length,
+                      None, None)
+        for cache in kv_cache:
+            cache.end_recache()
+        for cache in crossattn_cache:
+            cache.k = cache.v = None
 
     def _forward(self, noisy, conditional_dict, t, kv_cache, crossattn_cache, current_start, observer, place):
         """One generator forward at timestep t for every frame; returns x0. ``place``: block, number of

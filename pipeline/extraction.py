@@ -61,17 +61,19 @@ class Extractor:
             torch.cuda.empty_cache()
         return encoded, text_len
 
-    def capture(self, context, seed, num_frames, layers, passes, blocks=(LAST_BLOCK,), progress=False):
+    def capture(self, context, seed, num_frames, layers, passes, blocks=(LAST_BLOCK,), progress=False, switches=()):
         """One item: noise from ``seed`` alone (the same whatever ran before in this process), the
-        inference with the capture on. Returns (kept calls in the order of ``layers``, then block,
-        then pass; self-attention calls seen for those layers; inference seconds)."""
+        inference with the capture on (``switches``: (frame, encoded prompt) prompt switches). Returns
+        (kept calls in the order of ``layers``, then block, then pass; self-attention calls seen for
+        those layers; inference seconds)."""
         set_seed(seed)
         noise = torch.randn((1, *self.pipeline.latent_shape(num_frames)), device=self.device, dtype=self.dtype)
         capture = self.model.observer
         capture.enable(layers, num_layers=self.num_layers, passes=passes, blocks=blocks)
         try:
             start = time.perf_counter()
-            self.pipeline.inference(noise, prompt_embeds=context, return_latents=True, progress=progress)
+            self.pipeline.inference(noise, prompt_embeds=context, return_latents=True, progress=progress,
+                                    prompt_switches=switches)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             return capture.kept_calls, capture.calls_seen, time.perf_counter() - start

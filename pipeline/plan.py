@@ -60,6 +60,7 @@ class Options:
     precision: str | None
     model_dir: str | None
     save_mode: str
+    switch: tuple | None
     lora_path: str | None
     allow_pickle: bool
     threads: int | None
@@ -87,6 +88,7 @@ class Plan:
     checkpoint_path: str | None  # the generator checkpoint to load; None: the base weights
     use_ema: bool  # whether its EMA state dict is loaded
     lora_path: str | None  # the variant's LoRA adapter, loaded on the checkpoint; None: none
+    switches: tuple  # (latent frame, prompt) of each prompt switch, by frame
     beyond_release: list  # where the run differs from the variant's release (schedule, length)
     prompts: list
     seeds: list
@@ -260,6 +262,26 @@ def _lora(options, family, variant, checkpoint_path):
     return path
 
 
+def _switches(options, policy):
+    """The prompt switches of --switch FRAME PROMPT, checked, by frame: ((frame, prompt), ...)."""
+    if not options.switch:
+        return ()
+    if policy.recache_frames() is None:
+        raise UsageError(f"--switch: the cache policy {policy.name} does not re-encode its cache on a prompt switch; "
+                         "LongLive's does (model_kwargs.attention_mode: longlive)")
+    switches = []
+    for frame, prompt in options.switch:
+        if not (frame.isascii() and frame.isdigit() and 0 < int(frame) < options.num_frames):
+            raise UsageError(f"--switch: frame {frame!r}; expected a latent frame 1..{options.num_frames - 1}")
+        if not prompt.strip():
+            raise UsageError(f"--switch: the prompt at frame {frame} is empty")
+        switches.append((int(frame), prompt))
+    frames = [frame for frame, _ in switches]
+    if len(set(frames)) != len(frames):
+        raise UsageError(f"--switch: frame {sorted(f for f in frames if frames.count(f) > 1)[0]} given more than once")
+    return tuple(sorted(switches))
+
+
 def plan_run(options, environ=os.environ):
     """Every check that needs no torch: config, arguments, files, the output. Returns the Plan.
     ``environ`` gives torchrun's RANK, WORLD_SIZE and LOCAL_RANK where set."""
@@ -314,8 +336,9 @@ def plan_run(options, environ=os.environ):
     if variant.max_frames is not None and options.num_frames > variant.max_frames:
         differences.append(f"--num_frames {options.num_frames}: the release generates at most {variant.max_frames} "
                            "latent frames in one call")
+    switches = _switches(options, policy)
     return Plan(OmegaConf.merge(config, {"precision": precision}), policy, family, variant, checkpoint_path, use_ema,
-                lora_path, differences, prompts, seeds, layers, passes, blocks, num_layers, device, dtype, output_path, output_dir,
+                lora_path, switches, differences, prompts, seeds, layers, passes, blocks, num_layers, device, dtype, output_path, output_dir,
                 rank=rank, world_size=world_size, items=items)
 
 

@@ -29,6 +29,7 @@ def settings_of(options, plan):
         "checkpoint_path": None if plan.checkpoint_path is None else str(Path(plan.checkpoint_path).resolve()),
         "use_ema": plan.use_ema,
         "lora_path": None if plan.lora_path is None else str(Path(plan.lora_path).resolve()),
+        "prompt_switches": [[frame, switch] for frame, switch in plan.switches],
         "dtype": plan.dtype,
         "device_type": plan.device.split(":")[0],
     }
@@ -85,7 +86,7 @@ def run(options):
         try:
             extractor = Extractor(plan.config, device, dtype, checkpoint, plan.use_ema, options.allow_pickle, plan.variant,
                                   plan.lora_path)
-            encoded, text_len = extractor.encode([plan.prompts[p] for p, _, _ in todo])
+            encoded, text_len = extractor.encode([*(plan.prompts[p] for p, _, _ in todo), *(p for _, p in plan.switches)])
         except WeightFileError as err:
             raise UsageError(str(err)) from err
         if options.allow_pickle and checkpoint is not None:
@@ -103,9 +104,8 @@ def run(options):
         for prompt_index, seed, path in todo:
             t_item = time.perf_counter()
             prompt = plan.prompts[prompt_index]
-            context, tokens = encoded[prompt]
             quiet = options.quiet or plan.sweep
-            data, report = extract_item(options, plan, extractor, context, prompt, tokens, text_len, seed, settings,
+            data, report = extract_item(options, plan, extractor, encoded, text_len, prompt, seed, settings,
                                         quiet=quiet, progress=not quiet)
             report["checkpoint_key"] = extractor.checkpoint_key
             t_save = time.perf_counter()
@@ -188,8 +188,9 @@ def items_bar(plan, total, quiet):
                 position=plan.rank)
 
 
-def extract_item(options, plan, extractor, context, prompt, tokens, text_len, seed, settings, quiet, progress):
-    """One (prompt, seed): inference with the capture, the entries, the cache dict and a report."""
+def extract_item(options, plan, extractor, encoded, text_len, prompt, seed, settings, quiet, progress):
+    """One (prompt, seed): inference with the capture, the entries, the cache dict and a report.
+    ``encoded``: {prompt: (context, token count)} of the item's prompt and of the prompt switches."""
     import torch
 
     from pipeline.extraction import cache_entry
@@ -202,6 +203,8 @@ def extract_item(options, plan, extractor, context, prompt, tokens, text_len, se
     num_frames = options.num_frames
     say(f"\nNum frames: {num_frames}\nNum frames per block: {per_block}")
     say(f"Layer indices to capture: {plan.layers}\nPrompt: {prompt}")
+    for frame, switch in plan.switches:
+        say(f"Prompt from frame {frame} (the first block starting there or later): {switch}")
     say(f"Capture step: {options.capture_step}  (denoising timesteps {[round(t, 2) for t in pipeline.denoising_steps]}); "
         f"blocks {plan.blocks}; precision {extractor.model.describe_numerics(extractor.device, extractor.dtype)}")
     say(f"Model: {plan.family.description} ({plan.family.name}, variant {plan.variant.name}); attention cache: "
@@ -209,8 +212,10 @@ def extract_item(options, plan, extractor, context, prompt, tokens, text_len, se
     say("\n" + "=" * 60 + "\nCapturing attention during inference (the model's own attention calls)\n" + "=" * 60)
     say(f"Model layers: {extractor.num_layers}")
     reset_peaks(extractor.device)
+    context, tokens = encoded[prompt]
+    switches = [(frame, encoded[switch][0]) for frame, switch in plan.switches]
     kept, calls_seen, seconds = extractor.capture(context, seed, num_frames, plan.layers, plan.passes, plan.blocks,
-                                                  progress=progress)
+                                                  progress=progress, switches=switches)
     say(f"Output latent shape: {[1, num_frames, *pipeline.latent_shape(1)[1:]]}  (inference {seconds:.2f} s)")
     expected = len(plan.layers) * len(plan.passes) * len(plan.blocks)
     if len(kept) != expected:
@@ -262,6 +267,7 @@ def extract_item(options, plan, extractor, context, prompt, tokens, text_len, se
         "variant": plan.variant.name,
         "lora_path": settings["lora_path"],
         "lora_merged": plan.lora_path is not None and plan.precision == "fast",
+        "prompt_switches": [[frame, switch] for frame, switch in plan.switches],
         "torch_version": str(torch.__version__),
         "settings": settings,
     }

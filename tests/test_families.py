@@ -262,7 +262,7 @@ def test_by_model_columns_name_their_model(tmp_path):
     figure = make_figure(sources, panels, "curve", False, 0, "frames")
     titles = [ax.get_title() for ax in figure.axes]
     assert titles == ["L1H1\nself_forcing, dmd, global: block 1 (frames 3-5), pass 0",
-                      "L1H1\nlonglive, 1.3b, window: block 1 (frames 3-5), pass 0"]
+                      "L1H1\nlonglive, 1.3b, longlive: block 1 (frames 3-5), pass 0"]
     assert figure.axes[0].get_shared_y_axes().joined(figure.axes[0], figure.axes[1])
 
 

@@ -115,3 +115,8 @@ class CachePolicy:
     def new_cache(self, layout):
         """An empty cache of one transformer block for ``layout`` (a ``CacheLayout``)."""
         raise NotImplementedError
+
+    def recache_frames(self):
+        """For a policy that supports prompt switches: the latest frames re-encoded with the new prompt
+        after one (its caches then have ``begin_recache`` and ``end_recache``); None: no prompt switch."""
+        return None

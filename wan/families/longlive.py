@@ -9,13 +9,11 @@ other weights, a LoRA adapter and a short window with a sink.
   silently runs the base model; here every key is checked. The release runs the adapter unmerged;
   here exact mode does too, and fast mode merges it into the weights (W + B·A, in the run's dtype).
 - Schedule: Self-Forcing's (4 warped steps of a shift-5 schedule, 3-frame blocks, cache pass at t = 0).
-- Cache: 12 frames, of which the first 3 frames of the video are a sink: a block attends to frames
-  0-2 and the last 9 (21 frames: 0-2, 12-20; 120 frames: 0-2, 111-119), which is Self-Forcing's window
-  policy with ``local_attn_size`` 12 and ``sink_size`` 3. The release defers each pass's cache writes
-  until all layers ran and keeps the cache still during a block's later passes; each layer reads only
-  its own cache, so this gives the same keys as writing at once, which is what runs here.
-- Not here yet: the interactive mode (prompt switches with a KV recache) and the infinite-attention
-  variant.
+- Cache (wan/cache_policies/longlive.py): 12 frames, of which the first 3 frames of the video are a
+  sink: a block attends to frames 0-2 and the last 9 (21 frames: 0-2, 12-20; 120 frames: 0-2,
+  111-119), as Self-Forcing's window with ``local_attn_size`` 12 and ``sink_size`` 3; and the
+  interactive mode's prompt switches with their KV recache (``global_sink``).
+- Not here: the infinite-attention variant.
 """
 from wan.families.base import Checkpoint, Lora, ModelFamily, Schedule, Variant
 
@@ -32,5 +30,5 @@ LONGLIVE = ModelFamily(
                 Schedule(denoising_steps=(1000, 750, 500, 250), warp=True, timestep_shift=5.0, num_frame_per_block=3),
                 lora=Lora(default_path="longlive_models/models/lora.pt", rank=256, alpha=256, targets=BLOCK_LINEARS)),
     ),
-    default_policy="window",
+    default_policy="longlive",
 )
