@@ -42,6 +42,9 @@ KEY_ROLES = ("cached", "sink", "top_c")
 CACHED, SINK, TOP_C = range(len(KEY_ROLES))
 TENSOR_KEYS = {"full": ("attn_logits",), "summary": SUMMARY_KEYS}
 RESERVED_METADATA = ("format", "format_version", "save_mode")
+METADATA_TYPES = {  # the open metadata fields that readers (the plot, the statistics) read: their types
+    "model": dict, "family": str, "variant": str, "cache_policy": str, "dtype": str, "seed": int,
+}
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's (zip) format starts with a zip local-file header
 
 
@@ -159,6 +162,10 @@ def _check_metadata(metadata, fail):
     bad_keys = [k for k in metadata if not isinstance(k, str)]
     if bad_keys:
         fail(f"metadata has non-string keys {bad_keys}")
+    _check_plain(metadata, "metadata", fail)
+    for key, kind in METADATA_TYPES.items():
+        if key in metadata and not (isinstance(metadata[key], kind) and not isinstance(metadata[key], bool)):
+            fail(f"metadata.{key} is {_shown(metadata[key])}, expected a {kind.__name__}")
     config = metadata.get("config", {})
     if not isinstance(config, dict):
         fail(f"metadata.config is {_shown(config)}, expected a dict")
@@ -200,6 +207,9 @@ def _check_entry(entry, where, top, save_mode, fail):
         fail(f"{where}.query_frames is {_shown(entry['query_frames'])}, expected {block_frames} (the frames of "
              f"block {entry['block']})")
     _check_frames(entry["key_frame_indices"], f"{where}.key_frame_indices", fail, top["num_frames"])
+    if not set(entry["query_frames"]) <= set(entry["key_frame_indices"]):
+        fail(f"{where}.key_frame_indices {entry['key_frame_indices']} do not include its query frames "
+             f"{entry['query_frames']} (a block attends to itself)")
     fq, fk = len(entry["query_frames"]), len(entry["key_frame_indices"])
     for key, value in (("num_query_frames", fq), ("num_key_frames", fk)):
         if not _is_int(entry[key]) or entry[key] != value:

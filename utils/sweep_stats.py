@@ -22,6 +22,7 @@ import torch
 
 from utils.attention_cache import EntryLabels
 from utils.output import write_atomically
+from utils.passes import is_pass
 
 STATS_FORMAT = "figure4-sweep-statistics"
 STATS_VERSION = 1
@@ -197,11 +198,60 @@ def load_statistics(path):
         raise StatsFileError(f"{path}: not a sweep-statistics file (expected format {STATS_FORMAT!r})")
     if stats.get("format_version") != STATS_VERSION:
         raise StatsFileError(f"{path}: format_version {stats.get('format_version')!r}; this reader reads {STATS_VERSION}")
-    groups = stats.get("groups")
-    if not isinstance(groups, list) or not groups:
-        raise StatsFileError(f"{path}: no statistics groups")
-    for g in groups:
-        for q in QUANTITIES:
-            if not isinstance(g.get(q), dict) or any(not isinstance(g[q].get(k), torch.Tensor) for k in FIELDS):
-                raise StatsFileError(f"{path}: group (layer {g.get('layer_idx')}, pass {g.get('pass')}) lacks {q} statistics")
+    _check_statistics(stats, lambda problem: _refuse(path, problem))
     return stats
+
+
+def _refuse(path, problem):
+    raise StatsFileError(f"{path}: {problem}")
+
+
+def _shown(value):
+    text = repr(value)
+    return f"{text if len(text) <= 60 else text[:57] + '...'} ({type(value).__name__})"
+
+
+def _field(mapping, key, name, ok, expected, fail):
+    """``mapping[key]``, which must pass ``ok``; else ``fail`` names it (missing, or its value)."""
+    if key not in mapping:
+        fail(f"{name} is missing, expected {expected}")
+    if not ok(mapping[key]):
+        fail(f"{name} is {_shown(mapping[key])}, expected {expected}")
+    return mapping[key]
+
+
+def _int_at_least(minimum):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def _frame_list(value):
+    return isinstance(value, list) and value and all(_int_at_least(0)(f) for f in value)
+
+
+def _check_statistics(stats, fail):
+    """Every field the readers use: the sizes, and per group its labels and each quantity's statistics
+    as float tensors of the group's shape ([N, K] curve, [N, Fk] frame quantities, [N] sink scores)."""
+    for key in ("n_items", "num_heads", "frame_seq_length"):
+        _field(stats, key, key, _int_at_least(1), "an int >= 1", fail)
+    groups = _field(stats, "groups", "groups", lambda v: isinstance(v, list) and v, "a non-empty list", fail)
+    heads, fsl = stats["num_heads"], stats["frame_seq_length"]
+    for i, g in enumerate(groups):
+        name = f"groups[{i}]"
+        if not isinstance(g, dict):
+            fail(f"{name} is {_shown(g)}, expected a dict")
+        _field(g, "layer_idx", f"{name}.layer_idx", _int_at_least(0), "an int >= 0", fail)
+        _field(g, "block", f"{name}.block", _int_at_least(0), "an int >= 0", fail)
+        _field(g, "pass", f"{name}.pass", is_pass, "an int >= 0 or 'cache'", fail)
+        _field(g, "timestep", f"{name}.timestep", lambda v: isinstance(v, float), "a float", fail)
+        _field(g, "query_frames", f"{name}.query_frames", _frame_list, "a non-empty list of frames", fail)
+        fk = len(_field(g, "key_frame_indices", f"{name}.key_frame_indices", _frame_list, "a non-empty list of frames",
+                        fail))
+        shapes = {"curve": [heads, fk * fsl], "frame_logit": [heads, fk], "mass": [heads, fk], "sink_ratio": [heads],
+                  "sink_logit_gap": [heads]}
+        for q, shape in shapes.items():
+            values = _field(g, q, f"{name}.{q}", lambda v: isinstance(v, dict), f"a dict of {FIELDS}", fail)
+            for k in FIELDS:
+                tensor = _field(values, k, f"{name}.{q}.{k}", lambda v: isinstance(v, torch.Tensor) and v.is_floating_point(),
+                                "a float tensor", fail)
+                if list(tensor.shape) != shape:
+                    fail(f"{name}.{q}.{k} has shape {list(tensor.shape)}, expected {shape}")
