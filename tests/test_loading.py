@@ -6,6 +6,7 @@ pickle.dump, or raw bytes.
 """
 import pickle
 import re
+import zipfile
 
 import pytest
 import torch
@@ -117,6 +118,35 @@ def test_non_string_keys_are_refused(tmp_path):
     torch.save({0: torch.ones(2), "bias": torch.ones(2)}, path)
     message = refused(path)
     assert "keys must be strings" in message and "0 (int)" in message
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_rezipped_file_with_compressed_records_is_refused(tmp_path, method):
+    """The same records re-zipped compressed: torch would memory-map the compressed bytes as tensors
+    (deflate: garbage read silently), so the file is refused, naming it and a record."""
+    path, rezipped = tmp_path / "w.pt", tmp_path / "rezipped.pt"
+    torch.save(tensors(), path)
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(rezipped, "w", compression=method) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info))
+    message = refused(rezipped)
+    name = zipfile.compressor_names[method]
+    assert re.search(rf"zip record '[^']+' is {name}-compressed \(as are \d+ more\)", message), message
+    assert "stored uncompressed" in message
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("kind", ["sparse_coo", "sparse_csr", "meta"])
+def test_tensors_that_are_not_plain_are_refused_naming_the_key(tmp_path, kind):
+    odd = {"sparse_coo": torch.Tensor.to_sparse, "sparse_csr": torch.Tensor.to_sparse_csr, "meta": lambda t: t.to("meta")}[kind](torch.eye(3))
+    path = tmp_path / "w.pt"
+    torch.save({**tensors(), "odd": odd}, path)
+    why = "on the meta device" if kind == "meta" else f"layout torch.{kind}, not torch.strided"
+    assert refused(path).startswith(f"{path}: 'odd' is not a plain tensor ({why}")
+    torch.save({"generator_ema": {"blocks": [{"weight": odd}]}}, path)  # nested: the containers are named
+    assert refused(path).startswith(f"{path}: 'weight' in ['generator_ema']['blocks'][0] is not a plain tensor ({why}")
+    with pytest.raises(WeightFileError, match=re.escape(f"src: 'weight' is not a plain tensor ({why}")):
+        load_into(nn.Linear(3, 3, bias=False), {"weight": odd}, "src")
 
 
 def test_corrupt_safetensors(tmp_path):

@@ -2,13 +2,16 @@
 
 Every loader in the project goes through these three functions, so that every problem with a weight
 file (missing, empty, truncated, corrupt, not a weight file, holding objects, a missing or unexpected
-key, a wrong shape or dtype) gives the same kind of error: a one-line ``WeightFileError`` that names
-the file and, where there is one, the key. Torch files are read with ``weights_only=True`` unless the
-caller opts in explicitly.
+key, a wrong shape or dtype, a compressed zip record, a tensor that is not plain) gives the same kind
+of error: a one-line ``WeightFileError`` that names the file and, where there is one, the key. Torch
+files are read with ``weights_only=True`` unless the caller opts in explicitly. Weights are read only
+in forms whose bytes are the tensors: zip records stored as written by torch.save, and plain tensors
+(dense, strided, with data on a real device).
 """
 import pickle
 import re
 import sys
+import zipfile
 from pathlib import Path
 from typing import Mapping
 
@@ -61,13 +64,33 @@ def _torch_file_format(path):
     raise WeightFileError(f"{path}: not a torch file (neither torch.save's zip nor its legacy format); expected a torch or safetensors weight file")
 
 
+def _check_zip_records(path):
+    """Refuse a zip file with a compressed or encrypted record: torch memory-maps each tensor's record
+    as the bytes stored, so such a record would be read as garbage. Returns the error of Python's
+    zipfile when it cannot read the central directory (torch.load then reports the damage), else None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        return err
+    bad = [info for info in records if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1]
+    if bad:
+        info = bad[0]
+        method = getattr(zipfile, "compressor_names", {}).get(info.compress_type, f"method-{info.compress_type}")
+        how = "encrypted" if info.flag_bits & 0x1 else f"{method}-compressed"
+        more = f" (as are {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise WeightFileError(f"{path}: zip record {info.filename!r} is {how}{more}; torch reads records as stored bytes, so only files as torch.save writes them (records stored uncompressed) are read")
+    return None
+
+
 def _load_torch_file(path, allow_pickle, device, pickle_flag):
     kind = _torch_file_format(path)
+    zip_error = _check_zip_records(path) if kind == "zip" else None
     if allow_pickle:
         print(f"warning: {path}: fully unpickling the file ({pickle_flag or 'allow_pickle'}); this can run code from it", file=sys.stderr)
     try:
         # Zip files are memory-mapped, tensor by tensor; legacy files cannot be, and are read whole.
-        return torch.load(path, map_location=device, weights_only=not allow_pickle, mmap=kind == "zip")
+        contents = torch.load(path, map_location=device, weights_only=not allow_pickle, mmap=kind == "zip")
     except torch.OutOfMemoryError:
         raise
     except Exception as err:
@@ -78,6 +101,37 @@ def _load_torch_file(path, allow_pickle, device, pickle_flag):
             raise WeightFileError(f"{path}: truncated or corrupt {kind}-format torch file ({_one_line(err)})") from err
         hint = f"; if you trust the file, opt in with {pickle_flag} (full unpickling can run code from it)" if pickle_flag else ""
         raise WeightFileError(f"{path}: holds objects beyond tensors ({refused}), which weights_only=True refuses{hint}") from err
+    if zip_error is not None:  # torch read a zip whose records could not be checked
+        raise WeightFileError(f"{path}: zip records cannot be checked ({_one_line(zip_error)}); expected a file as torch.save writes it")
+    return contents
+
+
+def _not_plain(tensor):
+    """Why ``tensor`` is not a plain tensor whose data are its values (sparse, meta, quantized, nested,
+    a subclass), or None for a plain one (``nn.Parameter`` included)."""
+    if type(tensor) not in (torch.Tensor, nn.Parameter):
+        return f"a {type(tensor).__name__}, a tensor subclass"
+    if tensor.layout != torch.strided:
+        return f"layout {tensor.layout}, not torch.strided"
+    if tensor.is_meta:
+        return "on the meta device, without data"
+    if tensor.is_quantized:
+        return "quantized"
+    if tensor.is_nested:
+        return "nested"
+    return None
+
+
+def _check_plain_tensors(value, source, within=""):
+    """Raise ``WeightFileError`` naming ``source`` and the key for the first tensor that is not plain
+    in ``value`` (dicts, lists and tuples are searched; ``within`` names the containers above it)."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        if isinstance(item, torch.Tensor) and _not_plain(item):
+            where = f"{key!r} in {within}" if within else repr(key)
+            raise WeightFileError(f"{source}: {where} is not a plain tensor ({_not_plain(item)}); weights must be dense, strided tensors with data")
+        if isinstance(item, (dict, list, tuple)):
+            _check_plain_tensors(item, source, f"{within}[{key!r}]")
 
 
 def _check_string_keys(mapping, source):
@@ -96,31 +150,37 @@ def read_state_dict(path, allow_pickle=False, device="cpu", pickle_flag=None):
     ``allow_pickle=True`` unpickles arbitrary objects (it can run code from the file; a warning goes
     to stderr); only for files you trust. ``pickle_flag`` names the option that sets ``allow_pickle``
     for this file (e.g. ``"--allow_pickle"``) and is suggested when a file is refused for holding
-    objects; None where no such option applies. Every problem raises ``WeightFileError``.
+    objects; None where no such option applies. Zip files with compressed records and tensors that
+    are not plain (sparse, meta, quantized, nested, subclasses), at any depth, are refused. Every
+    problem raises ``WeightFileError``.
     """
     path = Path(path)
     if not path.is_file():
         raise WeightFileError(f"{path}: file not found")
     if path.suffix == ".safetensors":
         try:
-            return load_file(path, device=str(device))
+            contents = load_file(path, device=str(device))
         except Exception as err:
             raise WeightFileError(f"{path}: not a readable safetensors file ({_one_line(err)})") from err
+        _check_plain_tensors(contents, str(path))
+        return contents
     contents = _load_torch_file(path, allow_pickle, device, pickle_flag)
     if not isinstance(contents, dict):
         raise WeightFileError(f"{path}: holds a {type(contents).__name__}; expected a dict of tensors keyed by name")
     _check_string_keys(contents, path)
+    _check_plain_tensors(contents, str(path))
     return contents
 
 
 def check_state_dict(expected: Mapping[str, torch.Tensor], found: Mapping, source):
     """Raise ``WeightFileError`` naming ``source`` and the keys unless ``found`` maps exactly the
-    (string) keys of ``expected`` to tensors of the same shapes, floating point where ``expected``'s
-    are. ``expected``: the model's state dict (meta tensors are fine)."""
+    (string) keys of ``expected`` to plain tensors of the same shapes, floating point where
+    ``expected``'s are. ``expected``: the model's state dict (meta tensors are fine)."""
     _check_string_keys(found, source)
     not_tensors = [f"{k} ({type(v).__name__})" for k, v in found.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise WeightFileError(f"{source}: values that are not tensors: {', '.join(not_tensors[:5])}")
+    _check_plain_tensors(found, str(source))
     common = [k for k in expected if k in found]
     problems = {
         "missing keys": [k for k in expected if k not in found],
