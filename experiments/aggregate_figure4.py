@@ -8,14 +8,22 @@ and attention mass, and two sink scores (definitions: utils/sweep_stats.py and R
 Inputs: sweep folders (their manifest's files, else every p*_s*.pt) and/or cache files or quoted glob
 patterns. They must share one setting (frames, layers, passes, model, checkpoint): mixed caches are
 refused, not averaged. Writes a small .pt (every statistic, the token-level curve included) and a CSV
-beside it (per-frame quantities and sink scores). Exit status: 0 written; 2 bad input.
+beside it (per-frame quantities and sink scores); the two are replaced together or not at all. An --out
+that is one of the inputs (or whose CSV is) is refused. Exit status: 0 written; 1 disk full (the old
+files kept); 2 bad input (nothing written); 129, 130, 143 on SIGHUP, Ctrl-C, SIGTERM (nothing written,
+or, after the files are written, a line saying they are complete).
 """
+if __name__ == "__main__":  # from here to the last line a signal exits 128 + signal with one line (utils/output.py)
+    from utils.output import exit_on_signals_from_start
+    exit_on_signals_from_start("aggregate_figure4.py")
+
 import argparse
 import glob
 import sys
 from pathlib import Path
 
 from pipeline.sweep import SweepFolderError, sweep_files
+from utils.output import output_path_arg, same_file
 
 
 class InputError(ValueError):
@@ -51,10 +59,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("inputs", nargs="+", help="sweep folders, cache files or quoted glob patterns")
-    parser.add_argument("--out", default=None, help="statistics file (.pt; the CSV goes beside it); default: "
+    parser.add_argument("--out", default=None, type=output_path_arg, help="statistics file (.pt; the CSV goes beside it); default: "
                         "<first folder>/statistics.pt, or statistics.pt")
     args = parser.parse_args(argv)
-    out = Path(args.out) if args.out else default_out(args.inputs)
+    out = Path(args.out) if args.out is not None else default_out(args.inputs)
     if out.suffix != ".pt":
         print(f"error: --out {out}: expected a .pt file name (the CSV is written beside it)", file=sys.stderr)
         return 2
@@ -64,7 +72,12 @@ def main(argv=None):
     from utils.sweep_stats import MixedCachesError, save_statistics, sweep_statistics
 
     def aggregate():
-        caches = [open_cache(path) for path in input_files(args.inputs)]
+        files = input_files(args.inputs)
+        for path in files:
+            for written in (out, out.with_suffix(".csv")):
+                if same_file(path, written):
+                    raise InputError(f"--out {out}: {written} is the input {path}; refusing to write over it")
+        caches = [open_cache(path) for path in files]
         stats = sweep_statistics(caches)
         csv_path = save_statistics(stats, out)
         print(f"{stats['n_items']} items, {len(stats['groups'])} (layer, block, pass) groups x {stats['num_heads']} heads")

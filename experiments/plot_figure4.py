@@ -44,9 +44,15 @@ refused. A new file gets the umask's mode, a replaced one keeps its mode.
 
 Exit status: 0 when the figure is written; 1 when the disk is full; 2 when a cache, a panel or --out is
 unusable (nothing is written) and on malformed flags; 129, 130, 143 on SIGHUP, Ctrl-C, SIGTERM
-(nothing is written).
+(nothing is written); a signal after the figure is written still exits 129, 130 or 143, saying it is
+complete.
 """
+if __name__ == "__main__":  # from here to the last line a signal exits 128 + signal with one line (utils/output.py)
+    from utils.output import exit_on_signals_from_start
+    exit_on_signals_from_start("plot_figure4.py")
+
 import argparse
+import glob
 import sys
 from pathlib import Path
 
@@ -54,7 +60,7 @@ from utils import passes
 from utils.attention_cache import CacheFileError
 from utils.figure4_plot import check_output, make_figure, write_figure
 from utils.figure4_sources import PlotInputError, cache_sources, parse_panel, stats_sources
-from utils.output import OutputPathError, exit_status
+from utils.output import OutputPathError, exit_status, output_path_arg, same_file
 
 
 def parse_pass(text):
@@ -99,7 +105,7 @@ def build_parser():
     parser.add_argument("--block", nargs="+", type=parse_block, default=None,
                         help="captured temporal block(s) to plot, 0-based, or 'all'; several blocks are drawn side "
                              "by side, one column each (default: the cache's only one)")
-    parser.add_argument("--out", type=Path, default=Path("figure4.png"),
+    parser.add_argument("--out", type=lambda text: Path(output_path_arg(text)), default=Path("figure4.png"),
                         help="output file; the format follows the extension: .png, .pdf or .svg (default: figure4.png)")
     parser.add_argument("--view", choices=("curve", "heatmap", "frames"), default="curve",
                         help="curve: per-token filled curve (the paper's view); frames: bars per key frame; "
@@ -122,6 +128,10 @@ def build_parser():
 def plot(args):
     """Check every input, then draw and write the figure."""
     fmt = check_output(args.out)
+    inputs = [args.stats] if args.stats else [p for t in args.cache for p in (sorted(glob.glob(t)) if glob.has_magic(t) else [t])]
+    for path in inputs:
+        if same_file(path, args.out):
+            raise PlotInputError(f"--out {args.out} is the input {path}; refusing to write over it")
     if args.stats and args.by_model:
         raise PlotInputError("--by_model tells the models of several caches apart; a statistics file is of one model")
     if args.stats:

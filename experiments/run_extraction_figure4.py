@@ -10,13 +10,17 @@ README.md for the output layout.
 Arguments and the config are checked before torch and the models are imported: a mistake is
 reported within a second or two.
 """
+if __name__ == "__main__":  # from here to the last line a signal exits 128 + signal with one line (utils/output.py)
+    from utils.output import exit_on_signals_from_start
+    exit_on_signals_from_start("run_extraction_figure4.py")
+
 import argparse
 import sys
 
 from pipeline.plan import DEFAULT_CONFIG, DEFAULT_OUTPUT, DEFAULT_PROMPT, UsageError, options_from_args
 from pipeline.run import run
 from pipeline.sweep import MANIFEST, SWEEP_SETTINGS, SweepFolderError
-from utils.output import exit_status
+from utils.output import exit_status, output_path_arg
 from utils.passes import LAST_BLOCK
 from wan.families import DEFAULT_FAMILY
 
@@ -39,7 +43,8 @@ EPILOG = """examples:
   PYTHONPATH=. torchrun --nproc_per_node 4 experiments/run_extraction_figure4.py --prompts_file prompts.txt \\
       --seeds 0-63 --save_mode summary --output_dir cache/sweep
 exit status: 0 done; 1 failed while running (e.g. no space left); 2 bad input (nothing written);
-129 SIGHUP, 130 Ctrl-C, 143 SIGTERM (the file being written is left as it was, no temporary file)"""
+129 SIGHUP, 130 Ctrl-C, 143 SIGTERM (the file being written is left as it was, no temporary file; while starting
+nothing is written; after the output is written, one line says it is complete)"""
 
 
 def parse_args(argv=None):
@@ -54,7 +59,7 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint_path", default=None,
                         help="generator checkpoint (a dict with 'generator' / 'generator_ema'); default: the config's model "
                         f"family's, {DEFAULT_FAMILY.variant().checkpoint.default_path} for Self-Forcing")
-    parser.add_argument("--output_path", default=None,
+    parser.add_argument("--output_path", default=None, type=output_path_arg,
                         help=f"where the .pt cache of a single run is written, atomically (default {DEFAULT_OUTPUT}); "
                         "a symlink is followed and its target replaced; devices, FIFOs and folders are refused")
     parser.add_argument("--prompt", action="append", default=None,

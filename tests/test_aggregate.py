@@ -200,3 +200,79 @@ def test_cli_refuses_mixed_caches_and_a_missing_folder(items, tmp_path, capsys):
     assert aggregate.main([str(missing), "--out", str(out)]) == 2
     assert str(missing) in capsys.readouterr().err
     assert not out.exists() and not out.with_suffix(".csv").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 23: empty --out, an --out that is an input, the .pt and .csv replaced together
+
+
+def test_an_empty_out_is_refused(items, tmp_path, monkeypatch, capsys):
+    folder, _ = items
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        aggregate.main([str(folder / "p0000_s0000.pt"), "--out", ""])
+    assert exit_info.value.code == 2 and "empty" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["same", "symlink", "csv sibling"])
+def test_an_out_that_is_an_input_is_refused(items, tmp_path, capsys, case):
+    folder, _ = items
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    for path, seed in ((a, 0), (b, 1)):
+        path.write_bytes((folder / f"p0000_s{seed:04d}.pt").read_bytes())
+    out = a
+    if case == "symlink":
+        out = tmp_path / "link.pt"
+        out.symlink_to(a)
+    elif case == "csv sibling":  # the CSV beside --out would be written over an input
+        b = b.rename(tmp_path / "stats.csv")
+        out = tmp_path / "stats.pt"
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert aggregate.main([str(a), str(b), "--out", str(out)]) == 2
+    assert "is the input" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def full_disk_on_the_nth_fsync(monkeypatch, n):
+    import errno
+    import os
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == n:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.parametrize("nth", [1, 2])
+def test_a_full_disk_keeps_both_old_statistics_files(items, tmp_path, monkeypatch, capsys, nth):
+    """The .pt and the .csv are replaced together or not at all: a full disk while writing either leaves both old files."""
+    folder, _ = items
+    out = tmp_path / "stats.pt"
+    out.write_bytes(b"old pt")
+    out.with_suffix(".csv").write_bytes(b"old csv")
+    full_disk_on_the_nth_fsync(monkeypatch, nth)
+    assert aggregate.main([str(folder / "p*_s*.pt"), "--out", str(out)]) == 1
+    monkeypatch.undo()
+    assert "no space left" in capsys.readouterr().err
+    assert (out.read_bytes(), out.with_suffix(".csv").read_bytes()) == (b"old pt", b"old csv")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.csv", "stats.pt"]
+
+
+def test_save_statistics_replaces_both_files_together(items, tmp_path, monkeypatch):
+    folder, _ = items
+    stats = sweep_statistics([open_cache(folder / f"p0000_s{seed:04d}.pt") for seed in range(2)])
+    out = tmp_path / "stats.pt"
+    out.write_bytes(b"old pt")
+    out.with_suffix(".csv").write_bytes(b"old csv")
+    full_disk_on_the_nth_fsync(monkeypatch, 2)
+    with pytest.raises(OSError):
+        save_statistics(stats, out)
+    monkeypatch.undo()
+    assert (out.read_bytes(), out.with_suffix(".csv").read_bytes()) == (b"old pt", b"old csv")
+    save_statistics(stats, out)
+    assert load_statistics(out)["n_items"] == 2 and out.with_suffix(".csv").read_text().startswith("layer,")

@@ -354,3 +354,17 @@ def test_deep_forcing_rollout_captures_chosen_blocks_with_true_frames(tmp_path):
         middle = video[10 * FSL : -len(recent) * FSL]
         assert len(middle) == 2 * FSL and middle == sorted(middle) and all(10 <= f < recent[0] for f in middle)
         assert all(v == r for v, r in zip(video[10 * FSL :], rope[10 * FSL :]))
+
+
+@pytest.mark.parametrize("option", ["--output_path", "--output_dir"])
+def test_an_empty_output_name_is_refused(tmp_path, capsys, monkeypatch, option):
+    """An empty --output_path is not taken for the default cache/attention_cache_figure4.pt (issue 23)."""
+    import pipeline.plan
+    monkeypatch.setattr(pipeline.plan, "DEFAULT_OUTPUT", str(tmp_path / "default.pt"))  # not the checkout's cache
+    argv = ["--config_path", "configs/tiny.yaml", "--no_checkpoint", "--device", "cpu", "--quiet", "--num_frames", "6", option, ""]
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_info:
+        code = exit_info.code
+    assert code == 2 and "empty" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

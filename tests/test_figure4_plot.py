@@ -807,3 +807,33 @@ def test_readme_plot_commands_run_as_written(tmp_path, monkeypatch, capsys, logi
     for command in commands:
         code, _, err = run(capsys, *shlex.split(command[len(prefix):]))
         assert code == 0, (command, err)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 23: an empty --out, an --out that is an input
+
+
+def test_plot_refuses_an_empty_out(tmp_path, capsys, monkeypatch, full_cache):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--cache", str(full_cache), "--panels", "0:0", "--out", ""])
+    assert exit_info.value.code == 2 and "empty" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["full.pt"]
+
+
+@pytest.mark.parametrize("option, case", [("--cache", "same"), ("--cache", "symlink"), ("--cache", "glob"),
+                                          ("--stats", "same"), ("--stats", "symlink")])
+def test_plot_refuses_an_out_that_is_an_input(tmp_path, capsys, full_cache, option, case):
+    source = full_cache
+    if option == "--stats":
+        source = tmp_path / "stats.pt"
+        save_statistics(sweep_statistics([open_cache(full_cache)]), source)
+    data = tmp_path / "input.svg"  # an input whose name could be a figure's
+    data.write_bytes(source.read_bytes())
+    out = {"same": data, "symlink": tmp_path / "link.svg", "glob": data}[case]
+    if case == "symlink":
+        out.symlink_to(data)
+    given = str(tmp_path / "input.sv?") if case == "glob" else str(data)
+    code, _, err = run(capsys, option, given, "--panels", "0:0", "--out", out)
+    assert code == 2 and "is the input" in err
+    assert data.read_bytes() == source.read_bytes()

@@ -206,3 +206,188 @@ def test_signal_during_torch_save_keeps_the_old_file(tmp_path, signum, code):
     assert proc.returncode == code, err
     assert out.read_bytes() == b"previous cache"
     assert sorted(os.listdir(tmp_path)) == ["cache.pt", "driver.py"]
+
+
+# ---------------------------------------------------------------------------------------------
+# sizes in messages, empty paths, several files together (issue 23, causes 9 and 10)
+
+
+@pytest.mark.parametrize("size, text", [(0, "0 bytes"), (512, "512 bytes"), (1500, "1.5 kB"), (2_500_000, "2.5 MB"),
+                                        (3_200_000_000, "3.2 GB")])
+def test_sizes_are_shown_in_a_sensible_unit(size, text):
+    from utils.output import format_bytes
+    assert format_bytes(size) == text
+    assert format_bytes(999_999) == "1.0 MB" and format_bytes(7_361_000_000, 2) == "7.36 GB"
+
+
+def test_a_full_disk_names_small_sizes_in_bytes_or_kilobytes(tmp_path, monkeypatch):
+    def full(handle):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("shutil.disk_usage", lambda path: shutil_usage(free=700))
+    with pytest.raises(OutputSpaceError) as err:
+        write_atomically(tmp_path / "out.bin", full, expected_bytes=1234)
+    assert "needed ~1.23 kB" in str(err.value) and "(700 bytes free)" in str(err.value) and "0.00 GB" not in str(err.value)
+
+
+def shutil_usage(free):
+    import collections
+    return collections.namedtuple("usage", "total used free")(10**12, 10**12 - free, free)
+
+
+def test_preflight_disk_message_uses_a_sensible_unit(tmp_path, monkeypatch):
+    import types
+
+    import utils.preflight as preflight
+    monkeypatch.setattr(preflight, "disk_free_bytes", lambda folder: 300)
+    need = types.SimpleNamespace(device_total=0, host_peak=0, output_file=45_000)
+    with pytest.raises(preflight.PreflightError, match=r"about 45\.0 kB but 300 bytes are free"):
+        preflight.check_fits(need, device_free_bytes=None, host_available_bytes=None, output_dir=tmp_path)
+
+
+def test_an_empty_output_path_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputPathError, match="empty"):
+        check_output_path("")
+    with pytest.raises(OutputPathError, match="empty"):
+        write_atomically("", write_bytes(b"x"))
+    assert os.listdir(tmp_path) == []
+
+
+def make_pair(tmp_path):
+    pt, csv = tmp_path / "stats.pt", tmp_path / "stats.csv"
+    pt.write_bytes(b"old pt")
+    csv.write_bytes(b"old csv")
+    return pt, csv
+
+
+def test_several_files_are_replaced_together(tmp_path):
+    from utils.output import write_files_atomically
+    pt, csv = make_pair(tmp_path)
+    write_files_atomically([(pt, write_bytes(b"new pt")), (csv, write_bytes(b"new csv"))])
+    assert (pt.read_bytes(), csv.read_bytes()) == (b"new pt", b"new csv")
+    assert sorted(os.listdir(tmp_path)) == ["stats.csv", "stats.pt"]
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_full_disk_on_any_file_keeps_every_old_file(tmp_path, failing):
+    from utils.output import write_files_atomically
+    pt, csv = make_pair(tmp_path)
+
+    def full(handle):
+        handle.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    writers = [write_bytes(b"new pt"), write_bytes(b"new csv")]
+    writers[failing] = full
+    with pytest.raises(OutputSpaceError):
+        write_files_atomically([(pt, writers[0]), (csv, writers[1])])
+    assert (pt.read_bytes(), csv.read_bytes()) == (b"old pt", b"old csv")
+    assert sorted(os.listdir(tmp_path)) == ["stats.csv", "stats.pt"]
+
+
+@pytest.mark.parametrize("old", [True, False])
+def test_a_failed_rename_puts_the_first_file_back(tmp_path, monkeypatch, old):
+    from utils.output import write_files_atomically
+    pt, csv = make_pair(tmp_path) if old else (tmp_path / "stats.pt", tmp_path / "stats.csv")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst) == str(csv):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="Input/output"):
+        write_files_atomically([(pt, write_bytes(b"new pt")), (csv, write_bytes(b"new csv"))])
+    monkeypatch.undo()
+    if old:
+        assert (pt.read_bytes(), csv.read_bytes()) == (b"old pt", b"old csv")
+        assert sorted(os.listdir(tmp_path)) == ["stats.csv", "stats.pt"]
+    else:
+        assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# signals outside the work: during the start-up imports and after the output is complete (cause 8)
+
+SITECUSTOMIZE = """
+import atexit, os, signal, sys, time
+
+_signum = int(os.environ["TEST_SIGNUM"])
+if os.environ["TEST_WHEN"] == "import":  # the signal arrives while the script imports MODULE
+    class _SignalOnImport:
+        def find_spec(self, name, path=None, target=None):
+            if name == os.environ["TEST_MODULE"]:
+                sys.meta_path.remove(self)
+                os.kill(os.getpid(), _signum)
+                time.sleep(2)
+            return None
+
+    sys.meta_path.insert(0, _SignalOnImport())
+else:  # registered first, so called last: the signal arrives at the very end of the interpreter's exit
+    def _signal_at_exit():
+        os.kill(os.getpid(), _signum)
+        time.sleep(2)
+
+    atexit.register(_signal_at_exit)
+"""
+
+SIGNALS = [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)]
+SCRIPTS = {  # script, a module it imports after its first line
+    "cli": ("experiments/run_extraction_figure4.py", "pipeline.plan"),
+    "plot": ("experiments/plot_figure4.py", "utils.figure4_plot"),
+    "aggregate": ("experiments/aggregate_figure4.py", "pipeline.sweep"),
+}
+
+
+def run_signalled(tmp_path, script, when, signum, *args):
+    hook = tmp_path / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    path, module = SCRIPTS[script]
+    env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{REPO}", "TEST_SIGNUM": str(int(signum)), "TEST_WHEN": when,
+           "TEST_MODULE": module}
+    return subprocess.run([sys.executable, path, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("signum, code", SIGNALS)
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_signal_during_the_start_up_imports_exits_with_one_line(tmp_path, script, signum, code):
+    out = tmp_path / ("out.png" if script == "plot" else "out.pt")
+    args = {"cli": ["--config_path", "configs/tiny.yaml", "--no_checkpoint", "--device", "cpu", "--output_path", out],
+            "plot": ["--cache", tmp_path / "none.pt", "--out", out],
+            "aggregate": [tmp_path / "none.pt", "--out", out]}[script]
+    proc = run_signalled(tmp_path, script, "import", signum, *args)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == code, proc.stderr
+    assert len(lines) == 1 and signal.Signals(signum).name in lines[0] and "nothing was written" in lines[0], proc.stderr
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    import experiments.run_extraction_figure4 as cli
+    out = tmp_path_factory.mktemp("tiny") / "tiny.pt"
+    assert cli.main(["--config_path", str(REPO / "configs/tiny.yaml"), "--no_checkpoint", "--device", "cpu", "--quiet",
+                     "--num_frames", "6", "--save_mode", "summary", "--output_path", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("signum, code", SIGNALS)
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_signal_after_the_output_is_complete_exits_with_one_line(tmp_path, tiny_cache, script, signum, code):
+    out = tmp_path / ("out.png" if script == "plot" else "out.pt")
+    args = {"cli": ["--config_path", "configs/tiny.yaml", "--no_checkpoint", "--device", "cpu", "--quiet", "--num_frames",
+                    "6", "--save_mode", "summary", "--output_path", out],
+            "plot": ["--cache", tiny_cache, "--panels", "0:0", "--out", out],
+            "aggregate": [tiny_cache, "--out", out]}[script]
+    proc = run_signalled(tmp_path, script, "exit", signum, *args)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == code, proc.stderr
+    assert lines and signal.Signals(signum).name in lines[-1] and "the output is complete" in lines[-1], proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+    assert out.stat().st_size > 0
+    if script == "aggregate":
+        assert out.with_suffix(".csv").stat().st_size > 0

@@ -5,8 +5,14 @@ paths before importing torch.
   followed (the link stays, its target is replaced); folders, FIFOs, sockets and devices are refused;
   new files get the mode ``open()`` would give, replaced files keep theirs; a full disk is one clear
   ``OutputSpaceError``.
+- ``write_files_atomically``: several files (a statistics .pt and its .csv) replaced together or not
+  at all.
 - ``exit_on_signals``: SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` (exit code 128 + signal), so
   that clean-up runs and no temporary file is left.
+- ``exit_on_signals_from_start`` (the first line of a script) and ``exit_status`` (its work): a signal
+  anywhere from the script's first line to its last ends it with 128 + the signal number and one line
+  on stderr: while starting (nothing written), during the work (the file being written left as it was)
+  or after it (the output complete).
 """
 import contextlib
 import errno
@@ -23,6 +29,11 @@ FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISS
               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
 _received_signals = []  # signal numbers caught by exit_on_signals, in arrival order
 _holding = []  # non-empty while a few system calls must not be cut in half: a signal waits for the end
+_script = {"prog": None, "phase": "starting"}  # set by exit_on_signals_from_start and exit_status
+_AFTER = {"starting": "while starting; nothing was written",
+          "done": "after the work was done; the output is complete",
+          "failed": "while exiting after the failure above",
+          "interrupted": "while exiting"}
 
 
 class OutputPathError(ValueError):
@@ -76,6 +87,59 @@ def _exit_signals_held():
         raise Interrupted(_received_signals[-1])
 
 
+def format_bytes(n, decimals=1):
+    """A size for messages, in the unit that suits it (powers of 1000): '512 bytes', '1.5 kB', '2.5 MB',
+    '3.2 GB' (``decimals`` digits after the point)."""
+    if n < 1000:
+        return f"{int(n)} bytes" if n != 1 else "1 byte"
+    for unit, scale in (("kB", 1e3), ("MB", 1e6), ("GB", 1e9)):
+        if round(n / scale, decimals) < 1000:
+            return f"{n / scale:.{decimals}f} {unit}"
+    return f"{n / 1e12:.{decimals}f} TB"
+
+
+def output_path_arg(text):
+    """argparse ``type`` of an output file option: an empty name is refused (exit 2) rather than taken for the
+    default or the current folder."""
+    if not text:
+        import argparse
+        raise argparse.ArgumentTypeError("an empty path; give a file name")
+    return text
+
+
+def same_file(a, b):
+    """Whether paths ``a`` and ``b`` name the same file once symlinks are followed (existing or not)."""
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _script_handler(signum, frame):
+    """The handler of ``exit_on_signals_from_start``: end the process at once, with one line saying what
+    state it leaves (no traceback, no atexit callbacks, which a second interrupt could cut)."""
+    prog = f"{_script['prog']}: " if _script["prog"] else ""
+    line = f"{prog}interrupted by {signal.Signals(signum).name} {_AFTER[_script['phase']]}\n"
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # e.g. a reentrant flush: the signal cut a write on this stream
+            pass
+    try:
+        os.write(2, line.encode())
+    finally:
+        os._exit(128 + signum)
+
+
+def exit_on_signals_from_start(prog=None):
+    """Call at the top of a script, before its heavy imports (this module imports the standard library
+    only): from here to the script's end, SIGINT, SIGTERM and SIGHUP exit with 128 + the signal number
+    and one line on stderr instead of a KeyboardInterrupt traceback or a silent death. Until
+    ``exit_status`` runs the work the line says nothing was written; during the work ``exit_status``
+    handles them; after it, the line says whether the output is complete."""
+    _script["prog"] = prog
+    _script["phase"] = "starting"
+    for signum in EXIT_SIGNALS:
+        signal.signal(signum, _script_handler)
+
+
 def _kind(mode):
     return next((name for test, name in FILE_KINDS if test(mode)), "not a regular file")
 
@@ -85,6 +149,8 @@ def check_output_path(path):
     yet, and its folder exists as a writable folder or can be created. A symlink is followed: its
     target (at the end of any chain of links) is checked and written, the link itself stays.
     Raises OutputPathError naming the path; returns the target as an absolute Path."""
+    if isinstance(path, str) and not path:
+        raise OutputPathError("an empty path; give a file name")
     path = Path(path)
     target = Path(os.path.realpath(path))
     shown = f"{path}" if target == path.absolute() else f"{path} (a symlink to {target})"
@@ -139,41 +205,116 @@ def write_atomically(path, write, expected_bytes=None):
     left as it was. A signal caught by ``exit_on_signals`` during the write is re-raised as that
     ``Interrupted`` even when the writer turned it into another error (torch.save reports
     "unexpected pos"). A full disk raises OutputSpaceError, naming ``expected_bytes`` when given."""
-    target = check_output_path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    mode = _new_file_mode(target)
+    write_files_atomically([(path, write)], expected_bytes)
+
+
+def write_files_atomically(outputs, expected_bytes=None):
+    """``write_atomically`` for several files that belong together, ``outputs`` a list of (path, write):
+    every file is written to its temporary file first, and only when all are complete are they renamed
+    over their targets, all together (a signal waits until the renames are done). On any error or
+    ``Interrupted`` before that, every temporary file is removed and every old file kept; should a rename
+    fail, the files already renamed are put back from hard links of the old ones (when the file system
+    has hard links), so the targets stay the old set or the new one."""
+    targets = [check_output_path(path) for path, _ in outputs]
+    if len(set(targets)) != len(targets):
+        raise OutputPathError(f"{', '.join(str(p) for p, _ in outputs)}: two outputs are one file")
+    for target in targets:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    modes = [_new_file_mode(target) for target in targets]
     signals_before = len(_received_signals)
-    tmp = None
+    temps, backups = [], {}
     try:
+        for target, mode, (_, write) in zip(targets, modes, outputs):
+            with _exit_signals_held():
+                fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+                temps.append(tmp)
+                handle = os.fdopen(fd, "wb")
+            with handle:
+                os.fchmod(handle.fileno(), mode)
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
         with _exit_signals_held():
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-            handle = os.fdopen(fd, "wb")
-        with handle:
-            os.fchmod(handle.fileno(), mode)
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
+            if len(targets) > 1:
+                backups = _hard_link_backups(targets)
+            _replace_all(temps, targets, backups)
+            temps = []
     except BaseException as err:
         with _exit_signals_held():
-            if tmp is not None:
+            for tmp in temps:
                 Path(tmp).unlink(missing_ok=True)
+            for backup in backups.values():
+                if backup is not None:
+                    Path(backup).unlink(missing_ok=True)
         if len(_received_signals) > signals_before and not isinstance(err, Interrupted):
             raise Interrupted(_received_signals[-1]) from err
         if _is_out_of_space(err):
-            needed = "" if expected_bytes is None else f": needed ~{expected_bytes / 1e9:.2f} GB"
-            free = shutil.disk_usage(target.parent).free / 1e9
-            raise OutputSpaceError(f"no space left on {target.parent}{needed} ({free:.2f} GB free)") from err
+            needed = "" if expected_bytes is None else f": needed ~{format_bytes(expected_bytes, 2)}"
+            folder = targets[0].parent
+            free = format_bytes(shutil.disk_usage(folder).free, 2)
+            raise OutputSpaceError(f"no space left on {folder}{needed} ({free} free)") from err
+        raise
+    with _exit_signals_held():
+        for backup in backups.values():
+            if backup is not None:
+                Path(backup).unlink(missing_ok=True)
+
+
+def _hard_link_backups(targets):
+    """target -> a hard link of the existing target beside it, or None when there is no old file; a
+    target left out could not be linked (a file system without hard links)."""
+    backups = {}
+    for target in targets:
+        if not target.exists():
+            backups[target] = None
+            continue
+        backup = target.parent / f".{target.name}.{os.getpid()}.old.tmp"
+        try:
+            backup.unlink(missing_ok=True)
+            os.link(target, backup)
+            backups[target] = backup
+        except OSError:
+            pass
+    return backups
+
+
+def _replace_all(temps, targets, backups):
+    """Rename each temporary file over its target; on a failure, undo the renames already done."""
+    done = []
+    try:
+        for tmp, target in zip(temps, targets):
+            os.replace(tmp, target)
+            done.append(target)
+    except BaseException:
+        for target in done:
+            if target not in backups:  # no hard link of the old file could be made: the new one stays
+                continue
+            backup = backups.pop(target)
+            with contextlib.suppress(OSError):
+                if backup is not None:
+                    os.replace(backup, target)
+                else:  # there was no old file: the new one goes
+                    target.unlink()
         raise
 
 
 def exit_status(work, bad_input, prefix="error"):
     """Run ``work()`` under ``exit_on_signals`` and turn its outcome into the scripts' exit status:
     its own return value (0 if None); 2 for an exception of the ``bad_input`` classes; 1 for a full
-    disk; 128 + the signal number for ``Interrupted``. Each failure is one line on stderr."""
+    disk; 128 + the signal number for ``Interrupted``. Each failure is one line on stderr. In a script
+    that called ``exit_on_signals_from_start``, a signal after the work ends the process at once with
+    128 + the signal number and a line saying whether the output is complete."""
+    outcome = "failed"
     try:
         with exit_on_signals():
-            result = work()
+            try:
+                result = work()
+                outcome = "done" if not result else "failed"
+            except Interrupted:
+                outcome = "interrupted"
+                raise
+            finally:
+                _script["phase"] = outcome  # what a signal says once exit_on_signals has given the handlers back
     except bad_input as err:
         print(f"{prefix}: {err}", file=sys.stderr)
         return 2
@@ -181,6 +322,9 @@ def exit_status(work, bad_input, prefix="error"):
         print(f"{prefix}: {err}", file=sys.stderr)
         return 1
     except Interrupted as err:
-        print(f"{prefix}: {err}; the file being written was left as it was", file=sys.stderr)
+        if outcome == "done":  # the work had returned: its output is complete
+            print(f"{prefix}: {err} after the work was done; the output is complete", file=sys.stderr)
+        else:
+            print(f"{prefix}: {err}; the file being written was left as it was", file=sys.stderr)
         return err.exit_code
     return 0 if result is None else result

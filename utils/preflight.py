@@ -10,6 +10,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from utils.output import format_bytes
 from utils.wan21 import frame_seq_length as tokens_per_frame
 
 GB = 1e9
@@ -140,6 +141,6 @@ def check_fits(estimate, *, device_free_bytes, host_available_bytes, output_dir,
     if e.output_file * output_files > free:
         files = "the output file needs" if output_files == 1 else f"{output_files} output files need"
         raise PreflightError(
-            f"{files} about {e.output_file * output_files / GB:.1f} GB but {free / GB:.1f} GB are free for {output_dir}; "
+            f"{files} about {format_bytes(e.output_file * output_files)} but {format_bytes(free)} are free for {output_dir}; "
             "capture fewer layers (--layer_indices) or frames (--num_frames), or use --save_mode summary"
         )

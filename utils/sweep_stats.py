@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from utils.attention_cache import EntryLabels
-from utils.output import write_atomically
+from utils.output import write_files_atomically
 from utils.passes import is_pass
 
 STATS_FORMAT = "figure4-sweep-statistics"
@@ -155,9 +155,9 @@ def sweep_statistics(caches):
 def save_statistics(stats, path):
     """The statistics as ``path`` (.pt) and a CSV beside it (same name, .csv) of the per-frame and
     per-head quantities (the token-level curve stays in the .pt): one row per layer, block, pass,
-    head, quantity and key frame."""
+    head, quantity and key frame. The two files are replaced together or not at all (a full disk or a
+    signal leaves both old files)."""
     path = Path(path)
-    write_atomically(path, lambda f: torch.save(stats, f))
     rows = [("layer", "block", "pass", "timestep", "head", "quantity", "key_slot", "video_frame", "n", *FIELDS)]
     for g in stats["groups"]:
         for head in range(stats["num_heads"]):
@@ -174,7 +174,7 @@ def save_statistics(stats, path):
         text = "".join(",".join(str(x) for x in row) + "\n" for row in rows)
         handle.write(text.encode())
 
-    write_atomically(path.with_suffix(".csv"), write_csv)
+    write_files_atomically([(path, lambda f: torch.save(stats, f)), (path.with_suffix(".csv"), write_csv)])
     return path.with_suffix(".csv")
 
 
