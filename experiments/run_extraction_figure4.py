@@ -65,7 +65,8 @@ def parse_args(argv=None):
     parser.add_argument("--prompt", action="append", default=None,
                         help=f"text prompt; repeat for several (default: {DEFAULT_PROMPT!r})")
     parser.add_argument("--prompts_file", default=None,
-                        help="UTF-8 text file, one prompt per line; blank lines and lines starting with # are skipped")
+                        help="UTF-8 text file (a regular file of at most 64 MiB), one prompt per line; blank lines and "
+                        "lines starting with # are skipped")
     parser.add_argument("--num_frames", type=int, default=21, help="latent frames to generate; a multiple of num_frame_per_block")
     parser.add_argument("--layer_indices", nargs="+", default=["0", "4"],
                         help="transformer blocks whose self-attention is captured, 0-based (0 4 = the paper's L1 and L5), "
@@ -113,7 +114,7 @@ def parse_args(argv=None):
                         "only for files you trust)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch; default: 1 for small models on the CPU (fastest for them, also on a "
-                        "busy machine), torch's own choice otherwise")
+                        "busy machine), torch's own choice otherwise; at most 4 per CPU (1024 in all)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and a shorter report (one line per item)")
     return parser.parse_args(argv)
 

@@ -12,6 +12,7 @@ policy registries) only: importing this module never imports torch.
 """
 import os
 import re
+import stat
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -20,14 +21,22 @@ from omegaconf import OmegaConf
 from utils.config import ConfigError, load_config, model_sizes
 from utils.output import OutputPathError, check_output_path
 from utils.passes import parse_blocks, parse_passes
-from utils.preflight import PreflightError, check_fits, estimate, host_available_bytes
-from utils.wan21 import MODEL_FILES
+from utils.preflight import GB, PreflightError, check_fits, estimate, host_available_bytes, umt5_parameter_count
+from utils.wan21 import BYTE_TOKENIZER_VOCAB, MODEL_FILES, ROPE_MAX_LEN, UMT5_XXL
 from wan import cache_policies, families
 
 DEFAULT_CONFIG = "configs/default_config.yaml"
 DEFAULT_PROMPT = "A majestic eagle soaring through a cloudy sky, cinematic lighting"
 DEFAULT_OUTPUT = "cache/attention_cache_figure4.pt"
 DEFAULT_SEED = 42
+MAX_ITEMS = 1_000_000  # (prompt, seed) items of one run
+MAX_PROMPTS_FILE_BYTES = 64 * 2**20
+MAX_THREADS = 1024  # --threads: at most this, and at most 4 per CPU (more only crash: SIGSEGV at 10**6)
+
+
+def max_threads():
+    """The largest --threads accepted here: 4 per CPU, at most MAX_THREADS."""
+    return min(MAX_THREADS, 4 * (os.cpu_count() or 1))
 
 
 class UsageError(ValueError):
@@ -102,7 +111,8 @@ class Plan:
     output_dir: Path | None  # the folder of a sweep
     rank: int = 0
     world_size: int = 1
-    items: tuple = ()  # (prompt index, seed), all ranks
+    items: tuple = ()  # (prompt index, seed), all ranks; a prompt given again is run once, at its first index
+    warnings: tuple = ()  # what the run reports before it starts (e.g. duplicate items)
 
     @property
     def sweep(self):
@@ -118,40 +128,88 @@ class Plan:
 
 
 def parse_seeds(words):
-    """'0 1 2', '0-63', '5 10-12' -> a list of distinct seeds in the order given."""
-    seeds = []
+    """'0 1 2', '0-63', '5 10-12' -> a list of distinct seeds in the order given; at most MAX_ITEMS,
+    counted before any range is expanded."""
+    ranges = []
     for word in words:
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", word)
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", word, flags=re.ASCII)
         if not match:
             raise UsageError(f"--seeds: {word!r} is not a seed (an integer >= 0) or a range like 0-63")
         first, last = int(match[1]), int(match[2] or match[1])
         if last < first:
             raise UsageError(f"--seeds: range {word!r} runs backwards")
-        seeds.extend(range(first, last + 1))
-    duplicates = sorted({s for s in seeds if seeds.count(s) > 1})
+        ranges.append(range(first, last + 1))
+    count = sum(len(r) for r in ranges)
+    if count > MAX_ITEMS:
+        raise UsageError(f"--seeds: {count} seeds; a run takes at most {MAX_ITEMS} items (prompts x seeds): split the sweep")
+    seeds = [seed for r in ranges for seed in r]
+    seen, duplicates = set(), set()
+    for seed in seeds:
+        (duplicates if seed in seen else seen).add(seed)
+    duplicates = sorted(duplicates)
     if duplicates:
         raise UsageError(f"--seeds: {duplicates} given more than once")
     return seeds
 
 
 def read_prompts_file(path):
-    """Prompts of a UTF-8 file, one a line; blank lines and '#' lines skipped."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise UsageError(f"--prompts_file: {path} not found") from None
-    except IsADirectoryError:
-        raise UsageError(f"--prompts_file: {path} is a folder; expected a text file") from None
+    """Prompts of a UTF-8 file, one a line (lines end at "\n" only, an "\r" before it dropped; a byte
+    order mark at the start is not part of the first line); blank lines and '#' lines skipped. Only a
+    regular file of at most MAX_PROMPTS_FILE_BYTES is read: anything else (a FIFO, a device, a socket) is
+    refused before it is opened."""
+    data = _read_regular_file(path, "--prompts_file", MAX_PROMPTS_FILE_BYTES)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         raise UsageError(f"--prompts_file: {path} is not UTF-8 text (line {line}: {err.reason})") from None
-    prompts = [line.strip() for line in text.splitlines()]
+    text = text.removeprefix("\ufeff")
+    prompts = [line.strip() for line in text.split("\n")]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise UsageError(f"--prompts_file: {path} holds no prompt (blank and # lines are skipped)")
     return prompts
+
+
+def _file_kind(mode):
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
+
+
+def _check_regular(path, option, info, limit):
+    if stat.S_ISDIR(info.st_mode):
+        raise UsageError(f"{option}: {path} is a folder; expected a text file")
+    if not stat.S_ISREG(info.st_mode):
+        raise UsageError(f"{option}: {path} is {_file_kind(info.st_mode)}, not a regular file; expected a text file")
+    if info.st_size > limit:
+        raise UsageError(f"{option}: {path} holds {info.st_size} bytes; expected a text file of at most "
+                         f"{limit // 2**20} MiB")
+
+
+def _read_regular_file(path, option, limit):
+    """The bytes of the regular file ``path`` (symlinks followed) of at most ``limit`` bytes. Its kind
+    and size are checked with os.stat before it is opened (opening a FIFO waits for a writer), again on
+    the open file, and no more than ``limit`` bytes are ever read."""
+    try:
+        _check_regular(path, option, os.stat(path), limit)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        raise UsageError(f"{option}: {path} not found") from None
+    except OSError as err:
+        raise UsageError(f"{option}: {path} cannot be read ({err.strerror or err})") from None
+    with os.fdopen(fd, "rb") as file:
+        _check_regular(path, option, os.fstat(fd), limit)  # the file opened is the file checked
+        try:
+            data = file.read(limit + 1)
+        except OSError as err:
+            raise UsageError(f"{option}: {path} cannot be read ({err.strerror or err})") from None
+    if len(data) > limit:
+        raise UsageError(f"{option}: {path} holds more than {limit} bytes; expected a text file of at most "
+                         f"{limit // 2**20} MiB")
+    return data
 
 
 def parse_layers(words, num_layers):
@@ -210,6 +268,9 @@ def _prompts(options):
         prompts += read_prompts_file(options.prompts_file)
     if not prompts:
         prompts = [DEFAULT_PROMPT]
+    if len(prompts) > MAX_ITEMS:
+        raise UsageError(f"--prompt/--prompts_file: {len(prompts)} prompts; a run takes at most {MAX_ITEMS} items "
+                         "(prompts x seeds): split the sweep")
     empty = [i for i, p in enumerate(prompts) if not p.strip()]
     if empty:
         raise UsageError(f"--prompt: prompt {empty[0]} is empty")
@@ -224,6 +285,31 @@ def _seeds(options):
     if bad:
         raise UsageError(f"--seed: {bad[0]} is outside [0, 2**32)")
     return seeds
+
+
+def _items(prompts, seeds):
+    """The (prompt index, seed) items, each (prompt, seed) once: a prompt given again is run at its first
+    index only; and the warning that says so, if one is."""
+    first, again = {}, []
+    for index, prompt in enumerate(prompts):
+        if prompt in first:
+            again.append((index, first[prompt]))
+        else:
+            first[prompt] = index
+    count = len(first) * len(seeds)
+    if count > MAX_ITEMS:
+        raise UsageError(f"--prompt/--prompts_file x --seeds: {count} items (prompts x seeds); a run takes at most "
+                         f"{MAX_ITEMS}: split the sweep")
+    items = tuple((p, s) for p in first.values() for s in seeds)
+    if not again:
+        return items, ()
+    shown = ", ".join(f"prompt {index} = prompt {earlier} ({_short(prompts[index])})" for index, earlier in again[:10])
+    more = f", ... ({len(again)} in all)" if len(again) > 10 else ""
+    return items, (f"duplicate (prompt, seed) items, each run once (at the first prompt's index): {shown}{more}",)
+
+
+def _short(prompt, size=60):
+    return repr(prompt if len(prompt) <= size else prompt[:size] + "...")
 
 
 def _checkpoint(options, family, variant):
@@ -289,6 +375,8 @@ def plan_run(options, environ=os.environ):
     per_block = int(config.num_frame_per_block)
     if options.num_frames <= 0 or options.num_frames % per_block:
         raise UsageError(f"--num_frames: {options.num_frames} is not a positive multiple of num_frame_per_block ({per_block})")
+    if options.num_frames > ROPE_MAX_LEN:
+        raise UsageError(f"--num_frames: {options.num_frames} latent frames; the RoPE table covers at most {ROPE_MAX_LEN}")
     num_layers = sizes["num_layers"]
     layers = parse_layers(options.layer_indices, num_layers)
     try:
@@ -306,11 +394,14 @@ def plan_run(options, environ=os.environ):
     lora_path = _lora(options, family, variant, checkpoint_path)
     if options.threads is not None and options.threads < 1:
         raise UsageError(f"--threads: {options.threads}; expected a positive number")
+    if options.threads is not None and options.threads > max_threads():
+        raise UsageError(f"--threads: {options.threads}; expected 1..{max_threads()} (at most 4 per CPU, "
+                         f"{MAX_THREADS} in all)")
     device = parse_device(options.device, options.gpu_id, environ.get("LOCAL_RANK"))
     precision = options.precision or ("exact" if device == "cpu" else "fast")
     dtype = options.dtype or ("float32" if device == "cpu" else "bfloat16")
     rank, world_size = int(environ.get("RANK", 0)), int(environ.get("WORLD_SIZE", 1))
-    items = tuple((p, s) for p in range(len(prompts)) for s in seeds)
+    items, warnings = _items(prompts, seeds)
     output_path = output_dir = None
     if len(items) > 1 or options.output_dir is not None:
         if options.output_path is not None:
@@ -339,7 +430,7 @@ def plan_run(options, environ=os.environ):
     switches = _switches(options, policy)
     return Plan(OmegaConf.merge(config, {"precision": precision}), policy, family, variant, checkpoint_path, use_ema,
                 lora_path, switches, differences, prompts, seeds, layers, passes, blocks, num_layers, device, dtype, output_path, output_dir,
-                rank=rank, world_size=world_size, items=items)
+                rank=rank, world_size=world_size, items=items, warnings=warnings)
 
 
 def check_output_dir(folder):
@@ -353,8 +444,18 @@ def check_output_dir(folder):
 
 def preflight(options, plan, device_free_bytes=None):
     """Refuse, with the numbers, what cannot fit the device (when ``device_free_bytes`` is known), the
-    host or the output folder. The text encoder is left out: it is freed before diffusion starts."""
+    host or the output folder. The text encoder is left out of the run's estimate (it is freed before
+    diffusion starts), but a random one, built first in host memory in fp32, must fit the host."""
     config = plan.config
+    host = host_available_bytes()
+    if config.get("random_init") and host is not None:
+        fields = OmegaConf.to_container(config.text_encoder_config)
+        sizes = {**UMT5_XXL, "vocab_size": BYTE_TOKENIZER_VOCAB, **fields}
+        encoder = umt5_parameter_count(sizes) * 4
+        if encoder > host:
+            raise UsageError(f"not enough room for this run: the text encoder needs about {encoder / GB:.1f} GB of host "
+                             f"memory (fp32, {umt5_parameter_count(sizes)} parameters) but {host / GB:.1f} GB are "
+                             "available; use smaller text_encoder_config sizes")
     sizes = model_sizes(config)
     cpu = plan.device == "cpu"
     need = estimate(
@@ -364,7 +465,6 @@ def preflight(options, plan, device_free_bytes=None):
         save_mode=options.save_mode, dtype_bytes=4 if plan.dtype == "float32" else 2,
     )
     folder = plan.output_dir if plan.output_dir is not None else Path(plan.output_path).parent
-    host = host_available_bytes()
     try:
         if cpu:  # the model, caches and the output all live in host memory
             check_fits(need, device_free_bytes=None if host is None else host - need.host_peak, host_available_bytes=host,

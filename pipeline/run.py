@@ -40,6 +40,9 @@ def run(options):
     the report. Returns the exit status (0); bad input raises UsageError or SweepFolderError."""
     t_start = time.perf_counter()
     plan = plan_run(options)
+    if plan.rank == 0:
+        for warning in plan.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     preflight(options, plan)
     say = (lambda *a, **k: None) if (options.quiet or plan.rank) else print
     if plan.beyond_release and plan.rank == 0:

@@ -267,7 +267,7 @@ def test_preflight_refuses_what_cannot_fit_before_building_anything(tmp_path, ca
 
     monkeypatch.setattr(pipeline.extraction, "Extractor", never)
     argv = ["--config_path", "configs/random_1_3b.yaml", "--no_checkpoint", "--device", "cpu", "--quiet",
-            "--num_frames", "3000", "--output_path", str(tmp_path / "big.pt")]
+            "--num_frames", "1020", "--output_path", str(tmp_path / "big.pt")]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "not enough room" in err and "GB" in err and ("--num_frames" in err or "--layer_indices" in err)

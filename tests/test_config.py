@@ -97,6 +97,9 @@ def test_bad_top_level_values_name_file_key_value_and_expectation(tmp_path, chan
         ("{sink_size: 1}", "model_kwargs.sink_size = 1", "a sink needs a local window"),
         ("{local_attn_size: 6, sink_size: -1}", "model_kwargs.sink_size = -1", "an int >= 0"),
         ("{timestep_shift: 0}", "model_kwargs.timestep_shift = 0", "a number > 0"),
+        ("{timestep_shift: 1.0e308}", "model_kwargs.timestep_shift = 1e+308", "a number > 0 and at most 1000"),
+        ("{timestep_shift: 1000.5}", "model_kwargs.timestep_shift = 1000.5", "a number > 0 and at most 1000"),
+        ("{timestep_shift: .inf}", "model_kwargs.timestep_shift = inf", "a number > 0"),
         ("{attn_window: 3}", "model_kwargs.attn_window = 3", "one of the known model_kwargs ['attention_mode', 'budget', "
          "'global_sink', 'local_attn_size', 'recent', 'sink_size', 'timestep_shift', 'topc_max_reuse']"),
         ("{attention_mode: deep_sink}", "model_kwargs.local_attn_size = missing", "an int >= num_frame_per_block + sink_size"),
@@ -233,3 +236,63 @@ def test_deep_forcing_modes_validate(tmp_path):
     kwargs = "{attention_mode: participative_compression, local_attn_size: 21, sink_size: 10, budget: 16, recent: 4}"
     config = load_config(tiny_with(tmp_path, model_kwargs=kwargs, precision="fast"))
     assert config.model_kwargs.budget == 16 and config.precision == "fast"
+
+
+HUGE = 10**9
+
+
+@pytest.mark.parametrize("section, key", [
+    *(("model_config", key) for key in ("text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim",
+                                         "num_heads", "num_layers")),
+    *(("text_encoder_config", key) for key in ("text_len", "vocab_size", "d_model", "d_kv", "d_ff", "num_layers",
+                                                "num_heads", "relative_attention_num_buckets",
+                                                "relative_attention_max_distance")),
+])
+@pytest.mark.parametrize("value", [HUGE, 10**10])
+def test_every_model_and_text_encoder_size_is_range_checked(tmp_path, section, key, value):
+    """A size far past the official UMT5-XXL / Wan ones is refused when the config is loaded (before
+    anything is built), naming it, instead of a MemoryError or minutes of building."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(OmegaConf.load("configs/tiny.yaml"))
+    config[section][key] = value
+    path = write(tmp_path, OmegaConf.to_yaml(OmegaConf.create(config)))
+    message = refused(path)
+    assert message.startswith(f"{path}: {section}.{key} = {value}; expected a positive int <= "), message
+
+
+@pytest.mark.parametrize("patch", [[1, 2, HUGE], [HUGE, 2, 2], [1, 100, 2]])
+def test_patch_size_is_range_checked(tmp_path, patch):
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(OmegaConf.load("configs/tiny.yaml"))
+    config["model_config"]["patch_size"] = patch
+    path = write(tmp_path, OmegaConf.to_yaml(OmegaConf.create(config)))
+    assert refused(path).startswith(f"{path}: model_config.patch_size = {patch}; expected a list of 3 positive ints")
+
+
+def test_official_sizes_are_within_the_limits():
+    from utils.wan21 import MODEL_SIZE_LIMITS, UMT5_XXL, UMT5_SIZE_LIMITS
+
+    assert all(WAN_T2V_1_3B[k] <= limit for k, limit in MODEL_SIZE_LIMITS.items() if k != "patch_size")
+    assert all(UMT5_XXL[k] <= limit for k, limit in UMT5_SIZE_LIMITS.items() if k in UMT5_XXL)
+    # Wan2.1-T2V-14B
+    assert 5120 <= MODEL_SIZE_LIMITS["dim"] and 13824 <= MODEL_SIZE_LIMITS["ffn_dim"] and 40 <= MODEL_SIZE_LIMITS["num_layers"]
+
+
+def test_config_json_sizes_are_range_checked(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t2v", **{k: WAN_T2V_1_3B[k] for k in (
+        "text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "out_dim", "num_heads", "num_layers")}, "num_layers": HUGE}))
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'config.json'}: num_layers = {HUGE}; expected a positive int <= ")):
+        model_sizes(load_config("configs/self_forcing_dmd.yaml", model_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize("key", ["height", "width"])
+def test_frame_past_the_rope_grid_is_refused(tmp_path, key):
+    """Rows or columns of latent patches past the RoPE table (1024 positions) fail at run time."""
+    from utils.wan21 import ROPE_MAX_LEN
+
+    too_big = 16 * (ROPE_MAX_LEN + 1)  # tiny: VAE stride 8 x patch 2
+    message = refused(tiny_with(tmp_path, **{key: str(too_big)}))
+    assert f"{key} = {too_big}; expected a positive multiple of 16 pixels" in message and f"{16 * ROPE_MAX_LEN}" in message
+    assert load_config(tiny_with(tmp_path, **{key: str(16 * ROPE_MAX_LEN)}))[key] == 16 * ROPE_MAX_LEN

@@ -12,7 +12,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from utils.wan21 import BYTE_TOKENIZER_VOCAB, UMT5_XXL, VAE_STRIDE, WAN_T2V_1_3B, ModelConfigError, read_model_config
+from utils.wan21 import (BYTE_TOKENIZER_VOCAB, MODEL_SIZE_LIMITS, ROPE_MAX_LEN, UMT5_SIZE_LIMITS, UMT5_XXL, VAE_STRIDE,
+                         WAN_T2V_1_3B, ModelConfigError, read_model_config)
 
 DEFAULT_CONFIG = "configs/default_config.yaml"
 NUM_TRAIN_TIMESTEPS = 1000
@@ -37,10 +38,12 @@ def _positive_int(value):
 
 PRECISIONS = ("exact", "fast")
 
-# CausalWanModel arguments that model_config may hold with random_init -> what each must be.
+# CausalWanModel arguments that model_config may hold with random_init -> what each must be. Sizes are
+# capped (utils.wan21.MODEL_SIZE_LIMITS), so that nothing absurd is built or estimated.
 MODEL_CONFIG = {
-    **{key: "a positive int" for key in ("text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim", "num_heads", "num_layers")},
-    "patch_size": "a list of 3 positive ints (frames, rows, columns)",
+    **{key: f"a positive int <= {MODEL_SIZE_LIMITS[key]}"
+       for key in ("text_len", "in_dim", "dim", "ffn_dim", "freq_dim", "text_dim", "out_dim", "num_heads", "num_layers")},
+    "patch_size": f"a list of 3 positive ints <= {MODEL_SIZE_LIMITS['patch_size']} (frames, rows, columns)",
     "eps": "a number > 0",
     "qk_norm": "true or false",
     "cross_attn_norm": "true or false",
@@ -48,14 +51,18 @@ MODEL_CONFIG = {
 REQUIRED_MODEL_CONFIG = [key for key in MODEL_CONFIG if key not in ("qk_norm", "cross_attn_norm")]
 
 
+def _size_ok(value, limit):
+    return _positive_int(value) and value <= limit
+
+
 def _model_config_value_ok(key, value):
     if key == "patch_size":
-        return isinstance(value, list) and len(value) == 3 and all(_positive_int(v) for v in value)
+        return isinstance(value, list) and len(value) == 3 and all(_size_ok(v, MODEL_SIZE_LIMITS[key]) for v in value)
     if key == "eps":
         return _is_number(value) and value > 0
     if key in ("qk_norm", "cross_attn_norm"):
         return isinstance(value, bool)
-    return _positive_int(value)
+    return _size_ok(value, MODEL_SIZE_LIMITS[key])
 
 
 def _lookup(tree, key):
@@ -155,10 +162,12 @@ def _check_random_text_encoder(c, text_dim):
     unknown = sorted(set(fields) - set(allowed))
     if unknown:
         c.fail(f"text_encoder_config.{unknown[0]}", fields[unknown[0]], f"one of {allowed}")
-    c.require("text_encoder_config.text_len", _positive_int, "a positive int (prompt tokens)")
+    limit = UMT5_SIZE_LIMITS["text_len"]
+    c.require("text_encoder_config.text_len", lambda v: _size_ok(v, limit), f"a positive int <= {limit} (prompt tokens)")
     for key, default in UMT5_XXL.items():
         if key in fields and _is_int(default):
-            c.require(f"text_encoder_config.{key}", _positive_int, "a positive int")
+            limit = UMT5_SIZE_LIMITS[key]
+            c.require(f"text_encoder_config.{key}", lambda v, limit=limit: _size_ok(v, limit), f"a positive int <= {limit}")
     if "init_seed" in fields:
         c.require("text_encoder_config.init_seed", lambda v: _is_int(v) and 0 <= v < 2**64, "an int in [0, 2**64)")
     c.require("text_encoder_config.vocab_size", lambda v: v >= BYTE_TOKENIZER_VOCAB,
@@ -168,10 +177,12 @@ def _check_random_text_encoder(c, text_dim):
 
 
 def _check_frame_size(c, patch_size):
-    for key, patch in (("height", patch_size[1]), ("width", patch_size[2])):
+    for key, patch, patches in (("height", patch_size[1], "rows"), ("width", patch_size[2], "columns")):
         step = VAE_STRIDE * patch
-        c.require(key, lambda v: _positive_int(v) and v % step == 0,
-                  f"a positive multiple of {step} pixels (VAE stride {VAE_STRIDE} x patch size {patch})")
+        most = step * ROPE_MAX_LEN  # the RoPE table has ROPE_MAX_LEN positions per axis
+        c.require(key, lambda v: _positive_int(v) and v % step == 0 and v <= most,
+                  f"a positive multiple of {step} pixels (VAE stride {VAE_STRIDE} x patch size {patch}) up to {most} "
+                  f"(the RoPE table's {ROPE_MAX_LEN} {patches} of patches)")
 
 
 def _validate(config, sources, check_model):

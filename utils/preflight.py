@@ -59,6 +59,17 @@ def parameter_count(sizes):
     )
 
 
+def umt5_parameter_count(sizes):
+    """Number of parameters of a UMT5 encoder of ``sizes`` (UMT5Config fields, gated FFN): the token
+    embedding, then per layer q, k, v, o, its own relative-position bias, the gated FFN and two norms,
+    and the final norm."""
+    d, inner = sizes["d_model"], sizes["num_heads"] * sizes["d_kv"]
+    gated = str(sizes.get("feed_forward_proj", "gated-gelu")).startswith("gated")
+    layer = (4 * d * inner + sizes["relative_attention_num_buckets"] * sizes["num_heads"]
+             + (3 if gated else 2) * d * sizes["d_ff"] + 2 * d)
+    return sizes["vocab_size"] * d + sizes["num_layers"] * layer + d
+
+
 def estimate(sizes, *, num_frames, num_frame_per_block, height, width, cache_frames, num_captured_layers,
              num_kept_passes, save_mode, dtype_bytes, batch=1, text_encoder_bytes=0) -> Estimate:
     """Bytes of a run of ``num_frames`` latent frames at ``height`` x ``width`` pixels that keeps

@@ -16,6 +16,7 @@ VAE_FILE = "Wan2.1_VAE.pth"
 MODEL_FILES = (MODEL_CONFIG_FILE, TRANSFORMER_FILE, T5_FILE, T5_TOKENIZER_DIR + "/")  # what inference reads
 
 VAE_STRIDE = 8  # the VAE downsamples height and width 8x
+ROPE_MAX_LEN = 1024  # positions of the RoPE table (wan.modules.causal_model.RoPE3D): latent frames, patch rows, patch columns
 
 # CausalWanModel arguments of Wan2.1-T2V-1.3B. The official config.json holds the sizes in
 # CONFIG_JSON_SIZES (and eps); text_dim and patch_size are not in it and come from here.
@@ -39,6 +40,20 @@ UMT5_XXL = dict(
     layer_norm_epsilon=1e-6,
 )
 BYTE_TOKENIZER_VOCAB = 259  # utils.text_encoder.byte_tokenizer: 3 special tokens + 256 bytes
+
+# The largest size accepted for each CausalWanModel / UMT5 size: a few times the official ones (Wan2.1
+# 1.3B and 14B: dim 1536 / 5120, ffn_dim 8960 / 13824, 30 / 40 layers; UMT5-XXL above), so that a typo
+# (1e10) is refused when the config is read instead of as a MemoryError or minutes of building.
+TEXT_LEN_LIMIT = 4096  # prompt tokens
+MODEL_SIZE_LIMITS = dict(
+    patch_size=16, text_len=TEXT_LEN_LIMIT, in_dim=1024, dim=32768, ffn_dim=131072, freq_dim=8192, text_dim=32768,
+    out_dim=1024, num_heads=1024, num_layers=1024,
+)
+UMT5_SIZE_LIMITS = dict(
+    text_len=TEXT_LEN_LIMIT, vocab_size=4 * UMT5_XXL["vocab_size"], d_model=MODEL_SIZE_LIMITS["text_dim"], d_kv=1024,
+    d_ff=131072, num_layers=1024, num_heads=1024, relative_attention_num_buckets=4096,
+    relative_attention_max_distance=65536,
+)
 
 
 class ModelConfigError(ValueError):
@@ -78,6 +93,8 @@ def read_model_config(model_dir):
     for key in CONFIG_JSON_SIZES:
         if not _positive_int(raw.get(key)):
             raise ModelConfigError(f"{path}: {key} = {raw.get(key, 'missing')!r}; expected a positive int")
+        if raw[key] > MODEL_SIZE_LIMITS[key]:
+            raise ModelConfigError(f"{path}: {key} = {raw[key]!r}; expected a positive int <= {MODEL_SIZE_LIMITS[key]}")
     eps = raw.get("eps", WAN_T2V_1_3B["eps"])
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
         raise ModelConfigError(f"{path}: eps = {eps!r}; expected a number > 0")

@@ -19,6 +19,7 @@ from wan.families.wan21 import WAN21
 FAMILIES = {family.name: family for family in (WAN21, SELF_FORCING, CAUSAL_FORCING, CAUSVID, LONGLIVE)}
 DEFAULT_FAMILY = SELF_FORCING
 SCHEDULE_KEYS = ("timestep_shift",)  # the model_kwargs of the schedule; the rest are the cache policy's
+MAX_TIMESTEP_SHIFT = 1000  # the largest timestep_shift accepted (a finite, sane schedule)
 
 __all__ = ["DEFAULT_FAMILY", "FAMILIES", "SCHEDULE_KEYS", "check_model", "family_and_variant", "schedule_differences",
            "timestep_shift"]
@@ -53,8 +54,10 @@ def _check_model_kwargs(model_kwargs, per_block):
     if unknown:
         return unknown[0], f"one of the known model_kwargs {known}"
     shift = timestep_shift(model_kwargs)
-    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
-        return "timestep_shift", "a number > 0 (the shift of the flow-matching schedule)"
+    if (isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0
+            or shift > MAX_TIMESTEP_SHIFT):
+        return "timestep_shift", (f"a number > 0 and at most {MAX_TIMESTEP_SHIFT} (the shift of the flow-matching "
+                                  "schedule; the releases use 3 to 8)")
     return cache_policies.problem({k: v for k, v in model_kwargs.items() if k not in SCHEDULE_KEYS}, per_block)
 
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from utils.config import PRECISIONS
 from utils.loading import WeightFileError, load_into, read_state_dict
-from utils.wan21 import TRANSFORMER_FILE, ModelConfigError, latent_frame_tokens, read_model_config
+from utils.wan21 import ROPE_MAX_LEN, TRANSFORMER_FILE, ModelConfigError, latent_frame_tokens, read_model_config
 from wan.cache_policies import CacheLayout
 from wan.cache_policies.global_attention import GlobalAttention
 from wan.modules.attention import ATTENTION_WEIGHT_CAPTURE, attention, fast_attention_kernel, merge_key_splits, sdpa
@@ -54,7 +54,7 @@ class RoPE3D:
 
     CACHED_TABLES = 4
 
-    def __init__(self, head_dim, max_len=1024, theta=10000.0):
+    def __init__(self, head_dim, max_len=ROPE_MAX_LEN, theta=10000.0):
         pairs = head_dim // 2
         self.split = [pairs - 2 * (pairs // 3), pairs // 3, pairs // 3]
         self.max_len = max_len
