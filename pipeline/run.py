@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from pipeline.plan import UsageError, plan_run, preflight
-from pipeline.sweep import MANIFEST, append_manifest, check_sweep_settings, is_complete, item_name, write_manifest
+from pipeline.sweep import (MANIFEST, append_manifest, check_lock_holder, check_sweep_settings, is_complete, item_name,
+                            open_sweep, write_manifest)
 from utils.config import model_sizes
 
 
@@ -44,6 +45,14 @@ def run(options):
         for warning in plan.warnings:
             print(f"warning: {warning}", file=sys.stderr)
     preflight(options, plan)
+    folder = plan.output_dir
+    item_paths = [] if folder is None else [folder / item_name(p, s) for p, s in plan.items]
+    with open_sweep(folder, item_paths, plan.rank):  # locked, checked and cleaned before any item runs
+        return run_items(options, plan, t_start)
+
+
+def run_items(options, plan, t_start):
+    """``run`` once the plan has passed and a sweep's folder is held (by rank 0)."""
     say = (lambda *a, **k: None) if (options.quiet or plan.rank) else print
     if plan.beyond_release and plan.rank == 0:
         print(f"warning: beyond the release of {plan.family.name} {plan.variant.name} "
@@ -73,6 +82,8 @@ def run(options):
         check_sweep_settings(folder, settings, options.overwrite, plan.rank)
         if distributed:
             torch.distributed.barrier()
+            if plan.rank != 0:
+                check_lock_holder(folder)
     todo = []
     for prompt_index, seed in plan.my_items():
         path = folder / item_name(prompt_index, seed) if folder else Path(plan.output_path)
