@@ -90,3 +90,11 @@ def test_crafted_statistics_are_refused_by_the_plot(made, tmp_path, capsys, case
 def test_the_made_files_still_plot(made, tmp_path):
     assert plot.main(["--stats", str(made / "stats.pt"), "--out", str(tmp_path / "s.png")]) == 0
     assert plot.main(["--cache", str(made / "c0.pt"), "--out", str(tmp_path / "c.png")]) == 0
+
+
+def test_a_cache_holding_objects_is_refused_in_one_line_without_torchs_advice(tmp_path, capsys):
+    path = tmp_path / "pickled.pt"
+    torch.save({"attention_weights": [], "trainer": torch.nn.Identity()}, path)
+    assert plot.main(["--cache", str(path), "--out", str(tmp_path / "f.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds objects beyond tensors" in err and "weights_only=False" not in err

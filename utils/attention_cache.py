@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from utils.attention_stats import stored_tiles, summarize_logits
-from utils.output import write_atomically
+from utils.output import one_line, write_atomically
 from utils.passes import is_pass, pass_name
 
 CACHE_FORMAT = "figure4-attention-cache"
@@ -441,9 +441,9 @@ def _load(path):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
         raise CacheFileError(f"{path}: not a Figure 4 attention cache: it holds objects beyond tensors and plain "
-                             f"containers, which weights_only loading refuses ({err})") from err
+                             f"containers, which weights_only loading refuses ({one_line(err)})") from err
     except Exception as err:
-        raise CacheFileError(f"{path}: unreadable torch file, truncated or corrupt? ({err})") from err
+        raise CacheFileError(f"{path}: unreadable torch file, truncated or corrupt? ({one_line(err)})") from err
 
 
 class AttentionCache:

@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from utils.output import one_line
 from utils.wan21 import (BYTE_TOKENIZER_VOCAB, MODEL_SIZE_LIMITS, ROPE_MAX_LEN, UMT5_SIZE_LIMITS, UMT5_XXL, VAE_STRIDE,
                          WAN_T2V_1_3B, ModelConfigError, read_model_config)
 
@@ -204,18 +205,13 @@ def _validate(config, sources, check_model):
               default=None)
 
 
-def _first_line(err):
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
-
-
 def _read_yaml(path):
     if not Path(path).is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
         loaded = OmegaConf.load(path)
     except Exception as err:
-        raise ConfigError(f"{path}: not a readable YAML config ({_first_line(err)})") from err
+        raise ConfigError(f"{path}: not a readable YAML config ({one_line(err)})") from err
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{path}: holds a list at the top level; expected a mapping of keys")
     return loaded
@@ -253,7 +249,7 @@ def load_config(config_path, default_path=DEFAULT_CONFIG, model_dir=None, *, che
     try:
         config = OmegaConf.merge(*(layer for _, layer in layers))
     except OmegaConfBaseException as err:
-        raise ConfigError(f"{config_path}: cannot be merged onto {default_path} ({_first_line(err)})") from err
+        raise ConfigError(f"{config_path}: cannot be merged onto {default_path} ({one_line(err)})") from err
     sources = [(name, OmegaConf.to_container(layer)) for name, layer in layers]
     if model_dir is not None:
         config.model_dir = model_dir
@@ -263,7 +259,7 @@ def load_config(config_path, default_path=DEFAULT_CONFIG, model_dir=None, *, che
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         where, raw = _origin(sources, key)
-        raise ConfigError(f"{where}: {key} = {raw!r}: the interpolation cannot be resolved ({_first_line(err)})") from err
+        raise ConfigError(f"{where}: {key} = {raw!r}: the interpolation cannot be resolved ({one_line(err)})") from err
     _validate(config, sources, check_model)
     return config
 

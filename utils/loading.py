@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from utils.output import one_line
+
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
 # torch.save's legacy (non-zip) format starts with this pickled number, after the pickle header.
 LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
@@ -26,15 +28,6 @@ LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
 class WeightFileError(ValueError):
     """A weight file is missing, unreadable, or does not fit the model it is loaded into."""
-
-
-def _one_line(err):
-    """The first sentence of an exception's message (after torch's weights_only preamble), on one line."""
-    text = str(err)
-    if "WeightsUnpickler error:" in text:
-        text = text.split("WeightsUnpickler error:", 1)[1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0].split(". ")[0].rstrip(".") if lines else type(err).__name__
 
 
 def _refused_object(err):
@@ -95,14 +88,14 @@ def _load_torch_file(path, allow_pickle, device, pickle_flag):
         raise
     except Exception as err:
         if allow_pickle:
-            raise WeightFileError(f"{path}: cannot be unpickled as a {kind}-format torch file ({type(err).__name__}: {_one_line(err)})") from err
+            raise WeightFileError(f"{path}: cannot be unpickled as a {kind}-format torch file ({type(err).__name__}: {one_line(err)})") from err
         refused = _refused_object(err)
         if refused is None:
-            raise WeightFileError(f"{path}: truncated or corrupt {kind}-format torch file ({_one_line(err)})") from err
+            raise WeightFileError(f"{path}: truncated or corrupt {kind}-format torch file ({one_line(err)})") from err
         hint = f"; if you trust the file, opt in with {pickle_flag} (full unpickling can run code from it)" if pickle_flag else ""
         raise WeightFileError(f"{path}: holds objects beyond tensors ({refused}), which weights_only=True refuses{hint}") from err
     if zip_error is not None:  # torch read a zip whose records could not be checked
-        raise WeightFileError(f"{path}: zip records cannot be checked ({_one_line(zip_error)}); expected a file as torch.save writes it")
+        raise WeightFileError(f"{path}: zip records cannot be checked ({one_line(zip_error)}); expected a file as torch.save writes it")
     return contents
 
 
@@ -161,7 +154,7 @@ def read_state_dict(path, allow_pickle=False, device="cpu", pickle_flag=None):
         try:
             contents = load_file(path, device=str(device))
         except Exception as err:
-            raise WeightFileError(f"{path}: not a readable safetensors file ({_one_line(err)})") from err
+            raise WeightFileError(f"{path}: not a readable safetensors file ({one_line(err)})") from err
         _check_plain_tensors(contents, str(path))
         return contents
     contents = _load_torch_file(path, allow_pickle, device, pickle_flag)

@@ -36,6 +36,16 @@ _AFTER = {"starting": "while starting; nothing was written",
           "interrupted": "while exiting"}
 
 
+
+def one_line(err):
+    """The first sentence of an exception's message, on one line, for a one-line error (after torch's
+    weights-only preamble, without its advice to turn the check off)."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0].split(". ")[0].rstrip(".") if lines else type(err).__name__
+
 class OutputPathError(ValueError):
     """An output path that cannot be (re)placed by a regular file."""
 

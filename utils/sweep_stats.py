@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from utils.attention_cache import EntryLabels
-from utils.output import write_files_atomically
+from utils.output import one_line, write_files_atomically
 from utils.passes import is_pass
 
 STATS_FORMAT = "figure4-sweep-statistics"
@@ -193,7 +193,7 @@ def load_statistics(path):
     except FileNotFoundError:
         raise StatsFileError(f"{path}: file not found") from None
     except Exception as err:
-        raise StatsFileError(f"{path}: not a readable statistics file ({err})") from err
+        raise StatsFileError(f"{path}: not a readable statistics file ({one_line(err)})") from err
     if not isinstance(stats, dict) or stats.get("format") != STATS_FORMAT:
         raise StatsFileError(f"{path}: not a sweep-statistics file (expected format {STATS_FORMAT!r})")
     if stats.get("format_version") != STATS_VERSION:
