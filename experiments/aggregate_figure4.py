@@ -69,7 +69,7 @@ def main(argv=None):
 
     from utils.attention_cache import CacheFileError, open_cache
     from utils.output import OutputPathError, exit_status
-    from utils.sweep_stats import MixedCachesError, save_statistics, sweep_statistics
+    from utils.sweep_stats import MixedCachesError, distinct_items, save_statistics, sweep_statistics
 
     def aggregate():
         files = input_files(args.inputs)
@@ -77,7 +77,10 @@ def main(argv=None):
             for written in (out, out.with_suffix(".csv")):
                 if same_file(path, written):
                     raise InputError(f"--out {out}: {written} is the input {path}; refusing to write over it")
-        caches = [open_cache(path) for path in files]
+        caches, duplicates = distinct_items([open_cache(path) for path in files])
+        for duplicate, original in duplicates:
+            print(f"note: {duplicate.path} repeats the item of {original.path} (same prompt, seed and settings); "
+                  "counted once", file=sys.stderr)
         stats = sweep_statistics(caches)
         csv_path = save_statistics(stats, out)
         print(f"{stats['n_items']} items, {len(stats['groups'])} (layer, block, pass) groups x {stats['num_heads']} heads")

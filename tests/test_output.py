@@ -391,3 +391,12 @@ def test_a_signal_after_the_output_is_complete_exits_with_one_line(tmp_path, tin
     assert out.stat().st_size > 0
     if script == "aggregate":
         assert out.with_suffix(".csv").stat().st_size > 0
+
+
+def test_replacing_a_hard_linked_output_says_the_other_names_keep_the_old_file(tmp_path, capsys):
+    target, other = tmp_path / "out.bin", tmp_path / "other_name.bin"
+    target.write_bytes(b"old")
+    os.link(target, other)
+    write_atomically(target, lambda handle: handle.write(b"new"))
+    assert target.read_bytes() == b"new" and other.read_bytes() == b"old"
+    assert f"note: {target} has 1 other hard link(s), which keep the old contents" in capsys.readouterr().err

@@ -98,3 +98,13 @@ def test_a_cache_holding_objects_is_refused_in_one_line_without_torchs_advice(tm
     assert plot.main(["--cache", str(path), "--out", str(tmp_path / "f.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds objects beyond tensors" in err and "weights_only=False" not in err
+
+
+def test_the_same_item_in_two_files_counts_once(made, tmp_path, capsys):
+    copy = tmp_path / "copy_of_c0.pt"
+    copy.write_bytes((made / "c0.pt").read_bytes())
+    out = tmp_path / "stats.pt"
+    assert aggregate.main([str(made / "c0.pt"), str(made / "c1.pt"), str(copy), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert f"note: {copy} repeats the item of {made / 'c0.pt'} (same prompt, seed and settings); counted once" in captured.err
+    assert torch.load(out, weights_only=True)["n_items"] == 2 and "2 items" in captured.out

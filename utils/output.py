@@ -230,6 +230,9 @@ def write_files_atomically(outputs, expected_bytes=None):
         raise OutputPathError(f"{', '.join(str(p) for p, _ in outputs)}: two outputs are one file")
     for target in targets:
         target.parent.mkdir(parents=True, exist_ok=True)
+        links = target.stat().st_nlink - 1 if target.exists() else 0
+        if links:  # a rename replaces this name only: the other names keep the old contents
+            print(f"note: {target} has {links} other hard link(s), which keep the old contents", file=sys.stderr)
     modes = [_new_file_mode(target) for target in targets]
     signals_before = len(_received_signals)
     temps, backups = [], {}

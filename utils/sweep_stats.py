@@ -129,8 +129,25 @@ def check_same_setting(caches):
                                  "one setting (same frames, layers, passes, model and checkpoint)")
 
 
+def distinct_items(caches):
+    """(``caches`` with each item once, [(duplicate, the cache it repeats)]): two caches are one item when
+    they hold the same prompt and seed made with the same settings (``metadata.settings``, which the
+    extraction writes: the config, checkpoint, capture and dtype), e.g. a file copied between sweeps."""
+    kept, duplicates, seen = [], [], {}
+    for cache in caches:
+        meta = cache.metadata
+        key = repr((cache.prompt, meta.get("seed"), meta.get("settings"), meta.get("prompt_switches")))
+        if meta.get("seed") is not None and key in seen:
+            duplicates.append((cache, seen[key]))
+        else:
+            seen.setdefault(key, cache)
+            kept.append(cache)
+    return kept, duplicates
+
+
 def sweep_statistics(caches):
-    """The statistics over the items of ``caches`` (opened attention caches of one setting)."""
+    """The statistics over the items of ``caches`` (opened attention caches of one setting, each item
+    once: see ``distinct_items``)."""
     check_same_setting(caches)
     groups = []
     for entry in caches[0].entries:
