@@ -25,19 +25,12 @@ def made(tmp_path_factory):
     return folder
 
 
-def crafted_cache(made, tmp_path, change):
-    data = torch.load(made / "c0.pt", weights_only=True)
+def crafted(source, tmp_path, change):
+    """A copy of the file ``source`` in ``tmp_path``, its dict altered by ``change``."""
+    data = torch.load(source, weights_only=True)
     change(data)
-    path = tmp_path / "crafted.pt"
+    path = tmp_path / f"crafted_{source.name}"
     torch.save(data, path)
-    return path
-
-
-def crafted_stats(made, tmp_path, change):
-    stats = torch.load(made / "stats.pt", weights_only=True)
-    change(stats)
-    path = tmp_path / "stats.pt"
-    torch.save(stats, path)
     return path
 
 
@@ -59,7 +52,7 @@ CACHES = {  # id: (change, words of the error)
 @pytest.mark.parametrize("case", CACHES)
 def test_crafted_caches_are_refused_by_plot_and_aggregator(made, tmp_path, capsys, case):
     change, words = CACHES[case]
-    path = crafted_cache(made, tmp_path, change)
+    path = crafted(made / "c0.pt", tmp_path, change)
     assert plot.main(["--cache", str(path), "--out", str(tmp_path / "f.png")]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and words in err and "Traceback" not in err
@@ -81,7 +74,7 @@ STATS = {
 @pytest.mark.parametrize("case", STATS)
 def test_crafted_statistics_are_refused_by_the_plot(made, tmp_path, capsys, case):
     change, words = STATS[case]
-    path = crafted_stats(made, tmp_path, change)
+    path = crafted(made / "stats.pt", tmp_path, change)
     assert plot.main(["--stats", str(path), "--out", str(tmp_path / "f.png")]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and words in err and "Traceback" not in err
