@@ -23,7 +23,7 @@ from utils.output import OutputPathError, check_output_path
 from utils.passes import parse_blocks, parse_passes
 from utils.preflight import GB, PreflightError, check_fits, estimate, host_available_bytes, umt5_parameter_count
 from utils.wan21 import BYTE_TOKENIZER_VOCAB, MODEL_FILES, ROPE_MAX_LEN, UMT5_XXL
-from wan import cache_policies, families
+from wan import families
 
 DEFAULT_CONFIG = "configs/default_config.yaml"
 DEFAULT_PROMPT = "A majestic eagle soaring through a cloudy sky, cinematic lighting"
@@ -421,8 +421,7 @@ def plan_run(options, environ=os.environ):
         except OutputPathError as err:
             raise UsageError(f"--output_path: {err}") from err
     kwargs = OmegaConf.to_container(config.get("model_kwargs") or OmegaConf.create({}))
-    policy = cache_policies.policy_from_kwargs(
-        {key: value for key, value in kwargs.items() if key not in families.SCHEDULE_KEYS}, per_block)
+    policy = families.cache_policy(kwargs, per_block)
     differences = families.schedule_differences(OmegaConf.to_container(config, resolve=True), variant)
     if variant.max_frames is not None and options.num_frames > variant.max_frames:
         differences.append(f"--num_frames {options.num_frames}: the release generates at most {variant.max_frames} "

@@ -15,7 +15,7 @@ from utils.loading import WeightFileError, load_into, read_state_dict
 from utils.misc import seeded
 from utils.scheduler import FlowMatchScheduler
 from utils.text_encoder import WanTextEncoder
-from wan import cache_policies, families
+from wan import families
 from wan.modules.causal_model import CausalWanModel
 
 __all__ = ["WanDiffusionWrapper", "WanTextEncoder", "load_generator_checkpoint"]
@@ -33,8 +33,7 @@ class WanDiffusionWrapper(nn.Module):
         ``load_weights=False`` leaves a non-random model on the meta device, for
         ``load_generator_checkpoint`` to fill (the base weights are then never read)."""
         kwargs = dict(cfg.get("model_kwargs") or {})
-        policy_kwargs = {key: value for key, value in kwargs.items() if key not in families.SCHEDULE_KEYS}
-        policy = cache_policies.policy_from_kwargs(policy_kwargs, int(cfg.get("num_frame_per_block", 1)))
+        policy = families.cache_policy(kwargs, int(cfg.get("num_frame_per_block", 1)))
         if cfg.get("random_init"):
             sizes = dict(cfg["model_config"], cache_policy=policy)
             model = seeded(lambda: CausalWanModel(**sizes), cfg.get("init_seed", 0)).to(device=device, dtype=dtype)

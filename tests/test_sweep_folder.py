@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -286,9 +287,17 @@ def test_run_killed_with_sigkill_leaves_a_temp_file_that_the_resume_removes(tmp_
 def test_two_sweeps_started_at_once_one_is_refused(tmp_path):
     folder = tmp_path / "sweep"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    runs = [subprocess.Popen([sys.executable, "experiments/run_extraction_figure4.py", *ARGS, "--seeds", *map(str, range(6)),
-                              "--output_dir", str(folder), "--capture_step", step], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for step in ("0", "1")]
+
+    def start(step):
+        return subprocess.Popen([sys.executable, "experiments/run_extraction_figure4.py", *ARGS, "--seeds",
+                                 *map(str, range(6)), "--output_dir", str(folder), "--capture_step", step], cwd=REPO,
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    runs = [start("0")]
+    deadline = time.monotonic() + 60  # the second starts once the first holds the folder (it then still imports torch)
+    while not (folder / ".sweep.lock").exists() and runs[0].poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    runs.append(start("1"))
     results = [(r.wait(timeout=300), r.stderr.read()) for r in runs]
     codes = sorted(code for code, _ in results)
     assert codes == [0, 2], results

@@ -21,14 +21,24 @@ DEFAULT_FAMILY = SELF_FORCING
 SCHEDULE_KEYS = ("timestep_shift",)  # the model_kwargs of the schedule; the rest are the cache policy's
 MAX_TIMESTEP_SHIFT = 1000  # the largest timestep_shift accepted (a finite, sane schedule)
 
-__all__ = ["DEFAULT_FAMILY", "FAMILIES", "SCHEDULE_KEYS", "check_model", "family_and_variant", "schedule_differences",
-           "timestep_shift"]
+__all__ = ["DEFAULT_FAMILY", "FAMILIES", "SCHEDULE_KEYS", "cache_policy", "check_model", "family_and_variant",
+           "schedule_differences", "timestep_shift"]
 
 
 def timestep_shift(model_kwargs):
     """The flow-matching shift of a run: the config's ``model_kwargs.timestep_shift``, else the default
     family's."""
     return model_kwargs.get("timestep_shift", DEFAULT_FAMILY.variant().schedule.timestep_shift)
+
+
+def _policy_kwargs(model_kwargs):
+    """The cache policy's part of ``model_kwargs``: everything but the schedule's keys."""
+    return {key: value for key, value in model_kwargs.items() if key not in SCHEDULE_KEYS}
+
+
+def cache_policy(model_kwargs, per_block):
+    """The cache policy a config's (checked) ``model_kwargs`` name, for blocks of ``per_block`` frames."""
+    return cache_policies.policy_from_kwargs(_policy_kwargs(model_kwargs), per_block)
 
 
 def family_and_variant(config):
@@ -58,7 +68,7 @@ def _check_model_kwargs(model_kwargs, per_block):
             or shift > MAX_TIMESTEP_SHIFT):
         return "timestep_shift", (f"a number > 0 and at most {MAX_TIMESTEP_SHIFT} (the shift of the flow-matching "
                                   "schedule; the releases use 3 to 8)")
-    return cache_policies.problem({k: v for k, v in model_kwargs.items() if k not in SCHEDULE_KEYS}, per_block)
+    return cache_policies.problem(_policy_kwargs(model_kwargs), per_block)
 
 
 def check_model(config, per_block):
