@@ -8,8 +8,8 @@ import time
 
 import torch
 
-from pipeline.causal_inference import CausalInferencePipeline
 from pipeline.lora import load_lora
+from pipeline.pipelines import pipeline_class
 from pipeline.wrappers import WanDiffusionWrapper, load_generator_checkpoint
 from utils.attention_cache import SUMMARY_KEYS, CacheEntry
 from utils.misc import set_seed
@@ -34,7 +34,7 @@ class Extractor:
         if lora_path is not None:
             self.lora_layers = load_lora(generator.model, lora_path, variant.lora, merge=config.get("precision") == "fast",
                                          allow_pickle=allow_pickle)
-        self.pipeline = CausalInferencePipeline(config, device, generator=generator, dtype=dtype).eval()
+        self.pipeline = pipeline_class(config)(config, device, generator=generator, dtype=dtype).eval()
         self.model = generator.model
         self.device, self.dtype = device, dtype
 
@@ -86,10 +86,12 @@ def cache_entry(record, frame_seq_length, frames_per_block, save_mode):
 
     The entry carries the call's own labels: layer, block, pass, timestep, the video frames of its
     queries and of each key frame, and per key token its video frame, temporal RoPE position and role
-    (from the KV cache); then either the fp16 logits [B, N, Q, K] (save_mode 'full') or the reductions
-    (SUMMARY_KEYS)."""
+    (from the KV cache); for a call of the rolling loop also its window and each query frame's level;
+    then either the fp16 logits [B, N, Q, K] (save_mode 'full') or the reductions (SUMMARY_KEYS)."""
     summary = {name: value.cpu() for name, value in record.summary(frame_seq_length).items()}
-    block = record.labels["block"]
+    labels = record.labels
+    block = labels["block"]
+    query_frames = labels.get("query_frames") or list(range(block * frames_per_block, (block + 1) * frames_per_block))
     video, rope = (positions.to(device="cpu", dtype=torch.int32) for positions in record.key_positions)  # [B, Lk]
     if save_mode == "full":
         tensors = {"attn_logits": record.to_host(torch.float16, frame_seq_length=frame_seq_length)}
@@ -100,7 +102,7 @@ def cache_entry(record, frame_seq_length, frames_per_block, save_mode):
         block=block,
         pass_=record.labels["step"],
         timestep=float(record.labels["timestep"]),
-        query_frames=list(range(block * frames_per_block, (block + 1) * frames_per_block)),
+        query_frames=query_frames,
         key_frame_indices=video[0, ::frame_seq_length].tolist(),
         num_heads=record.num_heads,
         nonfinite=int(summary["nonfinite"].sum()),
@@ -110,5 +112,7 @@ def cache_entry(record, frame_seq_length, frames_per_block, save_mode):
         key_video_frames=video,
         key_rope_frames=rope,
         key_roles=record.key_roles.to(device="cpu", dtype=torch.int8),
+        window=labels.get("window"),
+        query_levels=labels.get("query_levels"),
     )
     return entry, summary

@@ -65,7 +65,8 @@ def load_generator_checkpoint(
     """Load a generator checkpoint laid out as ``spec`` (a ``wan.families`` Checkpoint; None:
     Self-Forcing's) says: its EMA state dict (``generator_ema``) or, without ``use_ema``, its plain one
     (``generator``, or the spec's fallback entries), with the keys of a saved prefix renamed as the release's loader does
-    (``spec.prefix_fallbacks``, applied only when the keys do not match as saved), strictly, by
+    (``spec.prefix_fallbacks``, applied only when the keys do not match as saved; ``spec.ema_removed`` from
+    every key of the EMA state dict), strictly, by
     assignment, onto ``device`` in ``dtype`` (default: those of the generator's parameters; give both
     for a generator on the meta device). The file is memory-mapped: the other state dicts it holds are
     never read. ``allow_pickle`` fully unpickles a checkpoint that holds objects beyond tensors;
@@ -82,6 +83,9 @@ def load_generator_checkpoint(
     state = checkpoint[key]
     if not isinstance(state, dict):
         raise WeightFileError(f"{path}: '{key}' holds a {type(state).__name__}, not a state dict of tensors")
+    if key == spec.ema_key:
+        for removed in spec.ema_removed:
+            state = {name.replace(removed, "") if isinstance(name, str) else name: value for name, value in state.items()}
     expected = set(generator.state_dict())
     for saved, ours in spec.prefix_fallbacks:
         if set(state) != expected:

@@ -232,7 +232,7 @@ class AttentionWeightCapture:
         self.current_layer_idx = 0  # self-attention calls seen since enable(), every layer
         self.calls_seen = 0  # of those, calls of a requested layer in a labelled forward
         self.labels = None  # the current forward's pass labels, set by the pipeline
-        self._selected = False  # whether the current forward is one of the kept passes
+        self._selected = []  # the (block, step, timestep) places of the current forward that are kept
         self._kept = {}  # (layer, block, pass) -> CapturedCall
 
     def enable(self, layer_indices=None, num_layers=None, passes=(0,), blocks=(LAST_BLOCK,)):
@@ -283,9 +283,16 @@ class AttentionWeightCapture:
 
     def annotate(self, **labels):
         """Pass labels of the forward about to run: block, num_blocks, step (0.. or 'cache'),
-        timestep. ``annotate()`` with none clears them: calls outside a labelled forward are not kept."""
+        timestep; or, for a call over several blocks (the rolling loop, pipeline/rolling_inference.py),
+        num_blocks and ``places``, the (block, step, timestep) of each block in it, the call being kept
+        under each wanted one, plus its own labels (window, query frames and levels). ``annotate()``
+        with none clears them: calls outside a labelled forward are not kept."""
         self.labels = labels or None
-        self._selected = self.labels is not None and self.wants(labels["block"], labels["num_blocks"], labels["step"])
+        if self.labels is None:
+            self._selected = []
+            return
+        places = labels.get("places") or ((labels["block"], labels["step"], labels["timestep"]),)
+        self._selected = [place for place in places if self.wants(place[0], labels["num_blocks"], place[1])]
 
     def wants(self, block, num_blocks, step):
         """Whether a forward with these pass labels keeps its calls (False while disabled)."""
@@ -301,11 +308,13 @@ class AttentionWeightCapture:
         self.calls_seen += 1
         if self._selected:
             # q is a fresh tensor nobody writes to again; k is a view of the KV cache, which later
-            # passes overwrite, so it is copied.
-            key = (layer_idx, self.labels["block"], self.labels["step"])
-            self._kept[key] = CapturedCall(layer_idx, call_idx, tuple(q.shape), tuple(k.shape), dict(self.labels),
-                                           _key_frames(kv_cache), q, k.clone(), _key_positions(kv_cache),
-                                           _key_roles(kv_cache))
+            # passes overwrite, so it is copied. A place seen again (a repeated level) keeps its last call.
+            k, frames, positions, roles = k.clone(), _key_frames(kv_cache), _key_positions(kv_cache), _key_roles(kv_cache)
+            for block, step, timestep in self._selected:
+                labels = {**{key: value for key, value in self.labels.items() if key != "places"}, "block": block,
+                          "step": step, "timestep": timestep}
+                self._kept[layer_idx, block, step] = CapturedCall(layer_idx, call_idx, tuple(q.shape), tuple(k.shape),
+                                                                  labels, frames, q, k, positions, roles)
 
     def _layer_position(self, layer_idx):
         return layer_idx if self.layer_indices is None else self.layer_indices.index(layer_idx)

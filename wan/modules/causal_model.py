@@ -196,13 +196,17 @@ class CausalSelfAttention(AttentionProjections):
         self.layer_idx = layer_idx
         self.observer = None
 
-    def forward(self, x, freqs, cache, current_start):
+    def forward(self, x, freqs, cache, current_start, rotate=None):
+        """``rotate``: for a cache that keeps raw keys (``raw_keys``), ``KeyRotation`` of this forward."""
         heads = (self.num_heads, -1)
         q = apply_rope(self.norm_q(self.q(x)).unflatten(2, heads), freqs)  # [B, L, N, D]
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(2, heads), freqs)
+        raw = self.norm_k(self.k(x)).unflatten(2, heads)
+        k = apply_rope(raw, freqs)
         v = self.v(x).unflatten(2, heads)
-        if cache is not None:
-            k, v = cache.update(k, v, current_start, queries=q)  # [B, Lk, N, D]
+        if rotate is not None:
+            k, v = cache.update(k, v, current_start, queries=q, raw_keys=raw, rotate=rotate)  # [B, Lk, N, D]
+        elif cache is not None:
+            k, v = cache.update(k, v, current_start, queries=q)
         if self.observer is not None and self.observer.enabled:
             self.observer.observe(self.layer_idx, q, k, cache)
         return self.o(attention(q, k, v).flatten(2))
@@ -237,28 +241,30 @@ class CausalWanBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, e, freqs, context, cache, crossattn_cache, current_start):
+    def forward(self, x, e, freqs, context, cache, crossattn_cache, current_start, rotate=None):
         """x [B, F*S, C]; e [B, F, 6, C], the per-frame time modulation."""
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.unsqueeze(1) + e).chunk(6, dim=2)
-        y = self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa), freqs, cache, current_start)
+        y = self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa), freqs, cache, current_start, rotate)
         x = x + gate(y, gate_sa)
         x = x + self.cross_attn(self.norm3(x), context, crossattn_cache)
         y = self.ffn(modulate(self.norm2(x), shift_ff, scale_ff))
         return x + gate(y, gate_ff)
 
 
-def fast_attention_inputs(block, x, e, cos, sin):
+def fast_attention_inputs(block, x, e, cos, sin, raw_keys=False):
     """Fast mode, first half of a block: norm1 + modulation, the q/k/v projections, the q/k RMS norms
     and RoPE, each elementwise chain in fp32 and rounded once. x [B, F*S, C], e [B, F, 6, C], cos/sin
-    [F*S, 1, D] -> q, k, v [B, F*S, N, D] in x's dtype and the fp32 modulation [B, F, 6, C]."""
+    [F*S, 1, D] -> q, k, v [B, F*S, N, D] in x's dtype, the fp32 modulation [B, F, 6, C] and, with
+    ``raw_keys``, the keys before RoPE in x's dtype (else None)."""
     attn = block.self_attn
     heads = (attn.num_heads, -1)
     mod = block.modulation.float().unsqueeze(1) + e.float()
     h = layer_norm_modulate(x, mod[:, :, 0:1], mod[:, :, 1:2], block.norm1.eps)
     q = apply_rope_fp32(rms_norm_fp32(attn.q(h), attn.norm_q).unflatten(2, heads), cos, sin).type_as(x)
-    k = apply_rope_fp32(rms_norm_fp32(attn.k(h), attn.norm_k).unflatten(2, heads), cos, sin).type_as(x)
+    normed_k = rms_norm_fp32(attn.k(h), attn.norm_k).unflatten(2, heads)
+    k = apply_rope_fp32(normed_k, cos, sin).type_as(x)
     v = attn.v(h).unflatten(2, heads)
-    return q, k, v, mod
+    return q, k, v, mod, normed_k.type_as(x) if raw_keys else None
 
 
 def fast_block_output(block, x, y, mod, text_k, text_v):
@@ -300,6 +306,25 @@ def _(x, weight, bias):
 
 
 linear_gelu_tanh = torch.ops.wan.linear_gelu_tanh
+
+
+class KeyRotation:
+    """Rotates whole frames of keys at any temporal position, in the numerics of the forward: for a
+    cache that stores keys before RoPE and rotates them when they are read (``raw_keys = True``; its
+    ``update`` also gets ``raw_keys`` and this ``rotate``). ``grid``: the latent frame's (rows, columns)."""
+
+    def __init__(self, rope, grid, precision):
+        self.rope, self.grid, self.precision = rope, grid, precision
+
+    def __call__(self, keys, start_frame):
+        """keys [B, f * rows * columns, N, D] of f frames -> rotated at temporal frames start_frame ..
+        start_frame + f - 1, in keys' dtype: complex128 (exact) or fp32 (fast), as the forward's own keys."""
+        rows, cols = self.grid
+        grid = (keys.shape[1] // (rows * cols), rows, cols)
+        if self.precision == "exact":
+            return apply_rope(keys, self.rope.freqs(grid, start_frame, keys.device))
+        cos, sin = self.rope.cos_sin(grid, start_frame, keys.device)
+        return apply_rope_fp32(keys.float(), cos, sin).type_as(keys)
 
 
 class Head(nn.Module):
@@ -430,13 +455,20 @@ class CausalWanModel(nn.Module):
             x = self._fast_blocks(x, e0, grid, frame_seq_length, context, kv_cache, crossattn_cache, current_start)
         else:
             freqs = self.rope.freqs(grid, current_start // frame_seq_length, x.device)
+            rotate = self._key_rotation(kv_cache[0], grid)
             for block, cache, xcache in zip(self.blocks, kv_cache, crossattn_cache):
-                x = block(x, e0, freqs, context, cache, xcache, current_start)
+                x = block(x, e0, freqs, context, cache, xcache, current_start, rotate)
         x = self.head(x, e.unflatten(0, (batch, frames)).unsqueeze(2))
         pt, ph, pw = self.patch_size
         return rearrange(
             x, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)", f=grid[0], h=grid[1], w=grid[2], pt=pt, ph=ph, pw=pw
         )
+
+    def _key_rotation(self, cache, grid):
+        """A ``KeyRotation`` for this forward's caches where they keep raw keys (``raw_keys``), else None."""
+        if cache is None or not getattr(cache, "raw_keys", False):
+            return None
+        return KeyRotation(self.rope, tuple(grid[1:]), self.precision)
 
     def _fast_blocks(self, x, e0, grid, frame_seq_length, context, kv_cache, crossattn_cache, current_start):
         """The transformer blocks in fast mode: the two fused halves of each block around the eager
@@ -446,9 +478,12 @@ class CausalWanModel(nn.Module):
         x = x.contiguous()
         cos, sin = self.rope.cos_sin(grid, current_start // frame_seq_length, x.device)
         kernel = fast_attention_kernel(x.device, x.dtype, self.head_dim, self._merge_key_splits)
+        rotate = self._key_rotation(kv_cache[0], grid)
         for block, cache, xcache in zip(self.blocks, kv_cache, crossattn_cache):
-            q, k, v, mod = self._attention_inputs(block, x, e0, cos, sin)
-            if cache is not None:
+            q, k, v, mod, raw = self._attention_inputs(block, x, e0, cos, sin, rotate is not None)
+            if rotate is not None:
+                k, v = cache.update(k, v, current_start, queries=q, raw_keys=raw, rotate=rotate)
+            elif cache is not None:
                 k, v = cache.update(k, v, current_start, queries=q)
             if self.observer is not None and self.observer.enabled:
                 self.observer.observe(block.self_attn.layer_idx, q, k, cache)
