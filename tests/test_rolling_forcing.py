@@ -378,3 +378,26 @@ def test_cli_refuses_labels_no_call_has(tmp_path, capsys):
     assert "block 0 is at levels [0, 1, 2]" in err and not (tmp_path / "x.pt").exists()
     assert cli.main([*base, "--num_frames", "9", "--capture_blocks", "last", "--capture_step", "0"]) == 0
     assert "fewer than the 5 of a full window" in capsys.readouterr().err
+
+
+def test_after_another_family_in_one_process_equals_one_process_alone(tmp_path):
+    """Self-Forcing then Rolling Forcing in this process, and Rolling Forcing alone in a fresh one: the
+    same tensors and labels."""
+    import os
+    import subprocess
+    import sys
+
+    def argv(config, out):
+        return ["--config_path", config, "--no_checkpoint", "--device", "cpu", "--quiet", "--num_frames", "18",
+                "--capture_step", "all", "--capture_blocks", "1", "--save_mode", "summary", "--output_path", str(out)]
+
+    assert cli.main(argv("configs/tiny.yaml", tmp_path / "sf.pt")) == 0
+    assert cli.main(argv(str(TINY), tmp_path / "together.pt")) == 0
+    subprocess.run([sys.executable, "experiments/run_extraction_figure4.py", *argv(str(TINY), tmp_path / "alone.pt")],
+                   cwd=REPO, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    together = torch.load(tmp_path / "together.pt", weights_only=True)["attention_weights"]
+    alone = torch.load(tmp_path / "alone.pt", weights_only=True)["attention_weights"]
+    assert len(together) == len(alone) == 2 * 6
+    for a, b in zip(together, alone):
+        for key, value in a.items():
+            assert torch.equal(value, b[key]) if isinstance(value, torch.Tensor) else value == b[key], key
