@@ -781,12 +781,17 @@ def test_readme_plot_commands_run_as_written(tmp_path, monkeypatch, capsys, logi
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     prefix = "PYTHONPATH=. python experiments/plot_figure4.py "
     commands = [line for line in readme.splitlines() if line.startswith(prefix)]
-    assert len(commands) == 10
+    assert len(commands) == 11
     aggregate_prefix = "PYTHONPATH=. python experiments/aggregate_figure4.py "
     aggregates = [line.split("#")[0].strip() for line in readme.splitlines() if line.startswith(aggregate_prefix)]
     assert len(aggregates) == 2
+    import experiments.run_extraction_figure4 as cli  # the README's Rolling Forcing run, made for real
+
+    (tmp_path / "cache").mkdir()
+    assert cli.main(["--config_path", "configs/tiny_rolling_forcing.yaml", "--no_checkpoint", "--device", "cpu", "--quiet",
+                     "--num_frames", "21", "--capture_blocks", "last", "--capture_step", "all", "--save_mode", "summary",
+                     "--output_path", str(tmp_path / "cache/rolling_tiny.pt")]) == 0
     monkeypatch.chdir(tmp_path)
-    Path("cache").mkdir()
     Path("docs").mkdir()
     write_cache(Path("cache/attention_cache_self_forcing.pt"), logits)
     four_heads = torch.randn(1, 4, FQ * FSL, FK * FSL).half().float()  # the tiny model's 4 heads, layers 0 and 4
@@ -802,7 +807,8 @@ def test_readme_plot_commands_run_as_written(tmp_path, monkeypatch, capsys, logi
         assert aggregate_main(shlex.split(aggregate[len(aggregate_prefix):])) == 0, aggregate
     layout_cache(Path("cache/tiny_df.pt"), {1: (tokens_of(range(6)),) * 2, 3: COMPRESSED}, model_kwargs=PC_KWARGS,
                  layers=[0, 4], heads=4)
-    for i, model in enumerate(("tiny", "tiny_causal_forcing_framewise_2step", "tiny_causvid_dmd_3step", "tiny_longlive")):
+    for i, model in enumerate(("tiny", "tiny_causal_forcing_framewise_2step", "tiny_causvid_dmd_3step", "tiny_longlive",
+                               "tiny_rolling_forcing")):
         write_cache(Path(f"cache/{model}.pt"), make_logits(seed=i), mode="summary", family=model)
     for command in commands:
         code, _, err = run(capsys, *shlex.split(command[len(prefix):]))
