@@ -40,7 +40,8 @@ class RollingCache:
         self.local_end = 0  # its slot in the buffer
         self.frames = []  # the video frame of each frame slot of [0, local_end)
         self.cache_pass = False
-        self.read = []  # (video frame, temporal RoPE frame, role) of each key frame the last update returned
+        self.last_read = ((), ())  # (frame slots read, own frames) of the last update; labelled on demand
+        self.anchor_start = 0  # the temporal RoPE frame the last read rotated the anchor at
 
     def set_cache_pass(self, on):
         """Whether the next calls are cache calls (the release's ``updating_cache``)."""
@@ -69,7 +70,7 @@ class RollingCache:
         if advance > 0:
             self.global_end, self.local_end = block_end, local_end
         if slot == 0:
-            self.read = [(f, f, CACHED) for f in range(first, first + k.shape[1] // fsl)]
+            self.last_read = ((), range(first, first + k.shape[1] // fsl))
             return k, v
         if self.cache_pass:
             return self._cache_read(local_end, rotate)
@@ -80,8 +81,8 @@ class RollingCache:
         keys, values = self.k[:, start:end].clone(), self.v[:, start:end]
         if start == 0:
             keys[:, : self.block] = rotate(keys[:, : self.block], 0)
-        slots = range(start // self.frame_seq_length, end // self.frame_seq_length)
-        self.read = [(self.frames[j], self.frames[j], SINK if j < self.block_frames else CACHED) for j in slots]
+        self.anchor_start = 0
+        self.last_read = (range(start // self.frame_seq_length, end // self.frame_seq_length), ())
         return keys, values
 
     def _denoising_read(self, k, v, slot, first, rotate):
@@ -95,17 +96,25 @@ class RollingCache:
         anchor_start = first - working - self.block_frames
         keys = torch.cat([rotate(self.k[:, : self.block], anchor_start), self.k[:, start:slot], k], dim=1)
         values = torch.cat([self.v[:, : self.block], self.v[:, start:slot], v], dim=1)
-        self.read = ([(self.frames[j], anchor_start + j, SINK) for j in range(self.block_frames)]
-                     + [(self.frames[j], self.frames[j], CACHED) for j in range(start // fsl, slot // fsl)]
-                     + [(f, f, CACHED) for f in range(first, first + k.shape[1] // fsl)])
+        self.anchor_start = anchor_start
+        slots = (*range(self.block_frames), *range(start // fsl, slot // fsl))  # the anchor, the working frames
+        self.last_read = (slots, range(first, first + k.shape[1] // fsl))
         return keys, values
+
+    def read_labels(self):
+        """(video frame, temporal RoPE frame, role) of each key frame the last update returned: the
+        cached slots it read (the anchor's at the RoPE frames it was rotated at), then its own frames."""
+        slots, own = self.last_read
+        labels = [(self.frames[j], self.anchor_start + j if j < self.block_frames else self.frames[j],
+                   SINK if j < self.block_frames else CACHED) for j in slots]
+        return labels + [(f, f, CACHED) for f in own]
 
     def key_frames(self):
         """The video frame of each key frame the last update returned, in order."""
-        return [video for video, _, _ in self.read]
+        return [video for video, _, _ in self.read_labels()]
 
     def _per_token(self, column, dtype):
-        values = torch.tensor([entry[column] for entry in self.read], dtype=dtype)
+        values = torch.tensor([entry[column] for entry in self.read_labels()], dtype=dtype)
         values = values.to(self.k.device, non_blocking=True).repeat_interleave(self.frame_seq_length)
         return values.expand(self.k.shape[0], -1).clone()
 
