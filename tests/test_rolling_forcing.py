@@ -401,3 +401,14 @@ def test_after_another_family_in_one_process_equals_one_process_alone(tmp_path):
     for a, b in zip(together, alone):
         for key, value in a.items():
             assert torch.equal(value, b[key]) if isinstance(value, torch.Tensor) else value == b[key], key
+
+
+def test_capture_does_not_change_the_latents():
+    from wan.modules.attention import AttentionWeightCapture
+
+    observer = AttentionWeightCapture()
+    observer.enable([0, 3], passes=(0, 1, 2, 3, 4, "cache"), blocks=tuple(range(6)))
+    _, _, captured, _ = run_rolling(6, seed=4, observer=observer)
+    assert observer.calls_kept == 2 * 6 * 6
+    _, _, plain, _ = run_rolling(6, seed=4)
+    assert torch.equal(captured, plain)
