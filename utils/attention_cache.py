@@ -37,9 +37,11 @@ ENTRY_KEYS = (  # the spec's per-entry fields, then the entry's labels
 KEY_LABEL_KEYS = ("key_video_frames", "key_rope_frames", "key_roles")  # per key token, [B, K] each
 KEY_LABEL_DTYPES = {"key_video_frames": torch.int32, "key_rope_frames": torch.int32, "key_roles": torch.int8}
 # key_roles codes: what the cache policy kept each key token as. A plain cached key (a frame of the
-# window, or of the whole video), a sink key, or a token a compression selected (top-C).
-KEY_ROLES = ("cached", "sink", "top_c")
-CACHED, SINK, TOP_C = range(len(KEY_ROLES))
+# window, or of the whole video), a sink key, a token a compression selected (top-C), or a key of an
+# EMA sink slot (Reward Forcing's: the slot's first frames blended with the evicted ones; the entry's
+# sink_updates counts the blends).
+KEY_ROLES = ("cached", "sink", "top_c", "ema_sink")
+CACHED, SINK, TOP_C, EMA_SINK = range(len(KEY_ROLES))
 TENSOR_KEYS = {"full": ("attn_logits",), "summary": SUMMARY_KEYS}
 RESERVED_METADATA = ("format", "format_version", "save_mode")
 METADATA_TYPES = {  # the open metadata fields that readers (the plot, the statistics) read: their types
