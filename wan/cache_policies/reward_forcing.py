@@ -35,8 +35,8 @@ class RewardForcing(Window):
 
     name = "reward_forcing"
     options = {
+        "sink_size": Option(None, ema_sink_size),  # checked first: the window's check reads it
         "local_attn_size": Option(None, ema_window_size),
-        "sink_size": Option(None, ema_sink_size),
         "ema_precision": Option("release", lambda value, settings, per_block:
                                 None if value in EMA_PRECISIONS else f"one of {list(EMA_PRECISIONS)}"),
     }
