@@ -21,8 +21,9 @@ import torch
 import experiments.run_extraction_figure4 as cli
 import wan.modules.causal_model as cm
 from pipeline.wrappers import WanDiffusionWrapper, load_generator_checkpoint
-from tests.test_causal_model import check_blocks, inputs, policy, tiny_model
+from tests.test_causal_model import check_blocks, inputs, policy, run_blocks, tiny_model
 from tests.test_deep_forcing import rotate_time
+from tests.test_fast import assert_near, in_both_modes
 from tests.test_families import load_config
 from utils.attention_cache import CACHED, EMA_SINK, SINK, build_cache, open_cache, save_cache
 from utils.loading import WeightFileError
@@ -222,6 +223,18 @@ def test_model_equals_dense_attention_with_the_replay_and_the_blended_sink(monke
         return keys, query_start, 0, []
 
     run_against_dense(monkeypatch, RELEASE, reward_forcing_replay, 21, 3, unblended)
+
+
+@pytest.mark.parametrize("settings", [RELEASE, dict(attention_mode="infinite_forcing", local_attn_size=6, sink_size=1)])
+def test_fast_mode_matches_exact(settings):
+    """Fast mode rotates at read in fp32 (the queries and keys rounded before, as the release rounds
+    them): within the fidelity gate of exact mode over 7 blocks, the sink blended 4 times."""
+    model = tiny_model(seed=23, cache_policy=policy(**settings))
+    x, context = inputs(frames=21, seed=7)
+    t = torch.tensor([[1000.0, 937.5, 833.3] * 7])
+    outs = in_both_modes(model, lambda: run_blocks(model, x, t, context, PER_BLOCK)[0])
+    for fast, exact in zip(outs["fast"], outs["exact"]):
+        assert_near(fast, exact, rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------
