@@ -67,9 +67,8 @@ def load_generator_checkpoint(
     (``generator``, or the spec's fallback entries, or the whole file for a spec without entry), with
     the key edits of the release's loader (``spec.removed_substrings`` deleted from every key; the
     keys of a saved prefix renamed, ``spec.prefix_fallbacks``, only when the keys do not match as
-    saved), strictly, by
-    assignment, onto ``device`` in ``dtype`` (default: those of the generator's parameters; give both
-    for a generator on the meta device). The file is memory-mapped: the other state dicts it holds are
+    saved), strictly, by assignment, onto ``device`` in ``dtype`` (default: those of the generator's
+    parameters; give both for a generator on the meta device). The file is memory-mapped: the other state dicts it holds are
     never read. ``allow_pickle`` fully unpickles a checkpoint that holds objects beyond tensors;
     ``pickle_flag`` is the option that sets it, suggested when such a file is refused. Returns the key
     used (None: the whole file); every problem with the file raises ``WeightFileError``."""

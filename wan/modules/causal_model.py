@@ -6,9 +6,9 @@ RoPE-rotated keys and the values of earlier frames in a cache of the model's cac
 attend, without mask, to the cached keys and to the block's own. A cache may instead store keys
 without RoPE (``stores_raw_keys``: Reward Forcing's and Infinite-Forcing's); then it says at which
 temporal positions the queries and the keys it returns are read, and the model rotates them there at
-every call (``read_raw_keys``). Each self-attention call is handed to
-the model's observer (the attention capture) when one is on. Parameter names and shapes equal the
-official ``WanModel`` checkpoint, so ``diffusion_pytorch_model.safetensors`` loads as is.
+every call (``read_raw_keys``). Each self-attention call is handed to the model's observer (the
+attention capture) when one is on. Parameter names and shapes equal the official ``WanModel``
+checkpoint, so ``diffusion_pytorch_model.safetensors`` loads as is.
 
 Token layout: a latent video [B, C, F, H, W] becomes F * (H/ph) * (W/pw) tokens, frame-major, then
 row, then column; ``frame_seq_length`` is the number of tokens of one frame.
