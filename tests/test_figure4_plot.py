@@ -802,7 +802,8 @@ def test_readme_plot_commands_run_as_written(tmp_path, monkeypatch, capsys, logi
         assert aggregate_main(shlex.split(aggregate[len(aggregate_prefix):])) == 0, aggregate
     layout_cache(Path("cache/tiny_df.pt"), {1: (tokens_of(range(6)),) * 2, 3: COMPRESSED}, model_kwargs=PC_KWARGS,
                  layers=[0, 4], heads=4)
-    for i, model in enumerate(("tiny", "tiny_causal_forcing_framewise_2step", "tiny_causvid_dmd_3step", "tiny_longlive")):
+    for i, model in enumerate(("tiny", "tiny_causal_forcing_framewise_2step", "tiny_causvid_dmd_3step", "tiny_longlive",
+                               "tiny_reward_forcing", "tiny_infinite_forcing")):
         write_cache(Path(f"cache/{model}.pt"), make_logits(seed=i), mode="summary", family=model)
     for command in commands:
         code, _, err = run(capsys, *shlex.split(command[len(prefix):]))
