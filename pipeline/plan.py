@@ -322,8 +322,9 @@ def _checkpoint(options, family, variant):
         return None, True if options.use_ema is None else options.use_ema
     use_ema = spec.use_ema if options.use_ema is None else options.use_ema
     if use_ema and spec.ema_key is None:
-        raise UsageError(f"--use_ema: the checkpoint of {family.name} {variant.name} holds no EMA state dict (only "
-                         f"{spec.key!r}); leave --use_ema out")
+        held = "the whole file is one state dict" if spec.key is None else f"only {spec.key!r}"
+        raise UsageError(f"--use_ema: the checkpoint of {family.name} {variant.name} holds no EMA state dict ({held}); "
+                         "leave --use_ema out")
     if options.no_checkpoint:
         return None, use_ema
     path = options.checkpoint_path or spec.default_path

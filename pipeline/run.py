@@ -106,7 +106,9 @@ def run_items(options, plan, t_start):
         if options.allow_pickle and checkpoint is not None:
             print(f"warning: --allow_pickle: {checkpoint} was fully unpickled (it can run code from the file)", file=sys.stderr)
         say("No checkpoint: random weights (config random_init)" if checkpoint is None and plan.config.get("random_init")
-            else "No checkpoint: base Wan2.1 weights" if checkpoint is None else f"Loaded '{extractor.checkpoint_key}' from {checkpoint}")
+            else "No checkpoint: base Wan2.1 weights" if checkpoint is None
+            else f"Loaded {checkpoint} (the whole file)" if extractor.checkpoint_key is None
+            else f"Loaded '{extractor.checkpoint_key}' from {checkpoint}")
         if plan.lora_path is not None:
             say(f"Loaded the LoRA adapter {plan.lora_path} on {extractor.lora_layers} layers "
                 f"({'merged into the weights' if plan.precision == 'fast' else 'unmerged'})")

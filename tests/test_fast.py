@@ -278,9 +278,9 @@ def test_fast_blocks_get_the_residual_stream_row_major():
     layouts = []
     inner = model._attention_inputs
 
-    def spy(block, x, *rest):
+    def spy(block, x, e, cos, sin):
         layouts.append(x.is_contiguous())
-        return inner(block, x, *rest)
+        return inner(block, x, e, cos, sin)
 
     model._attention_inputs = spy
     x, context = inputs(frames=3, seed=1)

@@ -127,7 +127,7 @@ def test_reader_exposes_format_fields(full_cache):
     assert (cache.num_heads, cache.batch_size, cache.frame_seq_length) == (N, B, FSL)
     assert cache.query_frames == QUERY_FRAMES and cache.key_frames == list(range(FK))
     assert cache.prompt == "a cat surfing" and cache.labels == [(1, 0)]
-    assert cache.metadata["format_version"] == 4 and cache.metadata["capture_step"] == "0"
+    assert cache.metadata["format_version"] == 5 and cache.metadata["capture_step"] == "0"
     entry = cache.entry(2)
     assert (entry.layer_idx, entry.block, entry.pass_, entry.timestep, entry.nonfinite) == (2, 1, 0, 1000.0, 0)
     assert (entry.num_query_frames, entry.num_key_frames) == (FQ, FK)
@@ -230,7 +230,7 @@ def _metadata(data, key, value):
 
 CRAFTED = {  # id: (change to a valid cache dict, words the one-line error must hold)
     "version-1": (lambda d: _metadata(d, "format_version", 1), "metadata.format_version is 1 (int); this reader "
-                                                               "reads version 4 only"),
+                                                               "reads versions 3, 4, 5"),
     "format": (lambda d: _metadata(d, "format", "other"), "metadata.format is 'other' (str)"),
     "metadata-list": (lambda d: d.update(metadata=[1]), "metadata is [1] (list), expected a dict"),
     "config-str": (lambda d: _metadata(d, "config", "x"), "metadata.config is 'x' (str), expected a dict"),
@@ -297,7 +297,7 @@ def test_build_cache_refuses_programming_errors(logits):
                     save_mode="full", entries=[make_entry(0, logits[0], "full")], metadata={"t": torch.tensor(1.0)})
     with pytest.raises(ValueError, match=r"metadata may not set \['format_version'\]"):
         build_cache(prompt="p", num_frames=6, frame_seq_length=FSL, num_frame_per_block=FQ, layer_indices=[0],
-                    save_mode="full", entries=[make_entry(0, logits[0], "full")], metadata={"format_version": 3})
+                    save_mode="full", entries=[make_entry(0, logits[0], "full")], metadata={"format_version": 4})
     with pytest.raises(ValueError, match=r"build_cache: attention_weights\[0\] lacks 'query_mean_logits'"):
         build_cache(prompt="p", num_frames=6, frame_seq_length=FSL, num_frame_per_block=FQ, layer_indices=[0],
                     save_mode="summary", entries=[make_entry(0, logits[0], "full")], metadata={})
@@ -808,7 +808,7 @@ def test_readme_plot_commands_run_as_written(tmp_path, monkeypatch, capsys, logi
     layout_cache(Path("cache/tiny_df.pt"), {1: (tokens_of(range(6)),) * 2, 3: COMPRESSED}, model_kwargs=PC_KWARGS,
                  layers=[0, 4], heads=4)
     for i, model in enumerate(("tiny", "tiny_causal_forcing_framewise_2step", "tiny_causvid_dmd_3step", "tiny_longlive",
-                               "tiny_rolling_forcing")):
+                               "tiny_reward_forcing", "tiny_infinite_forcing", "tiny_rolling_forcing")):
         write_cache(Path(f"cache/{model}.pt"), make_logits(seed=i), mode="summary", family=model)
     for command in commands:
         code, _, err = run(capsys, *shlex.split(command[len(prefix):]))

@@ -185,15 +185,17 @@ def drive_cache(nb, heads=1, dim=2):
     """A RollingCache driven through the windows of ``nb`` blocks with keys that name their frame; yields
     (window, cache call, its (video, RoPE, role) per key frame) for each call."""
     cache = RollingCache(1, 24, FSL, heads, dim, P, 21, torch.float32, "cpu")
-    rotate = lambda keys, start: keys  # noqa: E731  (the positions are checked through the labels)
     for w in range(nb + L - 1):
         s, e = max(0, w - 4), min(nb - 1, w)
         for cache_call in (False, True):
             frames = P if cache_call else (e - s + 1) * P
             k = torch.zeros(1, frames * FSL, heads, dim)
             cache.set_cache_pass(cache_call)
-            keys, _ = cache.update(k, k, s * P * FSL, raw_keys=k, rotate=rotate)
+            keys, _ = cache.update(k, k, s * P * FSL)
             video, rope = cache.key_positions()
+            first_key = rope[0, 0].item()  # the model rotates the keys read at consecutive frames from here
+            assert cache.rope_starts() == (s * P, first_key)
+            assert rope[0, ::FSL].tolist() == list(range(first_key, first_key + rope.shape[1] // FSL))
             roles = cache.key_roles()
             assert keys.shape[1] == video.shape[1] == roles.shape[1]
             labels = list(zip(video[0, ::FSL].tolist(), rope[0, ::FSL].tolist(), roles[0, ::FSL].tolist()))
@@ -316,10 +318,9 @@ def test_checkpoint_layout_loads_and_malformed_is_refused(tmp_path):
         assert torch.equal(target.state_dict()[name], value + 1), name
     assert load_generator_checkpoint(target, path, use_ema=False, spec=spec) == "generator"
     assert torch.equal(target.state_dict()["model.head.head.bias"], state["model.head.head.bias"] + 2)
-    # the plain state dict is read as saved: FSDP names there are refused, naming the file and a key
-    torch.save({"generator": fsdp}, path)
-    with pytest.raises(WeightFileError, match=re.escape(f"{path} ['generator']") + ".*_fsdp_wrapped_module"):
-        load_generator_checkpoint(target, path, use_ema=False, spec=spec)
+    torch.save({"generator": fsdp}, path)  # FSDP names are removed from the plain state dict too (README)
+    assert load_generator_checkpoint(target, path, use_ema=False, spec=spec) == "generator"
+    assert torch.equal(target.state_dict()["model.head.head.bias"], state["model.head.head.bias"] + 1)
     partial = {n: v for n, v in fsdp.items() if n != "model._fsdp_wrapped_module.head.head.bias"}
     torch.save({"generator_ema": partial}, path)
     with pytest.raises(WeightFileError, match=re.escape(f"{path} ['generator_ema']") + ".*model.head.head.bias"):
@@ -351,7 +352,7 @@ def test_cli_captures_windows_and_the_plot_draws_them(tmp_path, capsys):
     assert cli.main([*base, "--num_frames", "21", "--capture_blocks", "2", "last", "--capture_step", "all",
                      "--save_mode", "summary", "--output_path", str(out)]) == 0
     cache = open_cache(out)
-    assert cache.metadata["format_version"] == 4 and cache.metadata["family"] == "rolling_forcing"
+    assert cache.metadata["format_version"] == 5 and cache.metadata["family"] == "rolling_forcing"
     labels = {(e.block, e.pass_): e for e in cache.entries if e.layer_idx == 0}
     assert sorted(labels, key=str) == sorted([(b, p) for b in (2, 6) for p in (0, 1, 2, 3, 4, "cache")], key=str)
     last = labels[6, 4]  # the last window: block 6 alone at its last level

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import matplotlib
 import torch
 
-from utils.attention_cache import SINK, TOP_C, AttentionCache
+from utils.attention_cache import EMA_SINK, SINK, TOP_C, AttentionCache
 from utils.figure4_sources import PlotInputError, StatsFile, column_band, columns_of
 from utils.output import OutputPathError, check_output_path, write_atomically
 
@@ -71,15 +71,18 @@ def _frame_range(frames):
 
 def true_frame_axis(entry, batch_index, frame_seq_length):
     """The TrueFrameAxis of a cache entry, its regions as the cache policy labelled its key tokens
-    (``key_roles``): the sink (RoPE-shifted or not) and the top-C tokens of a compression."""
+    (``key_roles``): the sink (RoPE-shifted or not; an EMA sink with the number of blocks blended into
+    it, ``sink_updates``) and the top-C tokens of a compression."""
     video, rope = entry.key_video_frames[batch_index], entry.key_rope_frames[batch_index]
     roles = entry.key_roles[batch_index]
-    sink = roles == SINK
+    ema = roles == EMA_SINK
+    sink = (roles == SINK) | ema
     sink_label = ""
     if sink.any():
         shifted = (rope[sink] != video[sink]).any()
-        sink_label = (f"sink (frames {_frame_range(video[sink].tolist())}"
-                      + (f", RoPE {_frame_range(rope[sink].tolist())})" if shifted else ")"))
+        sink_label = (("EMA sink" if ema.any() else "sink") + f" (frames {_frame_range(video[sink].tolist())}"
+                      + (f", RoPE {_frame_range(rope[sink].tolist())}" if shifted else "")
+                      + (f", {entry.sink_updates} evicted blocks blended in" if ema.any() else "") + ")")
     topc = roles == TOP_C
     topc_label = ""
     if topc.any():

@@ -83,7 +83,7 @@ ROLLING_FORCING = RollingFamily(
     variants=(
         Variant("dmd",
                 Checkpoint(default_path="checkpoints/rolling_forcing_dmd.pt", use_ema=True,
-                           ema_removed=("_fsdp_wrapped_module.",)),
+                           removed_substrings=("_fsdp_wrapped_module.",)),
                 Schedule(denoising_steps=(1000, 800, 600, 400, 200), warp=True, timestep_shift=5.0, num_frame_per_block=3)),
     ),
     default_policy="rolling_forcing",

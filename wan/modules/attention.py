@@ -163,7 +163,8 @@ class CapturedCall:
     frame of each of its key frames and, while kept, its q and k. ``key_positions``: when the cache
     labels its tokens, (video frame, temporal RoPE frame) of each key token, int64 [B, Lk] each on the
     cache's device (they differ under Deep Sink shifts and compression; see deep_forcing.py);
-    ``key_roles``: what the cache keeps each key token as, int8 [B, Lk] (utils.attention_cache.KEY_ROLES)."""
+    ``key_roles``: what the cache keeps each key token as, int8 [B, Lk] (utils.attention_cache.KEY_ROLES);
+    ``sink_updates``: the evicted blocks an EMA sink had blended in at this call (0 for other caches)."""
 
     layer_idx: int
     call_idx: int
@@ -175,6 +176,7 @@ class CapturedCall:
     k: torch.Tensor = field(repr=False)
     key_positions: tuple = field(default=None, repr=False)
     key_roles: torch.Tensor = field(default=None, repr=False)
+    sink_updates: int = 0
 
     @property
     def num_heads(self):
@@ -309,12 +311,13 @@ class AttentionWeightCapture:
         if self._selected:
             # q is a fresh tensor nobody writes to again; k is a view of the KV cache, which later
             # passes overwrite, so it is copied. A place seen again (a repeated level) keeps its last call.
-            k, frames, positions, roles = k.clone(), _key_frames(kv_cache), _key_positions(kv_cache), _key_roles(kv_cache)
+            k, frames, positions = k.clone(), _key_frames(kv_cache), _key_positions(kv_cache)
+            roles, sink_updates = _key_roles(kv_cache), _sink_updates(kv_cache)
             for block, step, timestep in self._selected:
                 labels = {**{key: value for key, value in self.labels.items() if key != "places"}, "block": block,
                           "step": step, "timestep": timestep}
                 self._kept[layer_idx, block, step] = CapturedCall(layer_idx, call_idx, tuple(q.shape), tuple(k.shape),
-                                                                  labels, frames, q, k, positions, roles)
+                                                                  labels, frames, q, k, positions, roles, sink_updates)
 
     def _layer_position(self, layer_idx):
         return layer_idx if self.layer_indices is None else self.layer_indices.index(layer_idx)
@@ -343,6 +346,11 @@ def _key_positions(kv_cache):
 def _key_roles(kv_cache):
     """What the cache keeps each key token as (sink, top-C, ...): the cache knows; None without one."""
     return kv_cache.key_roles() if kv_cache is not None else None
+
+
+def _sink_updates(kv_cache):
+    """Evicted blocks blended into the cache's EMA sink so far (Reward Forcing's); 0 for a cache without one."""
+    return getattr(kv_cache, "sink_updates", 0)
 
 
 ATTENTION_WEIGHT_CAPTURE = AttentionWeightCapture()
