@@ -258,7 +258,7 @@ def test_by_model_columns_name_their_model(tmp_path):
         paths.append(str(tmp_path / f"{config}.pt"))
         assert cli.main(["--config_path", f"configs/{config}.yaml", "--no_checkpoint", "--device", "cpu", "--quiet",
                          "--num_frames", "6", "--save_mode", "summary", "--output_path", paths[-1]]) == 0
-    sources, panels, _ = cache_sources(paths, None, None, [(0, 0)], 0, "frames", "curve", False, by_model=True)
+    sources, panels = cache_sources(paths, None, None, [(0, 0)], 0, "frames", "curve", False, by_model=True)
     figure = make_figure(sources, panels, "curve", False, 0, "frames")
     titles = [ax.get_title() for ax in figure.axes]
     assert titles == ["L1H1\nself_forcing, dmd, global: block 1 (frames 3-5), pass 0",

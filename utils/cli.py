@@ -19,7 +19,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
             return text
         shown = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
         return f"{text} (default: {shown})"
@@ -54,6 +54,17 @@ def did_you_mean(word, choices):
     close = [c for c in choices if c.startswith(word) and len(word) > 2]
     close += [c for c in difflib.get_close_matches(word, choices, n=3, cutoff=0.6) if c not in close]
     return f"; did you mean {' or '.join(close[:3])}?" if close else ""
+
+
+def parse_panel(text):
+    """'4:9' -> (4, 9): a 0-based (layer, head) pair, as panel titles show it ('layer 4 head 9')."""
+    try:
+        layer, head = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"panel {text!r} is not LAYER:HEAD with 0-based ints, e.g. 4:9") from None
+    if layer < 0 or head < 0:
+        raise argparse.ArgumentTypeError(f"panel {text!r}: layer and head must be >= 0")
+    return layer, head
 
 
 def repo_file(path):

@@ -9,7 +9,7 @@ import torch
 
 from utils.attention_cache import SINK, TOP_C, AttentionCache
 from utils.figure4_sources import PlotInputError, StatsFile, column_band, columns_of
-from utils.output import OutputPathError, check_output_path, write_atomically
+from utils.output import OutputPathError, check_output_file, write_atomically
 
 matplotlib.use("Agg")  # before pyplot is imported: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -286,16 +286,10 @@ def make_figure(sources, panels, view, softmax, batch_index, x_axis="slots"):
 
 def check_output(out):
     """The output's format from its extension; its folder must exist and it must be a regular file or new."""
-    fmt = out.suffix.lower().lstrip(".")
-    if fmt not in OUTPUT_FORMATS:
-        raise PlotInputError(f"--out {out}: extension {out.suffix!r} not supported, expected one of .png, .pdf, .svg")
-    if not out.parent.is_dir():
-        raise PlotInputError(f"--out {out}: folder {out.parent} does not exist")
     try:
-        check_output_path(out)
+        return check_output_file(out, OUTPUT_FORMATS)
     except OutputPathError as err:
-        raise PlotInputError(f"--out {err}") from None
-    return fmt
+        raise PlotInputError(str(err)) from None
 
 
 def write_figure(fig, out, fmt):
