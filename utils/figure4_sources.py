@@ -29,7 +29,7 @@ class PlotInputError(ValueError):
 class StatsFile:
     """A statistics file of experiments/aggregate_figure4.py, read with utils.sweep_stats.load_statistics
     and opened for plotting like a cache: path, labels, layer_indices, num_heads, frame_seq_length,
-    n_items, entry(layer, pass_, block)."""
+    n_items, random_init (whether its items came from random weights), entry(layer, pass_, block)."""
 
     label = AttentionCache.label  # the same (block, pass) choice, and messages, as a cache
 
@@ -37,6 +37,7 @@ class StatsFile:
         self.path = Path(path)
         stats = load_statistics(self.path)
         self.n_items = stats["n_items"]
+        self.random_init = bool(stats.get("random_init", False))
         self.num_heads = stats["num_heads"]
         self.frame_seq_length = stats["frame_seq_length"]
         self.groups = stats_groups(stats)
@@ -255,10 +256,13 @@ def sweep_values(sources, layer, quantity, batch_index):
 def column_band(column, layer, quantity, batch_index):
     """What a column (the sources of one block) plots for every head of a layer: (mean, low, high,
     band label), each [N, L] as in ``layer_values``; low and high None without a band. A statistics
-    file gives its mean and 95% confidence interval, caches their mean +- one standard deviation."""
+    file gives its mean and 95% confidence interval (none for one item), caches their mean +- one
+    standard deviation."""
     source = column[0]
     if isinstance(source.file, StatsFile):
         values = source.entry(layer).values[STATS_QUANTITY[quantity]]
+        if source.file.n_items == 1:
+            return values["mean"], None, None, None
         return values["mean"], values["ci_low"], values["ci_high"], "95% CI"
     mean, std = sweep_values(column, layer, quantity, batch_index)
     if std is None:
@@ -315,6 +319,7 @@ def stats_sources(path, passes, blocks, panels, batch_index):
     panels = choose_panels(stats, panels)
     check_panels(stats, panels)
     labels = ", ".join(f"block {s.block} pass {s.pass_}" for s in sources)
-    print(f"using {stats.path}: statistics over {stats.n_items} item{'s' if stats.n_items > 1 else ''}, {labels}, layers {stats.layer_indices}, "
+    print(f"using {stats.path}: statistics over {stats.n_items} item{'s' if stats.n_items > 1 else ''}, {labels}, "
+          f"layers {stats.layer_indices}, "
           f"{stats.num_heads} heads")
     return sources, panels
