@@ -142,6 +142,8 @@ def check_arguments(args):
     texts = [*args.inputs, *args.cache, *([args.stats] if args.stats else [])]
     if not texts:
         raise InputError("no input: give cache files, sweep folders, glob patterns or a statistics file")
+    if args.stats and len(texts) > 1:
+        raise InputError(f"--stats {args.stats}: a statistics file is drawn alone; leave out the other inputs")
     files = input_files(texts)
     fmt = check_output_file(args.out, OUTPUT_FORMATS)
     for path in files:

@@ -401,6 +401,8 @@ def input_files(texts):
     files = []
     for text in texts:
         matches = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
+        if not matches:
+            raise InputError(f"{text}: the pattern matches no file")
         found = []
         for match in matches:
             path = Path(match)

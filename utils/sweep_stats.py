@@ -153,9 +153,9 @@ def _sha256(path):
 def item_key(cache):
     """What makes two caches one item: the same prompt and seed made with the same settings
     (``metadata.settings``, which the extraction writes: the config, checkpoint, capture and dtype); for a
-    file without a seed, its bytes."""
+    file without them (not written by the extraction), its bytes."""
     meta = cache.metadata
-    if meta.get("seed") is None:
+    if meta.get("seed") is None or meta.get("settings") is None:
         return ("bytes", _sha256(cache.path))
     return ("item", repr((cache.prompt, meta.get("seed"), meta.get("settings"), meta.get("prompt_switches"))))
 
