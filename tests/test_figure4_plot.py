@@ -781,10 +781,10 @@ def test_readme_plot_commands_run_as_written(tmp_path, monkeypatch, capsys, logi
     """The README's plot commands, run in a folder holding caches at the paths they name (the statistics
     file made by the README's aggregate command)."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    prefix = "PYTHONPATH=. python experiments/plot_figure4.py "
+    prefix = "python experiments/plot_figure4.py "
     commands = [line for line in readme.splitlines() if line.startswith(prefix)]
     assert len(commands) == 10
-    aggregate_prefix = "PYTHONPATH=. python experiments/aggregate_figure4.py "
+    aggregate_prefix = "python experiments/aggregate_figure4.py "
     aggregates = [line.split("#")[0].strip() for line in readme.splitlines() if line.startswith(aggregate_prefix)]
     assert len(aggregates) == 2
     monkeypatch.chdir(tmp_path)
