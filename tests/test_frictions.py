@@ -18,7 +18,6 @@ import experiments.plot_figure4 as plot
 import experiments.run_extraction_figure4 as cli
 from pipeline import plan as plan_module
 from pipeline.plan import options_from_args, plan_run
-from utils.cli import repo_file
 from utils.sweep_stats import load_statistics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,6 +162,7 @@ def test_the_scripts_run_from_another_folder_without_pythonpath(tmp_path):
 
 
 def test_repository_files_are_found_from_any_folder_user_files_from_the_current_one(tmp_path, monkeypatch):
+    from utils.cli import repo_file
     monkeypatch.chdir(tmp_path)
     assert repo_file("configs/tiny.yaml") == str(REPO / "configs/tiny.yaml")
     Path("configs").mkdir()
