@@ -109,7 +109,8 @@ def build_parser():
                         help="a statistics file of experiments/aggregate_figure4.py: the same as giving it as the input")
     parser.add_argument("--panels", nargs="+", type=parse_panel, default=None, metavar="LAYER:HEAD",
                         help="0-based layer:head pairs, one panel each, titled the same way (default: 0:0 4:9 = the "
-                             "paper's L1H1 and L5H10, or 0:0 and the last head of the second layer when a file lacks them)")
+                             "paper's L1H1 and L5H10; on a small model the paper's heads clipped to its heads, on its first two layers: "
+                             "0:0 4:3 for the tiny model)")
     parser.add_argument("--pass", dest="pass_", nargs="+", type=parse_pass, default=None, metavar="PASS",
                         help="captured pass(es) to plot: denoising passes 0.., 'cache', or 'all' (Figure 11: every pass "
                              "side by side, one column each); default: the file's only one")
