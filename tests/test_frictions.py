@@ -10,8 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
-import torch
 
 import experiments.aggregate_figure4 as aggregate
 import experiments.plot_figure4 as plot
@@ -109,6 +109,7 @@ def test_one_item_warns_writes_no_interval_and_stays_out_of_the_current_folder(s
     fig = make_figure(select_columns(StatsFile(written), passes=[0]), [(0, 0)], "curve", False, 0)
     assert "no confidence interval (n = 1)" in fig._suptitle.get_text()
     assert not any(label == "95% CI" for ax in fig.axes for label in ax.get_legend_handles_labels()[1])
+    plt.close(fig)
 
 
 # 3. the plot refuses a folder
@@ -199,6 +200,7 @@ def test_every_pass_statistics_figure_fits_a_page_with_one_legend_and_the_banner
     assert len(fig.axes) == 10 and width <= 16 and height <= 6  # was 27.5 x 5.6 inches
     assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in fig.axes)
     assert "RANDOM WEIGHTS" in fig._suptitle.get_text()
+    plt.close(fig)
 
 
 # 8. wrong flags, two argument styles, --help
@@ -243,6 +245,7 @@ def test_panel_titles_use_the_numbering_of_panels_and_small_models_get_no_note(s
     from utils.figure4_sources import select_columns
     fig = make_figure(select_columns(open_cache(sweep / "p0000_s0000.pt"), passes=[0]), [(4, 3)], "curve", False, 0)
     assert fig.axes[0].get_title().startswith("layer 4 head 3")  # what --panels 4:3 names
+    plt.close(fig)
 
 
 def test_bad_inputs_of_the_plot_and_the_aggregator_are_refused_before_torch_is_imported(tmp_path):
