@@ -15,6 +15,8 @@ import pytest
 import torch
 
 import experiments.run_extraction_figure4 as cli
+from pipeline import plan as plan_module
+from pipeline.plan import UsageError
 from pipeline.wrappers import WanDiffusionWrapper, load_generator_checkpoint
 from tests.test_families import load_config
 from tests.test_reward_forcing import drive, extract, run_against_dense, zeroed
@@ -122,10 +124,11 @@ def test_checkpoint_ema_with_fsdp_names_loads_strictly(tmp_path, generator):
 
 
 def test_cli_capture_labels_each_key_token(tmp_path, capsys):
-    base = ["--config_path", "configs/tiny_infinite_forcing.yaml", "--device", "cpu", "--quiet", "--num_frames", "3",
-            "--output_path", str(tmp_path / "none.pt")]
-    assert cli.main(base) == 2
-    assert "--checkpoint_path: checkpoints/ema_model.pt not found" in capsys.readouterr().err
+    # a config of random weights loads no checkpoint; real weights default to the release's file
+    options = plan_module.options_from_args(cli.parse_args([]))
+    family = FAMILIES["infinite_forcing"]
+    with pytest.raises(UsageError, match=re.escape("--checkpoint_path: checkpoints/ema_model.pt not found")):
+        plan_module._checkpoint(options, family, family.variant("vsink1"))
     out = extract(tmp_path, "tiny_infinite_forcing", 21, "inf.pt", "--capture_step", "all", "--capture_blocks", "1", "last")
     cache = open_cache(out)
     assert cache.metadata["family"] == "infinite_forcing" and cache.metadata["use_ema"] is True

@@ -20,6 +20,8 @@ import torch
 
 import experiments.run_extraction_figure4 as cli
 import wan.modules.causal_model as cm
+from pipeline import plan as plan_module
+from pipeline.plan import UsageError
 from pipeline.wrappers import WanDiffusionWrapper, load_generator_checkpoint
 from tests.test_causal_model import check_blocks, inputs, policy, run_blocks, tiny_model
 from tests.test_deep_forcing import rotate_time
@@ -284,8 +286,12 @@ def test_checkpoint_is_the_whole_file_loaded_strictly(tmp_path, generator):
 def test_cli_default_checkpoint_and_no_ema(tmp_path, capsys):
     base = ["--config_path", "configs/tiny_reward_forcing.yaml", "--device", "cpu", "--quiet", "--num_frames", "3",
             "--output_path", str(tmp_path / "out.pt")]
-    assert cli.main(base) == 2
-    assert "--checkpoint_path: checkpoints/Reward-Forcing-T2V-1.3B/rewardforcing.pt not found" in capsys.readouterr().err
+    # a config of random weights loads no checkpoint; real weights default to the release's file
+    options = plan_module.options_from_args(cli.parse_args([]))
+    family = FAMILIES["reward_forcing"]
+    with pytest.raises(UsageError, match=re.escape("--checkpoint_path: checkpoints/Reward-Forcing-T2V-1.3B/rewardforcing.pt "
+                                                   "not found")):
+        plan_module._checkpoint(options, family, family.variant("1.3b"))
     assert cli.main([*base, "--no_checkpoint", "--use_ema"]) == 2
     assert ("--use_ema: the checkpoint of reward_forcing 1.3b holds no EMA state dict (the whole file is one state dict)"
             in capsys.readouterr().err)
