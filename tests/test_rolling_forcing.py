@@ -413,3 +413,31 @@ def test_capture_does_not_change_the_latents():
     assert observer.calls_kept == 2 * 6 * 6
     _, _, plain, _ = run_rolling(6, seed=4)
     assert torch.equal(captured, plain)
+
+
+def test_version_4_files_read_as_block_wise_and_windows_checked(tmp_path):
+    out = tmp_path / "v5.pt"
+    assert cli.main(["--config_path", "configs/tiny.yaml", "--no_checkpoint", "--device", "cpu", "--quiet", "--num_frames",
+                     "6", "--save_mode", "summary", "--output_path", str(out)]) == 0
+    data = torch.load(out, weights_only=True)
+    assert all(e["window"] is None and e["query_levels"] is None for e in data["attention_weights"])
+    data["metadata"]["format_version"] = 4
+    for entry in data["attention_weights"]:
+        del entry["window"], entry["query_levels"]
+    torch.save(data, tmp_path / "v4.pt")
+    assert all(e.window is None and e.levels == [0, 0, 0] for e in open_cache(tmp_path / "v4.pt").entries)
+    data = torch.load(out, weights_only=True)
+    data["attention_weights"][0]["query_levels"] = [0, 0, 0]  # a block-wise entry stores none
+    torch.save(data, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"attention_weights\[0\]\.query_levels is \[0, 0, 0\] \(list\), expected None"):
+        open_cache(tmp_path / "bad.pt")
+    rolling = tmp_path / "rolling.pt"
+    assert cli.main(["--config_path", str(TINY), "--no_checkpoint", "--device", "cpu", "--quiet", "--num_frames", "18",
+                     "--capture_blocks", "2", "--capture_step", "1", "--save_mode", "summary", "--output_path",
+                     str(rolling)]) == 0
+    data = torch.load(rolling, weights_only=True)
+    assert data["attention_weights"][0]["query_levels"] == [3, 3, 3, 2, 2, 2, 1, 1, 1, 0, 0, 0]  # window 3: blocks 0..3
+    data["attention_weights"][0]["query_levels"] = [3, 3, 3, 2, 2, 2, 0, 0, 0, 0, 0, 0]
+    torch.save(data, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"query_levels gives block 2 the levels \[0, 0, 0\], expected its pass 1"):
+        open_cache(tmp_path / "bad.pt")
