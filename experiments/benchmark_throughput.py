@@ -186,13 +186,16 @@ def main():
             results[name] = result
             later = result["lines"][1:]
             inference = statistics.mean(x["seconds"]["inference"] for x in later)
-            after = statistics.mean(x["seconds"]["reduce"] + x["seconds"]["save"] for x in later)
+            reduce = statistics.mean(x["seconds"]["reduce"] for x in later)
+            save = statistics.mean(x["seconds"]["save"] for x in later)
+            after = reduce + save
             item = statistics.mean(x["seconds"]["item"] for x in later)
             first = result["lines"][0]["seconds"]["inference"] - inference
             result.update(inference=inference, after=after, item=item, first_extra=first)
             print(f"{name}: process {result['process']:.1f} s; per item after the first: inference {inference:.3f} s, "
-                  f"reductions + save after it {after:.3f} s ({after / inference:.1%}), item {item:.3f} s "
+                  f"reductions + save after it {reduce:.3f} + {save:.3f} s ({after / inference:.1%}), item {item:.3f} s "
                   f"({item / inference:.2f}x inference); first item +{first:.1f} s; GPU peak {result['gpu_peak']} GiB; "
+                  f"file {result['lines'][0]['bytes'] / 1e6:.1f} MB; "
                   f"{result['cache']}", flush=True)
             rows += [(f"{name}: items per GPU-hour (steady; whole process)",
                       f"{3600 / item:.0f}; {3600 * args.items / result['process']:.0f}"),
