@@ -15,6 +15,8 @@ import triton.language as tl
 BLOCK_M = 128  # query rows per program
 FRAMES = 1  # key frames per program (the q tile loaded once for them)
 BLOCK_N = 64  # keys per step: 1560-token frames leave 24 of the last step's 64 used (2.5% waste)
+NUM_WARPS = 8
+NUM_STAGES = 3
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 
 
@@ -99,8 +101,8 @@ def _frame_partials_kernel(Q, K, HI, LO, TOTAL, BAD, Lq, fsl, full, scale,
         tl.store(BAD + out, bad, mask=inside)
 
 
-def frame_partials_triton(q, k, frame_seq_length, block_m=BLOCK_M, block_n=BLOCK_N, frames=FRAMES, num_warps=8,
-                          num_stages=3):
+def frame_partials_triton(q, k, frame_seq_length, block_m=BLOCK_M, block_n=BLOCK_N, frames=FRAMES, num_warps=NUM_WARPS,
+                          num_stages=NUM_STAGES):
     """``utils.attention_stats.frame_partials`` through the kernel: q [B, Lq, N, D], k [B, Lk, N, D] of
     one dtype on one CUDA device, D a power of two >= 16. Returns (hi, lo, total, bad), [B, N, Lq, Fk].
     The tile sizes and launch settings change the speed only: each logit and each row's sums are the
