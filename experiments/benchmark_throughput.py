@@ -12,10 +12,13 @@
    second stream), the reductions and save after it, the whole item; items per GPU-hour.
 3. Warm start: the processes share a compiled-kernel cache (utils/compile_cache.py) that starts empty
    here, so (a) compiles and (b), (c) reuse: the first item's extra time over the later ones.
-4. --upstream_cmd: upstream Self-Forcing as a shell loop, one process per item ({seed} replaced).
+4. --upstream_cmd: upstream Self-Forcing as a shell loop, one process per item ({seed} replaced; run
+   from the repository without its PYTHONPATH, which would shadow upstream's packages of the same
+   names: UPSTREAM_PYTHONPATH, if set, is its PYTHONPATH). Each process prints "inference X s".
 
     PYTHONPATH=. python experiments/benchmark_throughput.py                       # ~4 min on an H100
-    PYTHONPATH=. python experiments/benchmark_throughput.py --upstream_cmd "python .upstream/run_random.py {seed}"
+    UPSTREAM_PYTHONPATH=... PYTHONPATH=. python experiments/benchmark_throughput.py \
+        --upstream_cmd "python path/to/upstream_item.py {seed}"                     # + ~1-2 min
     PYTHONPATH=. python experiments/benchmark_throughput.py --config configs/tiny.yaml --device cpu --skip_fidelity  # smoke
 """
 import argparse
@@ -140,7 +143,10 @@ def run_cli(args, work, name, layers, step):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                TORCHINDUCTOR_CACHE_DIR=str(compiled / "inductor"), TRITON_CACHE_DIR=str(compiled / "triton"))
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
+    try:
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        sys.exit(f"{name}: CLI killed after --timeout {args.timeout} s")
     seconds = time.perf_counter() - start
     (work / f"{folder.name}.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
@@ -158,8 +164,12 @@ def upstream_loop(args, work):
     if os.environ.get("UPSTREAM_PYTHONPATH"):
         env["PYTHONPATH"] = os.environ["UPSTREAM_PYTHONPATH"]
     start = time.perf_counter()
-    done = subprocess.run(["bash", "-c", f"set -e; {loop}"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=args.timeout)
+    try:
+        done = subprocess.run(["bash", "-c", f"set -e; {loop}"], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        print(f"upstream loop killed after --timeout {args.timeout} s", flush=True)
+        return None
     seconds = time.perf_counter() - start
     (work / "upstream.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
