@@ -102,3 +102,9 @@ def test_partials_are_per_row_and_key_frame():
     torch.testing.assert_close(lo, logits.amin(-1))
     torch.testing.assert_close(total, (logits - logits.amax(-1, keepdim=True)).exp().sum(-1))
     assert bad.dtype == torch.int32 and not bad.any()
+
+
+def test_partial_frames_are_refused():
+    q, k = torch.randn(1, 8, 1, 4), torch.randn(1, 10, 1, 4)
+    with pytest.raises(ValueError, match="whole frames of 4 tokens"):
+        summarize_qk(q, k, 4)

@@ -164,6 +164,8 @@ def summarize_qk(q, k, frame_seq_length):
     """``summarize_logits``'s dict for the logits of q [B, Fq * fsl, N, D] against k [B, Fk * fsl, N, D]
     in a few kernels, without waiting for the device. Where ``nonfinite`` is not 0, call
     ``exact_means`` before reading the means."""
+    if q.shape[1] % frame_seq_length or k.shape[1] % frame_seq_length:
+        raise ValueError(f"{q.shape[1]} queries and {k.shape[1]} keys must be whole frames of {frame_seq_length} tokens")
     summary = combine_partials(*frame_partials(q, k, frame_seq_length), frame_seq_length)
     summary.update(mean_logits(q, k, frame_seq_length))
     return summary

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import matplotlib
 import torch
 
-from utils.attention_cache import SINK, TOP_C, AttentionCache
+from utils.attention_cache import EMA_SINK, SINK, TOP_C, AttentionCache
 from utils.figure4_sources import PlotInputError, StatsFile, column_band, columns_of
-from utils.output import OutputPathError, check_output_path, write_atomically
+from utils.output import OutputPathError, check_output_file, write_atomically
 
 matplotlib.use("Agg")  # before pyplot is imported: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -71,15 +71,18 @@ def _frame_range(frames):
 
 def true_frame_axis(entry, batch_index, frame_seq_length):
     """The TrueFrameAxis of a cache entry, its regions as the cache policy labelled its key tokens
-    (``key_roles``): the sink (RoPE-shifted or not) and the top-C tokens of a compression."""
+    (``key_roles``): the sink (RoPE-shifted or not; an EMA sink with the number of blocks blended into
+    it, ``sink_updates``) and the top-C tokens of a compression."""
     video, rope = entry.key_video_frames[batch_index], entry.key_rope_frames[batch_index]
     roles = entry.key_roles[batch_index]
-    sink = roles == SINK
+    ema = roles == EMA_SINK
+    sink = (roles == SINK) | ema
     sink_label = ""
     if sink.any():
         shifted = (rope[sink] != video[sink]).any()
-        sink_label = (f"sink (frames {_frame_range(video[sink].tolist())}"
-                      + (f", RoPE {_frame_range(rope[sink].tolist())})" if shifted else ")"))
+        sink_label = (("EMA sink" if ema.any() else "sink") + f" (frames {_frame_range(video[sink].tolist())}"
+                      + (f", RoPE {_frame_range(rope[sink].tolist())}" if shifted else "")
+                      + (f", {entry.sink_updates} evicted blocks blended in" if ema.any() else "") + ")")
     topc = roles == TOP_C
     topc_label = ""
     if topc.any():
@@ -180,9 +183,9 @@ def draw_heatmap(fig, ax, entry, mean, label):
     if own:
         ax.axvspan(min(own), max(own) + 1, fill=False, edgecolor="tab:red", linewidth=2)
     ax.set_xticks(range(0, fk + 1, 1 if fk <= 12 else 2))
-    ax.set_yticks(range(n), [f"H{h + 1}" for h in range(n)], fontsize=6 if n > 8 else 8)
+    ax.set_yticks(range(n), [str(h) for h in range(n)], fontsize=6 if n > 8 else 8)
     ax.set_xlabel("Key Frame Index")
-    ax.set_ylabel("Head")
+    ax.set_ylabel("Head (0-based, as --panels)")
     fig.colorbar(image, ax=ax, label=label)
 
 
@@ -231,52 +234,74 @@ def _column_name(column):
     return f"{model}block {column[0].block} (frames {_frame_range(entry.query_frames)}), pass {column[0].pass_}"
 
 
+def panel_name(layer, head):
+    """A panel's title, in the numbering of --panels (0-based), with the paper's 1-based name beside it."""
+    return f"layer {layer} head {head} (L{layer + 1}H{head + 1})"
+
+
+def figure_legend(fig, axes):
+    """One legend for the whole figure, below the panels: every label drawn, once."""
+    entries = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if entries:
+        fig.legend(list(entries.values()), list(entries), loc="lower center", ncol=min(len(entries), 4), fontsize=7,
+                   frameon=False)
+    return len(entries)
+
+
 def make_figure(sources, panels, view, softmax, batch_index, x_axis="slots"):
     """The figure for already checked sources and panels: one column per block of ``sources``, whose
     sources of one block are averaged. ``x_axis`` 'frames' puts key tokens at their video frames
-    (``uses_true_frames``), 'slots' keeps the key slot axis."""
+    (``uses_true_frames``), 'slots' keeps the key slot axis. Several columns are sized to stay readable at
+    a page's width (about 3 inches a column, 16 at most), their names above the first row, one legend below."""
     columns = columns_of(sources)
     first = sources[0]
     entry = first.entry(panels[0][0])
     layers = list(dict.fromkeys(layer for layer, _ in panels))
     rows = layers if view == "heatmap" else panels
     by_model = first.model is not None  # models side by side: one y scale per row, to compare them
-    width = 10 if len(columns) == 1 else (6.5 if by_model else 5.5) * len(columns)
+    width = 10 if len(columns) == 1 else min(16, (4.0 if by_model else 3.2) * len(columns))
     if view == "heatmap":
         height = 0.25 * first.file.num_heads * len(layers) + 1.5 * len(layers)
     else:
-        height = 2.8 * len(panels)
-    separator = "\n" if by_model else ", "  # a model's column names it on a line of its own
+        height = (2.8 if len(columns) == 1 else 2.4) * len(panels) + 0.6
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(width, height), squeeze=False,
                              sharey="row" if by_model and view != "heatmap" else "none")
     quantity, label = ("frame_mass", "Attention Mass") if softmax else ("frame_logits", "Average Attention Weight")
     for col, column in enumerate(columns):
-        suffix = separator + _column_name(column) if len(columns) > 1 else ""
-        for ax, row in zip(axes[:, col], rows):
+        for i, (ax, row) in enumerate(zip(axes[:, col], rows)):
+            header = _column_name(column) + "\n" if len(columns) > 1 and i == 0 else ""
             if view == "heatmap":
                 mean = column_band(column, row, quantity, batch_index)[0]
                 draw_heatmap(fig, ax, column[0].entry(row), mean, label)
-                ax.set_title(f"L{row + 1}, all heads{suffix}")
+                ax.set_title(f"{header}layer {row} (L{row + 1}), all heads", fontsize=9)
             else:
                 draw_panel(ax, column, row, view, softmax, batch_index, x_axis)
-                ax.set_title(f"L{row[0] + 1}H{row[1] + 1}{suffix}")
-        if view != "heatmap":
-            axes[0, col].legend(loc="upper left", fontsize=7)
+                ax.set_title(header + panel_name(*row), fontsize=9)
+            if col > 0:
+                ax.set_ylabel("")
+    legend_rows = 0
+    if view != "heatmap":
+        legend_rows = -(-figure_legend(fig, axes) // 4)
     blocks = ", ".join(map(str, dict.fromkeys(column[0].block for column in columns)))
     passes = ", ".join(map(str, dict.fromkeys(column[0].pass_ for column in columns)))
     timestep = f", t = {entry.timestep:g}" if len(columns) == 1 else ""
     captured = f"  (block{'s' if ',' in blocks else ''} {blocks}, pass{'es' if ',' in passes else ''} {passes}{timestep})"
+    note = "  [RANDOM WEIGHTS: a demo, not a trained model]" if any(s.file.random_init for s in sources) else ""
     if isinstance(first.file, StatsFile):
-        fig.suptitle(f"mean over {first.file.n_items} items, 95% CI{captured}", fontsize=9)
+        n = first.file.n_items
+        spread = "95% CI" if n > 1 else "no confidence interval (n = 1)"
+        fig.suptitle(f"mean over {n} item{'s' if n > 1 else ''}, {spread}{captured}{note}", fontsize=9)
     else:
-        note = "  [RANDOM WEIGHTS: a demo, not a trained model]" if any(s.file.random_init for s in sources) else ""
         files = columns[0]
         if len(files) > 1:
             fig.suptitle(f"mean over {len(files)} caches{captured}{note}", fontsize=9)
         else:
             prompt = first.file.prompt if len(first.file.prompt) <= 90 else first.file.prompt[:87] + "..."
             fig.suptitle(printable(prompt) + captured + note, fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, min(0.3, 0.2 * legend_rows / height), 1, 1))
     return fig
 
 
@@ -286,16 +311,10 @@ def make_figure(sources, panels, view, softmax, batch_index, x_axis="slots"):
 
 def check_output(out):
     """The output's format from its extension; its folder must exist and it must be a regular file or new."""
-    fmt = out.suffix.lower().lstrip(".")
-    if fmt not in OUTPUT_FORMATS:
-        raise PlotInputError(f"--out {out}: extension {out.suffix!r} not supported, expected one of .png, .pdf, .svg")
-    if not out.parent.is_dir():
-        raise PlotInputError(f"--out {out}: folder {out.parent} does not exist")
     try:
-        check_output_path(out)
+        return check_output_file(out, OUTPUT_FORMATS)
     except OutputPathError as err:
-        raise PlotInputError(f"--out {err}") from None
-    return fmt
+        raise PlotInputError(str(err)) from None
 
 
 def write_figure(fig, out, fmt):

@@ -2,7 +2,6 @@
 opened as Sources, the (block, pass) columns chosen from them, the checks that they can be averaged and
 drawn, and the values each column plots, per head. The drawing is utils/figure4_plot.py's.
 """
-import argparse
 import glob
 import sys
 from dataclasses import dataclass
@@ -11,8 +10,9 @@ from pathlib import Path
 import torch
 
 from utils.attention_cache import AttentionCache, open_cache
+from utils.cli import parse_panel  # noqa: F401 (the --panels values, parsed before torch is imported)
 from utils.passes import ALL, pass_order
-from utils.sweep_stats import StatsFileError, compare_key, load_statistics, stats_groups
+from utils.sweep_stats import StatsFileError, compare_key, distinct_items, load_statistics, stats_groups
 
 STATS_QUANTITY = {"token_logits": "curve", "frame_logits": "frame_logit", "frame_mass": "mass"}
 DEFAULT_PANELS = ((0, 0), (4, 9))  # the paper's L1H1 and L5H10
@@ -26,21 +26,10 @@ class PlotInputError(ValueError):
 # inputs
 
 
-def parse_panel(text):
-    """'4:9' -> (4, 9): a 0-based (layer, head) pair."""
-    try:
-        layer, head = (int(part) for part in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"panel {text!r} is not LAYER:HEAD with 0-based ints, e.g. 4:9") from None
-    if layer < 0 or head < 0:
-        raise argparse.ArgumentTypeError(f"panel {text!r}: layer and head must be >= 0")
-    return layer, head
-
-
 class StatsFile:
     """A statistics file of experiments/aggregate_figure4.py, read with utils.sweep_stats.load_statistics
     and opened for plotting like a cache: path, labels, layer_indices, num_heads, frame_seq_length,
-    n_items, entry(layer, pass_, block)."""
+    n_items, random_init (whether its items came from random weights), entry(layer, pass_, block)."""
 
     label = AttentionCache.label  # the same (block, pass) choice, and messages, as a cache
 
@@ -48,6 +37,7 @@ class StatsFile:
         self.path = Path(path)
         stats = load_statistics(self.path)
         self.n_items = stats["n_items"]
+        self.random_init = bool(stats.get("random_init", False))
         self.num_heads = stats["num_heads"]
         self.frame_seq_length = stats["frame_seq_length"]
         self.groups = stats_groups(stats)
@@ -178,17 +168,14 @@ def _panel_exists(cache, panel):
 
 
 def choose_panels(cache, given):
-    """--panels as given; without it, the paper's panels, or when ``cache`` lacks them the first two
-    layers' heads clipped to the heads it has. Returns (panels, a note to print or None)."""
+    """--panels as given; without it, the paper's panels, or when ``cache`` lacks them (a small model) its
+    first two layers' heads, the paper's heads clipped to the heads it has (0:0 4:3 for the tiny model)."""
     if given is not None:
-        return given, None
+        return given
     if all(_panel_exists(cache, panel) for panel in DEFAULT_PANELS):
-        return list(DEFAULT_PANELS), None
+        return list(DEFAULT_PANELS)
     layers = sorted(cache.layer_indices)[: len(DEFAULT_PANELS)]
-    panels = [(layer, min(head, cache.num_heads - 1)) for layer, (_, head) in zip(layers, DEFAULT_PANELS)]
-    note = (f"note: {cache.path} lacks the default panels {' '.join(f'{l}:{h}' for l, h in DEFAULT_PANELS)}; "
-            f"plotting {' '.join(f'{l}:{h}' for l, h in panels)} (--panels chooses)")
-    return panels, note
+    return [(layer, min(head, cache.num_heads - 1)) for layer, (_, head) in zip(layers, DEFAULT_PANELS)]
 
 
 def nonfinite_warning(sources, panels):
@@ -269,10 +256,13 @@ def sweep_values(sources, layer, quantity, batch_index):
 def column_band(column, layer, quantity, batch_index):
     """What a column (the sources of one block) plots for every head of a layer: (mean, low, high,
     band label), each [N, L] as in ``layer_values``; low and high None without a band. A statistics
-    file gives its mean and 95% confidence interval, caches their mean +- one standard deviation."""
+    file gives its mean and 95% confidence interval (none for one item), caches their mean +- one
+    standard deviation."""
     source = column[0]
     if isinstance(source.file, StatsFile):
         values = source.entry(layer).values[STATS_QUANTITY[quantity]]
+        if source.file.n_items == 1:
+            return values["mean"], None, None, None
         return values["mean"], values["ci_low"], values["ci_high"], "95% CI"
     mean, std = sweep_values(column, layer, quantity, batch_index)
     if std is None:
@@ -288,15 +278,17 @@ def cache_sources(patterns, passes, blocks, panels, batch_index, x_axis, view, s
     """The Sources of --cache (paths or glob ``patterns``) for --pass, --block, --panels (None: the
     default ones) and --batch_index, checked for the --x axis, --view and --softmax they are drawn with;
     with ``by_model`` each model (family, variant, cache policy) in columns of its own, its files
-    averaged. Prints the files used and any non-finite logits. Returns (sources, panels, a note to
-    print or None)."""
-    caches = [open_cache(p) for p in expand_cache_paths(patterns)]
+    averaged. Prints the files used and any non-finite logits. Returns (sources, panels)."""
+    caches, duplicates = distinct_items([open_cache(p) for p in expand_cache_paths(patterns)])
+    for duplicate, original in duplicates:
+        print(f"note: {duplicate.path} repeats the item of {original.path} (same prompt, seed and settings, or the "
+              "same bytes); averaged once", file=sys.stderr)
     sources = [s for cache in caches
                for s in select_columns(cache, passes, blocks, model_label(cache) if by_model else None)]
     columns = columns_of(sources)
     for column in columns:
         check_compatible(column)
-    panels, note = choose_panels(caches[0], panels)
+    panels = choose_panels(caches[0], panels)
     for cache in caches:
         check_panels(cache, panels)
     check_batch_index(caches, batch_index)
@@ -311,13 +303,12 @@ def cache_sources(patterns, passes, blocks, panels, batch_index, x_axis, view, s
     warning = nonfinite_warning(sources, panels)
     if warning:
         print(warning, file=sys.stderr)
-    return sources, panels, note
+    return sources, panels
 
 
 def stats_sources(path, passes, blocks, panels, batch_index):
     """The Sources of the --stats file ``path`` for --pass, --block and --panels (None: the default ones),
-    checked (--batch_index must be 0); prints what the file holds. Returns (sources, panels, a note to
-    print or None)."""
+    checked (--batch_index must be 0); prints what the file holds. Returns (sources, panels)."""
     if batch_index != 0:
         raise PlotInputError("--batch_index selects a sample of a cache; a statistics file is over all items")
     try:
@@ -325,9 +316,10 @@ def stats_sources(path, passes, blocks, panels, batch_index):
     except StatsFileError as err:
         raise PlotInputError(str(err)) from None
     sources = select_columns(stats, passes, blocks)
-    panels, note = choose_panels(stats, panels)
+    panels = choose_panels(stats, panels)
     check_panels(stats, panels)
     labels = ", ".join(f"block {s.block} pass {s.pass_}" for s in sources)
-    print(f"using {stats.path}: statistics over {stats.n_items} items, {labels}, layers {stats.layer_indices}, "
+    print(f"using {stats.path}: statistics over {stats.n_items} item{'s' if stats.n_items > 1 else ''}, {labels}, "
+          f"layers {stats.layer_indices}, "
           f"{stats.num_heads} heads")
-    return sources, panels, note
+    return sources, panels
