@@ -65,11 +65,14 @@ class Extractor:
         """One item: noise from ``seed`` alone (the same whatever ran before in this process), the
         inference with the capture on (``switches``: (frame, encoded prompt) prompt switches). Returns
         (kept calls in the order of ``layers``, then block, then pass; self-attention calls seen for
-        those layers; inference seconds)."""
+        those layers; inference seconds). Each kept call's summary starts as soon as it is kept (on a
+        CUDA device on a second stream, while the later layers and blocks infer), so the inference
+        seconds include what of them did not overlap."""
         set_seed(seed)
         noise = torch.randn((1, *self.pipeline.latent_shape(num_frames)), device=self.device, dtype=self.dtype)
         capture = self.model.observer
-        capture.enable(layers, num_layers=self.num_layers, passes=passes, blocks=blocks)
+        capture.enable(layers, num_layers=self.num_layers, passes=passes, blocks=blocks,
+                       summarize=self.frame_seq_length())
         try:
             start = time.perf_counter()
             self.pipeline.inference(noise, prompt_embeds=context, return_latents=True, progress=progress,
@@ -82,7 +85,7 @@ class Extractor:
 
 
 def cache_entry(record, frame_seq_length, frames_per_block, save_mode):
-    """The ``CacheEntry`` of one kept call, and its exact fp32 reductions (on the host).
+    """The ``CacheEntry`` of one kept call, and its exact reductions (on the host).
 
     The entry carries the call's own labels: layer, block, pass, timestep, the video frames of its
     queries and of each key frame, and per key token its video frame, temporal RoPE position and role

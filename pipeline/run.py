@@ -13,6 +13,7 @@ from pipeline.plan import UsageError, plan_run, preflight
 from pipeline.sweep import (MANIFEST, append_manifest, check_lock_holder, check_sweep_settings, is_complete, item_name,
                             open_sweep, write_manifest)
 from utils.cli import command
+from utils.compile_cache import use_compile_cache
 from utils.config import model_sizes
 
 
@@ -61,6 +62,7 @@ def run_items(options, plan, t_start):
         print(f"warning: beyond the release of {plan.family.name} {plan.variant.name} "
               f"({options.config_path}): {'; '.join(plan.beyond_release)}", file=sys.stderr)
 
+    compile_cache = use_compile_cache()  # before torch compiles anything
     import torch
 
     from pipeline.extraction import Extractor
@@ -77,6 +79,7 @@ def run_items(options, plan, t_start):
         print(f"Using device: {device}" + (f" (rank {plan.rank} of {plan.world_size})" if plan.world_size > 1 else ""))
         if device.type == "cuda":
             print(f"GPU: {torch.cuda.get_device_name(device)}")
+            print(compile_cache.describe())
     torch.set_grad_enabled(False)
 
     settings = settings_of(options, plan)

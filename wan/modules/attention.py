@@ -13,6 +13,12 @@ What is kept: per requested layer, the calls of the chosen passes (``passes``: p
 ``"cache"``) of the chosen blocks (``blocks``: block indices and/or ``"last"``), as labelled by the
 pipeline. Only those calls' q and a copy of their keys stay on the device (about 115 MB per layer and
 pass at full size); logits are computed from them when asked, one (head, query frame) tile at a time.
+
+Summaries (``utils.attention_stats.summarize_qk``) may start as soon as a call is kept
+(``enable(summarize=frame_seq_length)``): on a CUDA device they are queued on a second stream, after
+the kept q and k are ready, and run while later layers and blocks infer; the kept q and k are never
+written again and the model's own stream never waits for them, so the latents stay bit-identical.
+``CapturedCall.summary`` makes the reading stream wait for its summary.
 """
 import functools
 import importlib
@@ -22,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from utils.attention_stats import summarize_logits
+from utils.attention_stats import exact_means, query_key_logits, summarize_qk
 from utils.passes import LAST_BLOCK, block_wanted, is_block, is_pass, pass_order
 
 
@@ -151,10 +157,7 @@ def attention(q, k, v, kernel=sdpa):
     return kernel(q, k, v)
 
 
-def attention_logits(q, k, head, rows=slice(None)):
-    """Pre-softmax logits (q . k^T) / sqrt(D) of one head in fp32: [B, len(rows), Lk]."""
-    scale = q.shape[-1] ** -0.5
-    return torch.einsum("bqd,bkd->bqk", q[:, rows, head].float(), k[:, :, head].float()) * scale
+attention_logits = query_key_logits  # pre-softmax logits of one head in fp32: [B, len(rows), Lk]
 
 
 @dataclass
@@ -177,6 +180,7 @@ class CapturedCall:
     key_positions: tuple = field(default=None, repr=False)
     key_roles: torch.Tensor = field(default=None, repr=False)
     sink_updates: int = 0
+    _started: tuple = field(default=None, repr=False)  # (frame_seq_length, summary, done event or None)
 
     @property
     def num_heads(self):
@@ -206,14 +210,32 @@ class CapturedCall:
                 host[:, head, rows] = piece
         return host
 
+    def start_summary(self, frame_seq_length, stream=None):
+        """Queue the summary's kernels now: on ``stream`` (a CUDA stream of q's device, after the work
+        that made q and k on the current stream), or at once without one."""
+        if stream is None:
+            self._started = (frame_seq_length, summarize_qk(self.q, self.k, frame_seq_length), None)
+            return
+        stream.wait_stream(torch.cuda.current_stream(self.q.device))
+        with torch.cuda.stream(stream):
+            summary = summarize_qk(self.q, self.k, frame_seq_length)
+            done = stream.record_event()
+        self.q.record_stream(stream)
+        self.k.record_stream(stream)
+        self._started = (frame_seq_length, summary, done)
+
     def summary(self, frame_seq_length):
-        """Figure 4 reductions from exact fp32 logits (see ``utils.attention_stats``)."""
-        num_query_frames = self.q_shape[1] // frame_seq_length
-
-        def tile(head, frame):
-            return self.weights(head, slice(frame * frame_seq_length, (frame + 1) * frame_seq_length))
-
-        return summarize_logits(tile, self.num_heads, num_query_frames, frame_seq_length)
+        """Figure 4 reductions of the exact logits (``utils.attention_stats.summarize_qk``): the one
+        started by ``start_summary`` if any, else computed now. Waits for the device."""
+        if self._started is None or self._started[0] != frame_seq_length:
+            self.start_summary(frame_seq_length)
+        _, summary, done = self._started
+        if done is not None:
+            reader = torch.cuda.current_stream(self.q.device)
+            reader.wait_event(done)
+            for tensor in summary.values():
+                tensor.record_stream(reader)
+        return exact_means(summary, self.q, self.k, frame_seq_length)
 
 
 class AttentionWeightCapture:
@@ -223,6 +245,7 @@ class AttentionWeightCapture:
 
     def __init__(self):
         self.enabled = False
+        self._stream = None  # the side stream summaries run on (CUDA), made at the first one
         self._clear()
 
     def _clear(self):
@@ -236,11 +259,15 @@ class AttentionWeightCapture:
         self.labels = None  # the current forward's pass labels, set by the pipeline
         self._selected = []  # the (block, step, timestep) places of the current forward that are kept
         self._kept = {}  # (layer, block, pass) -> CapturedCall
+        self._summarize = None  # frame_seq_length: start each kept call's summary when it is kept
 
-    def enable(self, layer_indices=None, num_layers=None, passes=(0,), blocks=(LAST_BLOCK,)):
+    def enable(self, layer_indices=None, num_layers=None, passes=(0,), blocks=(LAST_BLOCK,), summarize=None):
         """Start capturing the calls of ``passes`` of ``blocks`` for ``layer_indices`` (None: every
         layer); ``num_layers``, when given, is checked against the model's block count at its first
-        forward."""
+        forward. ``summarize``: the frame_seq_length with which each kept call's summary starts as
+        soon as it is kept (on a second stream on CUDA, see the module docstring); None: when asked."""
+        if summarize is not None and (isinstance(summarize, bool) or not isinstance(summarize, int) or summarize < 1):
+            raise ValueError(f"summarize must be a frame_seq_length (a positive int) or None, got {summarize!r}")
         bad = [p for p in passes if not is_pass(p)]
         if bad:
             raise ValueError(f"passes must be pass indices >= 0 or 'cache', got {bad}")
@@ -256,6 +283,7 @@ class AttentionWeightCapture:
         self._wanted_layers = None if layer_indices is None else frozenset(layer_indices)
         self.passes = tuple(sorted(set(passes), key=pass_order))
         self.blocks = tuple(blocks)
+        self._summarize = summarize
         if num_layers is not None:
             self._check_layers(num_layers)
             self.num_layers = num_layers
@@ -316,8 +344,19 @@ class AttentionWeightCapture:
             for block, step, timestep in self._selected:
                 labels = {**{key: value for key, value in self.labels.items() if key != "places"}, "block": block,
                           "step": step, "timestep": timestep}
-                self._kept[layer_idx, block, step] = CapturedCall(layer_idx, call_idx, tuple(q.shape), tuple(k.shape),
-                                                                  labels, frames, q, k, positions, roles, sink_updates)
+                call = CapturedCall(layer_idx, call_idx, tuple(q.shape), tuple(k.shape), labels, frames, q, k, positions,
+                                    roles, sink_updates)
+                self._kept[layer_idx, block, step] = call
+                if self._summarize is not None:
+                    call.start_summary(self._summarize, self._side_stream(q.device))
+
+    def _side_stream(self, device):
+        """The stream summaries run on (one per capture, on q's CUDA device); None on other devices."""
+        if device.type != "cuda":
+            return None
+        if self._stream is None or self._stream.device != device:
+            self._stream = torch.cuda.Stream(device)
+        return self._stream
 
     def _layer_position(self, layer_idx):
         return layer_idx if self.layer_indices is None else self.layer_indices.index(layer_idx)
