@@ -6,6 +6,7 @@ from one or more attention caches written by experiments/run_extraction_figure4.
     PYTHONPATH=. python experiments/plot_figure4.py --stats stats/seeds.pt
     PYTHONPATH=. python experiments/plot_figure4.py --cache cache/tiny_df.pt --block all
     PYTHONPATH=. python experiments/plot_figure4.py --cache cache/sf.pt cache/cf.pt cache/ll.pt --by_model
+    PYTHONPATH=. python experiments/plot_figure4.py --stats report/stats/sf.pt report/stats/df.pt --overlay
 
 Views (one panel per ``layer:head`` of --panels, 0-based; titles are 1-based like the paper):
   curve    the paper's layout: the logit averaged over the last block's query tokens, per key token,
@@ -20,10 +21,14 @@ since caches keep no token-level mass.
 Several caches (paths or quoted glob patterns) are averaged, with a band (curve) or error bars
 (frames) of +- one sample standard deviation over the files; they must share the pass, block, frames,
 layers, heads and model (utils/sweep_stats.compare_key: model family and variant, model sizes, checkpoint,
-dtype, model_kwargs). --by_model draws each model (family, variant, attention-cache policy) in
-columns of its own instead, side by side on one y scale: models are compared, never averaged.
---stats draws a statistics file of experiments/aggregate_figure4.py instead: the mean over its items
-with the 95% confidence interval of the mean as the band or error bars.
+dtype, model_kwargs). --by_model draws each model or setting (family, variant, attention-cache
+policy, and whatever else differs: video length, checkpoint, dtype, config) in columns of its own
+instead, side by side on one y scale, labelled by their settings: compared, never averaged.
+--stats draws statistics files of experiments/aggregate_figure4.py instead: the mean over its items
+with the 95% confidence interval of the mean as the band or error bars; several files (one per
+setting, e.g. of experiments/report_figure4.py) are drawn side by side, labelled by their settings.
+--overlay draws every column (settings, models, blocks, passes) on the same axes instead, one colour
+each, on the true-frame key axis: caches or statistics of 21 and 126 frames go on one axis.
 
 True frames: when the keys of a window, Deep Sink or compressed cache are not video frames 0..Fk-1,
 the curve view puts each key token at its video frame (x = frame + its rank among the frame's cached
@@ -93,9 +98,10 @@ def build_parser():
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--cache", nargs="+", metavar="PATH",
                         help="cache file(s) or quoted glob pattern(s); several files are averaged (mean +- 1 std)")
-    inputs.add_argument("--stats", type=Path, metavar="FILE",
-                        help="a statistics file of experiments/aggregate_figure4.py: its mean with the 95%% "
-                             "confidence interval")
+    inputs.add_argument("--stats", nargs="+", metavar="FILE",
+                        help="statistics file(s) of experiments/aggregate_figure4.py (or quoted glob patterns): the mean "
+                             "with the 95%% confidence interval; several are drawn side by side (or --overlay), "
+                             "labelled by their settings, never averaged")
     parser.add_argument("--panels", nargs="+", type=parse_panel, default=None, metavar="LAYER:HEAD",
                         help="0-based layer:head pairs, one panel each (default: 0:0 4:9 = the paper's L1H1 and L5H10, "
                              "or the first head of the first two layers when a cache lacks them)")
@@ -118,6 +124,9 @@ def build_parser():
                         help="draw the caches of each model (family, variant, attention-cache policy) in columns of "
                              "their own, side by side on one y scale, the files of one model averaged (models are "
                              "never averaged together)")
+    parser.add_argument("--overlay", action="store_true",
+                        help="draw every column (models, settings, statistics files, blocks, passes) on the same axes, "
+                             "one colour each, instead of side by side (curve view)")
     parser.add_argument("--x", dest="x_axis", choices=("frames", "slots"), default="frames",
                         help="key axis of the curve view: frames puts each key token at its video frame when the "
                              "cache's keys are not frames 0..Fk-1 (window, Deep Sink, compression); slots keeps "
@@ -128,12 +137,13 @@ def build_parser():
 def plot(args):
     """Check every input, then draw and write the figure."""
     fmt = check_output(args.out)
-    inputs = [args.stats] if args.stats else [p for t in args.cache for p in (sorted(glob.glob(t)) if glob.has_magic(t) else [t])]
+    inputs = [p for t in (args.stats or args.cache) for p in (sorted(glob.glob(t)) if glob.has_magic(t) else [t])]
     for path in inputs:
         if same_file(path, args.out):
             raise PlotInputError(f"--out {args.out} is the input {path}; refusing to write over it")
     if args.stats and args.by_model:
-        raise PlotInputError("--by_model tells the models of several caches apart; a statistics file is of one model")
+        raise PlotInputError("--by_model tells the models of several caches apart; statistics files are of one "
+                             "setting each and always drawn apart")
     if args.stats:
         sources, panels, note = stats_sources(args.stats, args.pass_, args.block, args.panels, args.batch_index)
     else:
@@ -141,7 +151,8 @@ def plot(args):
                                               args.x_axis, args.view, args.softmax, args.by_model)
     if note:
         print(note)
-    write_figure(make_figure(sources, panels, args.view, args.softmax, args.batch_index, args.x_axis), args.out, fmt)
+    figure = make_figure(sources, panels, args.view, args.softmax, args.batch_index, args.x_axis, args.overlay)
+    write_figure(figure, args.out, fmt)
     print(f"wrote {args.out}")
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import matplotlib
 import torch
 
-from utils.attention_cache import SINK, TOP_C, AttentionCache
+from utils.attention_cache import SINK, TOP_C
 from utils.figure4_sources import PlotInputError, StatsFile, column_band, columns_of
 from utils.output import OutputPathError, check_output_path, write_atomically
 
@@ -18,6 +18,7 @@ OUTPUT_FORMATS = ("png", "pdf", "svg")
 QUERY_SHADE = dict(color="tab:orange", alpha=0.15)
 SINK_SHADE = dict(color="tab:purple", alpha=0.12)
 TOPC_SHADE = dict(color="tab:green", alpha=0.12)
+RANDOM_NOTE = "  [RANDOM WEIGHTS: a demo, not a trained model]"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,22 +221,88 @@ def draw_panel(ax, column, panel, view, softmax, batch_index, x_axis):
 
 def uses_true_frames(source, layer, view, softmax, batch_index, x_axis):
     """Whether a panel of ``layer`` puts key tokens at their video frames: --x frames, the token curve
-    of a cache, and keys that are not simply video frames 0..Fk-1."""
-    return (x_axis == "frames" and view == "curve" and not softmax and isinstance(source.file, AttentionCache)
-            and not has_slot_layout(source.entry(layer), batch_index, source.file.frame_seq_length))
+    of a cache (or of a statistics file whose items shared their key tokens), and keys that are not
+    simply video frames 0..Fk-1."""
+    entry = source.entry(layer)
+    return (x_axis == "frames" and view == "curve" and not softmax and entry.key_video_frames is not None
+            and not has_slot_layout(entry, batch_index, source.file.frame_seq_length))
 
 
 def _column_name(column):
     entry = column[0].entry(column[0].file.layer_indices[0])
-    model = f"{column[0].model}: " if column[0].model else ""
+    n = f" (n = {column[0].file.n_items})" if isinstance(column[0].file, StatsFile) and column[0].model else ""
+    model = f"{column[0].model}{n}: " if column[0].model else ""
     return f"{model}block {column[0].block} (frames {_frame_range(entry.query_frames)}), pass {column[0].pass_}"
 
 
-def make_figure(sources, panels, view, softmax, batch_index, x_axis="slots"):
+# ---------------------------------------------------------------------------------------------
+# several groups on the same axes (--overlay)
+
+
+def key_positions(entry, batch_index, frame_seq_length, per_token, x_axis):
+    """Where an entry's values go on a shared key axis, in units of 1/frame_seq_length of a frame for
+    tokens (``per_token``) or whole frames for key slots: int64 [K] or [Fk]. 'slots' is the slot index;
+    'frames' the video frame (each token at its frame, ``true_frame_tokens``), None where the entry
+    cannot say (a compressed cache's slots mix frames and no token labels were kept)."""
+    fk = entry.num_key_frames
+    if x_axis == "slots":
+        return torch.arange(fk * frame_seq_length if per_token else fk)
+    frames = torch.tensor(entry.key_frame_indices)
+    whole_frames = bool((frames.diff() > 0).all())
+    if not per_token:
+        return frames if whole_frames else None
+    if entry.key_video_frames is not None:
+        return true_frame_tokens(entry.key_video_frames[batch_index], frame_seq_length)
+    if whole_frames:
+        return (frames[:, None] * frame_seq_length + torch.arange(frame_seq_length)).flatten()
+    return None
+
+
+def draw_overlay_panel(ax, columns, names, panel, softmax, batch_index, x_axis):
+    """Every column (a model, setting, block or pass) of one (layer, head) on the same axes, one colour
+    each, its band in its colour, its query block marked in its colour; never averaged together."""
+    layer, head = panel
+    quantity, ylabel = ("frame_mass", "Attention Mass") if softmax else ("token_logits", "Average Attention Weight")
+    right = 0
+    for i, (column, name) in enumerate(zip(columns, names)):
+        color = f"C{i % 10}"
+        source = column[0]
+        entry, fsl = source.entry(layer), source.file.frame_seq_length
+        per_frame = 1 if softmax else fsl
+        positions = key_positions(entry, batch_index, fsl, not softmax, x_axis)
+        if positions is None:
+            raise PlotInputError(f"{name}: its key slots mix video frames (compression) and the file keeps no "
+                                 "per-token frames; use --x slots")
+        mean, low, high, band_label = column_band(column, layer, quantity, batch_index)
+        mean, low, high = (_head(v, head) for v in (mean, low, high))
+        breaks = (torch.nonzero(positions.diff() != 1).flatten() + 1).tolist()
+        for k, (a, b) in enumerate(zip([0, *breaks], [*breaks, len(positions)])):
+            x, y = _steps(mean[a:b], per_frame, int(positions[a]))
+            if low is not None:
+                _, lo = _steps(low[a:b], per_frame)
+                _, hi = _steps(high[a:b], per_frame)
+                ax.fill_between(x, lo, hi, step="post", color=color, alpha=0.2, linewidth=0)
+            ax.step(x, y, where="post", color=color, linewidth=1.0, label=(f"{name}" + (f" ({band_label})"
+                                                                                      if band_label else "")) if k == 0 else None)
+        query = [j for j, frame in enumerate(entry.key_frame_indices) if frame in entry.query_frames]
+        start, end = ((min(entry.query_frames), max(entry.query_frames) + 1) if x_axis == "frames"
+                      else (min(query), max(query) + 1))
+        ax.axvspan(start, end, color=color, alpha=0.07, zorder=0)
+        right = max(right, end)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_xlim(0, right)
+    ax.set_xlabel("Key Video Frame (query blocks shaded)" if x_axis == "frames" else "Key Frame Index (slots)")
+    ax.set_ylabel(ylabel)
+
+
+def make_figure(sources, panels, view, softmax, batch_index, x_axis="slots", overlay=False):
     """The figure for already checked sources and panels: one column per block of ``sources``, whose
     sources of one block are averaged. ``x_axis`` 'frames' puts key tokens at their video frames
-    (``uses_true_frames``), 'slots' keeps the key slot axis."""
+    (``uses_true_frames``), 'slots' keeps the key slot axis. ``overlay`` draws every column on the same
+    axes instead, one colour each (the curve view)."""
     columns = columns_of(sources)
+    if overlay:
+        return make_overlay_figure(columns, panels, view, softmax, batch_index, x_axis)
     first = sources[0]
     entry = first.entry(panels[0][0])
     layers = list(dict.fromkeys(layer for layer, _ in panels))
@@ -266,16 +333,38 @@ def make_figure(sources, panels, view, softmax, batch_index, x_axis="slots"):
     passes = ", ".join(map(str, dict.fromkeys(column[0].pass_ for column in columns)))
     timestep = f", t = {entry.timestep:g}" if len(columns) == 1 else ""
     captured = f"  (block{'s' if ',' in blocks else ''} {blocks}, pass{'es' if ',' in passes else ''} {passes}{timestep})"
+    note = RANDOM_NOTE if any(s.file.random_init for s in sources) else ""
     if isinstance(first.file, StatsFile):
-        fig.suptitle(f"mean over {first.file.n_items} items, 95% CI{captured}", fontsize=9)
+        n_items = sorted({s.file.n_items for s in sources})
+        items = f"{n_items[0]} items" if len(n_items) == 1 else "the items of each column"
+        fig.suptitle(f"mean over {items}, 95% CI{captured}{note}", fontsize=9)
     else:
-        note = "  [RANDOM WEIGHTS: a demo, not a trained model]" if any(s.file.random_init for s in sources) else ""
         files = columns[0]
         if len(files) > 1:
             fig.suptitle(f"mean over {len(files)} caches{captured}{note}", fontsize=9)
         else:
             prompt = first.file.prompt if len(first.file.prompt) <= 90 else first.file.prompt[:87] + "..."
             fig.suptitle(printable(prompt) + captured + note, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def make_overlay_figure(columns, panels, view, softmax, batch_index, x_axis):
+    """One axes per panel with every column drawn on it (``draw_overlay_panel``)."""
+    if view != "curve":
+        raise PlotInputError(f"--overlay draws curves on shared axes; --view {view} draws one column per group "
+                             "(leave --overlay out)")
+    names = [_column_name(column) for column in columns]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.2 * len(panels)), squeeze=False)
+    for ax, panel in zip(axes[:, 0], panels):
+        draw_overlay_panel(ax, columns, names, panel, softmax, batch_index, x_axis)
+        ax.set_title(f"L{panel[0] + 1}H{panel[1] + 1}")
+    axes[0, 0].legend(loc="upper left", fontsize=7)
+    sources = [s for column in columns for s in column]
+    note = RANDOM_NOTE if any(s.file.random_init for s in sources) else ""
+    band = "95% CI" if isinstance(sources[0].file, StatsFile) else "± 1 std where averaged"
+    fig.suptitle(f"{len(columns)} groups on shared axes, each its own mean ({band}), never averaged together{note}",
+                 fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from utils.attention_cache import EntryLabels
+from utils.attention_cache import KEY_LABEL_DTYPES, KEY_LABEL_KEYS, EntryLabels
 from utils.output import one_line, write_files_atomically
 from utils.passes import is_pass
 
@@ -33,9 +33,14 @@ FIELDS = ("mean", "std", "ci_low", "ci_high")
 @dataclass(frozen=True)
 class StatsGroup(EntryLabels):
     """One (layer, block, pass) of a statistics file: the labels of the cache entries it is over, and
-    ``values``, which maps each of QUANTITIES to its FIELDS ({mean, std, ci_low, ci_high})."""
+    ``values``, which maps each of QUANTITIES to its FIELDS ({mean, std, ci_low, ci_high}). Where every
+    item held the same key tokens, their labels as a cache entry has them ([1, K] each, the true-frame
+    axis of the plot); else None."""
 
     values: dict
+    key_video_frames: torch.Tensor | None = None
+    key_rope_frames: torch.Tensor | None = None
+    key_roles: torch.Tensor | None = None
 
 
 class StatsFileError(ValueError):
@@ -145,6 +150,27 @@ def distinct_items(caches):
     return kept, duplicates
 
 
+def shared_key_labels(caches, layer, label):
+    """The key token labels ({name: int list [K]}) of one (layer, block, pass) where every sample of every
+    cache holds the same ones (no compression that picks tokens per item), else None."""
+    labels = {}
+    for name in KEY_LABEL_KEYS:
+        rows = torch.cat([getattr(c.entry(layer, label[1], label[0]), name) for c in caches])  # [n, K]
+        if not bool((rows == rows[:1]).all()):
+            return None
+        labels[name] = rows[0].tolist()
+    return labels
+
+
+def setting_of(cache):
+    """What the statistics file keeps of the items' setting, for the labels of comparisons: the model
+    family and variant, the attention-cache policy, the config, checkpoint, dtype and video length."""
+    meta = cache.metadata
+    return {"family": meta.get("family"), "variant": meta.get("variant"), "cache_policy": meta.get("cache_policy"),
+            "config_path": meta.get("config_path"), "checkpoint_path": meta.get("checkpoint_path"),
+            "dtype": meta.get("dtype"), "num_frames": cache.num_frames, "random_init": cache.random_init}
+
+
 def sweep_statistics(caches):
     """The statistics over the items of ``caches`` (opened attention caches of one setting, each item
     once: see ``distinct_items``)."""
@@ -157,6 +183,7 @@ def sweep_statistics(caches):
         groups.append({
             "layer_idx": entry.layer_idx, "block": entry.block, "pass": entry.pass_, "timestep": entry.timestep,
             "query_frames": list(entry.query_frames), "key_frame_indices": list(entry.key_frame_indices),
+            "key_labels": shared_key_labels(caches, entry.layer_idx, entry.label),
             **{q: {k: v.float() for k, v in describe(stacked[q]).items()} for q in QUANTITIES},
         })
     first = caches[0]
@@ -165,7 +192,7 @@ def sweep_statistics(caches):
         "n_items": sum(c.batch_size for c in caches), "files": [str(c.path) for c in caches],
         "prompts": [c.prompt for c in caches], "seeds": [c.metadata.get("seed") for c in caches],
         "num_frames": first.num_frames, "frame_seq_length": first.frame_seq_length,
-        "num_heads": first.num_heads, "groups": groups,
+        "num_heads": first.num_heads, "setting": setting_of(first), "groups": groups,
     }
 
 
@@ -196,10 +223,16 @@ def save_statistics(stats, path):
 
 
 def stats_groups(stats):
-    """The groups of a statistics dict (``load_statistics``) as ``StatsGroup``s, in file order."""
-    return [StatsGroup(layer_idx=g["layer_idx"], block=g["block"], pass_=g["pass"], timestep=g["timestep"],
-                       query_frames=g["query_frames"], key_frame_indices=g["key_frame_indices"],
-                       values={q: g[q] for q in QUANTITIES}) for g in stats["groups"]]
+    """The groups of a statistics dict (``load_statistics``) as ``StatsGroup``s, in file order (files
+    written before the key labels were kept have none)."""
+    groups = []
+    for g in stats["groups"]:
+        held = g.get("key_labels") or {}
+        labels = {name: torch.tensor([held[name]], dtype=KEY_LABEL_DTYPES[name]) for name in held}
+        groups.append(StatsGroup(layer_idx=g["layer_idx"], block=g["block"], pass_=g["pass"], timestep=g["timestep"],
+                                 query_frames=g["query_frames"], key_frame_indices=g["key_frame_indices"],
+                                 values={q: g[q] for q in QUANTITIES}, **labels))
+    return groups
 
 
 def load_statistics(path):
@@ -263,6 +296,11 @@ def _check_statistics(stats, fail):
         _field(g, "query_frames", f"{name}.query_frames", _frame_list, "a non-empty list of frames", fail)
         fk = len(_field(g, "key_frame_indices", f"{name}.key_frame_indices", _frame_list, "a non-empty list of frames",
                         fail))
+        held = g.get("key_labels")
+        if held is not None and not (isinstance(held, dict) and set(held) == set(KEY_LABEL_KEYS) and all(
+                isinstance(v, list) and len(v) == fk * fsl and all(_int_at_least(0)(x) for x in v) for v in held.values())):
+            fail(f"{name}.key_labels is {_shown(held)}, expected None or {{{', '.join(KEY_LABEL_KEYS)}}}: "
+                 f"lists of {fk * fsl} ints >= 0")
         shapes = {"curve": [heads, fk * fsl], "frame_logit": [heads, fk], "mass": [heads, fk], "sink_ratio": [heads],
                   "sink_logit_gap": [heads]}
         for q, shape in shapes.items():
