@@ -2,6 +2,7 @@
 token at its video frame), the panels of the curve, frames and heatmap views, the figure of checked
 Sources (utils/figure4_sources.py) and its output file. matplotlib draws off-screen (Agg).
 """
+import textwrap
 from dataclasses import dataclass
 
 import matplotlib
@@ -18,6 +19,7 @@ OUTPUT_FORMATS = ("png", "pdf", "svg")
 QUERY_SHADE = dict(color="tab:orange", alpha=0.15)
 SINK_SHADE = dict(color="tab:purple", alpha=0.12)
 TOPC_SHADE = dict(color="tab:green", alpha=0.12)
+TITLE_WIDTH = 60  # characters of a panel title's line: longer setting labels wrap
 RANDOM_NOTE = "  [RANDOM WEIGHTS: a demo, not a trained model]"
 
 
@@ -326,7 +328,8 @@ def make_figure(sources, panels, view, softmax, batch_index, x_axis="slots", ove
                 ax.set_title(f"L{row + 1}, all heads{suffix}")
             else:
                 draw_panel(ax, column, row, view, softmax, batch_index, x_axis)
-                ax.set_title(f"L{row[0] + 1}H{row[1] + 1}{suffix}")
+                ax.set_title("\n".join(textwrap.wrap(f"L{row[0] + 1}H{row[1] + 1}{suffix}", TITLE_WIDTH,
+                                                      break_long_words=False, replace_whitespace=False)))
         if view != "heatmap":
             axes[0, col].legend(loc="upper left", fontsize=7)
     blocks = ", ".join(map(str, dict.fromkeys(column[0].block for column in columns)))
