@@ -244,20 +244,20 @@ def _column_name(column):
 def key_positions(entry, batch_index, frame_seq_length, per_token, x_axis):
     """Where an entry's values go on a shared key axis, in units of 1/frame_seq_length of a frame for
     tokens (``per_token``) or whole frames for key slots: int64 [K] or [Fk]. 'slots' is the slot index;
-    'frames' the video frame (each token at its frame, ``true_frame_tokens``), None where the entry
-    cannot say (a compressed cache's slots mix frames and no token labels were kept)."""
+    'frames' the video frame (each token at its frame, ``true_frame_tokens``; each slot at its frame
+    where it holds one whole frame), None where the entry cannot say: no token labels (a statistics file
+    whose items kept other tokens), or slots that mix frames (compression)."""
     fk = entry.num_key_frames
     if x_axis == "slots":
         return torch.arange(fk * frame_seq_length if per_token else fk)
-    frames = torch.tensor(entry.key_frame_indices)
-    whole_frames = bool((frames.diff() > 0).all())
-    if not per_token:
-        return frames if whole_frames else None
-    if entry.key_video_frames is not None:
-        return true_frame_tokens(entry.key_video_frames[batch_index], frame_seq_length)
-    if whole_frames:
-        return (frames[:, None] * frame_seq_length + torch.arange(frame_seq_length)).flatten()
-    return None
+    if entry.key_video_frames is None:
+        return None
+    video = entry.key_video_frames[batch_index].long()
+    if per_token:
+        return true_frame_tokens(video, frame_seq_length)
+    slots = video.view(fk, frame_seq_length)  # [Fk, fsl]
+    whole = bool((slots == slots[:, :1]).all()) and bool((slots[:, 0].diff() > 0).all())
+    return slots[:, 0] if whole else None
 
 
 def draw_overlay_panel(ax, columns, names, panel, softmax, batch_index, x_axis):
@@ -273,8 +273,8 @@ def draw_overlay_panel(ax, columns, names, panel, softmax, batch_index, x_axis):
         per_frame = 1 if softmax else fsl
         positions = key_positions(entry, batch_index, fsl, not softmax, x_axis)
         if positions is None:
-            raise PlotInputError(f"{name}: its key slots mix video frames (compression) and the file keeps no "
-                                 "per-token frames; use --x slots")
+            raise PlotInputError(f"{name}: its key slots mix video frames (compression), or its items kept other key "
+                                 "tokens (no per-token frames); use --x slots")
         mean, low, high, band_label = column_band(column, layer, quantity, batch_index)
         mean, low, high = (_head(v, head) for v in (mean, low, high))
         breaks = (torch.nonzero(positions.diff() != 1).flatten() + 1).tolist()
