@@ -36,8 +36,6 @@ from experiments.run_extraction_figure4 import parse_args as extraction_args
 from pipeline.plan import UsageError, options_from_args
 from pipeline.report import ReportOptions, ReportSetting, build_report, check_forwarded, parse_setting
 from pipeline.sweep import SweepFolderError
-from utils.figure4_sources import parse_panel
-from utils.head_analysis import HeadThresholds
 from utils.output import exit_status
 
 
@@ -51,6 +49,18 @@ def fraction(text):
     return value
 
 
+def at_least_one(text):
+    if not (text.isascii() and text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int >= 1")
+    return int(text)
+
+
+def panel(text):
+    from utils.figure4_sources import parse_panel  # imports torch: only when --panels is given
+
+    return parse_panel(text)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="report_figure4.py", description=__doc__.split("\n\n")[0],
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]),
@@ -62,7 +72,7 @@ def build_parser():
     parser.add_argument("--seeds", nargs="+", default=["0-2"], help="seeds: integers and ranges (default: 0-2)")
     parser.add_argument("--out", type=Path, default=Path("reports/figure4"),
                         help="the report folder (default: reports/figure4); report.html and the CSVs go there")
-    parser.add_argument("--panels", nargs="+", type=parse_panel, default=None, metavar="LAYER:HEAD",
+    parser.add_argument("--panels", nargs="+", type=panel, default=None, metavar="LAYER:HEAD",
                         help="0-based layer:head panels of the Figure 4 plots (default: 0:0 4:9, or the first head of "
                              "the first two captured layers)")
     parser.add_argument("--sink_threshold", type=fraction, default=0.5,
@@ -70,7 +80,7 @@ def build_parser():
     parser.add_argument("--local_threshold", type=fraction, default=0.8,
                         help="else, one whose mean mass on the current block reaches this is a local head "
                              "(default: 0.8, Dummy Forcing's 80%%)")
-    parser.add_argument("--sink_frames", type=int, default=1,
+    parser.add_argument("--sink_frames", type=at_least_one, default=1,
                         help="video frames taken as the sink where the cache policy labels none (default: 1)")
     parser.add_argument("--title", default="Attention sinks: Figure 4 report", help="the page's title")
     return parser
@@ -91,11 +101,8 @@ def report_options(argv):
         argv_setting = ["--config_path", config, *common, *words, *given, "--seeds", *args.seeds, "--save_mode",
                         "summary", "--output_dir", str(folder), "--quiet"]
         settings.append(ReportSetting(name, shlex.join([*common, *words]), options_from_args(extraction_args(argv_setting))))
-    try:
-        thresholds = HeadThresholds(args.sink_threshold, args.local_threshold, args.sink_frames)
-    except ValueError as err:
-        raise UsageError(f"--sink_frames: {err}") from None
-    return ReportOptions(args.out, tuple(settings), tuple(args.panels) if args.panels else None, thresholds, args.title)
+    return ReportOptions(args.out, tuple(settings), tuple(args.panels) if args.panels else None, args.sink_threshold,
+                         args.local_threshold, args.sink_frames, args.title)
 
 
 def main(argv=None):

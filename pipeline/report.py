@@ -13,7 +13,8 @@ The report folder:
     settings.csv, files.csv  the settings and every item file
     report.html              the page (figures embedded; its tables are these CSVs' strings)
 
-Every setting's plan is checked (pipeline/plan.py, no torch) before the first sweep starts.
+Every setting's plan is checked (pipeline/plan.py, no torch) before the first sweep starts; importing
+this module imports no torch.
 """
 import csv
 import io
@@ -26,7 +27,6 @@ from pathlib import Path
 from pipeline.plan import UsageError, plan_run
 from pipeline.sweep import item_name, read_manifest
 from utils.config import model_sizes
-from utils.head_analysis import CLASS_COLUMNS, HEAD_COLUMNS, LAYER_COLUMNS, HeadThresholds
 from utils.output import check_output_path, write_atomically
 
 REPORT_HTML = "report.html"
@@ -57,11 +57,21 @@ class ReportSetting:
 
 @dataclass(frozen=True)
 class ReportOptions:
+    """The report's folder, its settings, the figures' panels (None: the default ones), the head
+    classification's thresholds (utils.head_analysis.HeadThresholds's fields) and the page's title."""
+
     out: Path
     settings: tuple
     panels: tuple | None
-    thresholds: HeadThresholds
+    sink_threshold: float
+    local_threshold: float
+    sink_frames: int
     title: str
+
+    def thresholds(self):
+        from utils.head_analysis import HeadThresholds
+
+        return HeadThresholds(self.sink_threshold, self.local_threshold, self.sink_frames)
 
 
 def parse_setting(text):
@@ -180,7 +190,7 @@ def _analyse(report, setting, plan):
     stats_path = report.out / "stats" / f"{setting.name}.pt"
     stats_path.parent.mkdir(parents=True, exist_ok=True)
     save_statistics(stats, stats_path)
-    groups = head_statistics(caches, report.thresholds)
+    groups = head_statistics(caches, report.thresholds())
     n = stats["n_items"]
     _say(f"  {setting.name}: {n} items, {len(stats['groups'])} (layer, block, pass) groups x {stats['num_heads']} "
          f"heads -> {stats_path}" + ("  (warning: one item, no confidence interval)" if n < 2 else ""))
@@ -210,7 +220,7 @@ def _files_rows(result):
 
 
 def _figures(report, results):
-    """[(file name, PNG bytes, caption)] of the page, in its order."""
+    """[(file name, PNG bytes, caption)] of the page, in its order (each figure closed once drawn)."""
     from utils.figure4_plot import make_figure
     from utils.figure4_sources import PlotInputError, StatsFile, check_panels, choose_panels, select, select_columns
     from utils.head_plot import head_heatmaps
@@ -229,7 +239,7 @@ def _figures(report, results):
             block = max(b for b, _ in f.labels)
             pass_ = min((p for b, p in f.labels if b == block), key=pass_order)
             firsts.append(select(f, pass_, block, label if len(files) > 1 else None))
-        out.append(("compare_logits.png", make_figure(firsts, panels, "curve", False, 0, "frames"),
+        out.append(("compare_logits.png", _png(make_figure(firsts, panels, "curve", False, 0, "frames")),
                     "Figure 4 per setting, side by side on one y scale: the query-averaged logit per key token on the "
                     "true-frame key axis (each key token at its video frame), mean over items with its 95% CI; the "
                     "last captured block, first pass."))
@@ -241,27 +251,27 @@ def _figures(report, results):
                     fig, axis = make_figure(firsts, panels, "curve", softmax, 0, "frames", overlay=True), "true-frame"
                 except PlotInputError:  # a compressed cache's slots mix frames and its items kept other tokens
                     fig, axis = make_figure(firsts, panels, "curve", softmax, 0, "slots", overlay=True), "key slot"
-                out.append((name, fig, f"{what}, one colour per setting on shared axes (the {axis} key axis), never "
+                out.append((name, _png(fig), f"{what}, one colour per setting on shared axes (the {axis} key axis), never "
                                        "averaged together."))
         for f, label in zip(files, labels):
             if len(f.labels) > 1:
                 columns = select_columns(f, ["all"], ["all"])
-                out.append((f"{Path(f.path).stem}_all.png", make_figure(columns, panels, "curve", False, 0, "frames"),
+                out.append((f"{Path(f.path).stem}_all.png", _png(make_figure(columns, panels, "curve", False, 0, "frames")),
                             f"{label}: every captured block and pass, one column each."))
     for result, label in zip(results, labels):
         for block, pass_ in dict.fromkeys((g["block"], g["pass"]) for g in result["groups"]):
             same = [g for g in result["groups"] if (g["block"], g["pass"]) == (block, pass_)]
             note = "  [RANDOM WEIGHTS]" if result["plan"].config.get("random_init") else ""
             fig = head_heatmaps(same, f"{label}, block {block}, pass {pass_}: mean over {same[0]['n']} items{note}")
-            out.append((f"heads_{result['setting'].name}_b{block}_p{pass_}.png", fig,
+            out.append((f"heads_{result['setting'].name}_b{block}_p{pass_}.png", _png(fig),
                         f"{label}, block {block}, pass {pass_}: per layer and head, the mean softmax mass on the sink "
                         "frames, the current block and the rest, and the head's class."))
-    return [(name, _png(fig), caption) for name, fig, caption in out]
+    return out
 
 
 def _write_outputs(report, results):
     from utils import report_html as H
-    from utils.head_analysis import class_rows, head_rows, layer_rows
+    from utils.head_analysis import CLASS_COLUMNS, HEAD_COLUMNS, LAYER_COLUMNS, class_rows, head_rows, layer_rows
 
     tables = {
         "settings.csv": (SETTINGS_COLUMNS, [_settings_row(r) for r in results]),
@@ -297,7 +307,7 @@ def _write_outputs(report, results):
             "logits) and the sink ratio (mass of the first key frame over the mean of the middle frames; nan where "
             "the block has no middle frames); then the mean over items and its 95% CI.")
          + H.csv_table(*tables["sink_scores.csv"], "sink_scores.csv")),
-        ("Heads", H.paragraph(report.thresholds.describe()) + H.paragraph(
+        ("Heads", H.paragraph(report.thresholds().describe()) + H.paragraph(
             "Dummy Forcing reports that about 25% of Self-Forcing's heads put more than 80% of their attention on "
             "the current frame, stable across prompts; that needs the real weights. Here 'current' is the whole "
             "current block (the query frames); local_share is the share of local heads (on the mean over items), "

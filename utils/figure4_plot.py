@@ -359,9 +359,13 @@ def make_overlay_figure(columns, panels, view, softmax, batch_index, x_axis):
                              "(leave --overlay out)")
     names = [_column_name(column) for column in columns]
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.2 * len(panels)), squeeze=False)
-    for ax, panel in zip(axes[:, 0], panels):
-        draw_overlay_panel(ax, columns, names, panel, softmax, batch_index, x_axis)
-        ax.set_title(f"L{panel[0] + 1}H{panel[1] + 1}")
+    try:
+        for ax, panel in zip(axes[:, 0], panels):
+            draw_overlay_panel(ax, columns, names, panel, softmax, batch_index, x_axis)
+            ax.set_title(f"L{panel[0] + 1}H{panel[1] + 1}")
+    except PlotInputError:
+        plt.close(fig)
+        raise
     axes[0, 0].legend(loc="upper left", fontsize=7)
     sources = [s for column in columns for s in column]
     note = RANDOM_NOTE if any(s.file.random_init for s in sources) else ""
