@@ -180,33 +180,45 @@ def _analyse(report, setting, plan):
     from utils.attention_cache import open_cache
     from utils.figure4_sources import model_label
     from utils.head_analysis import head_statistics
-    from utils.sweep_stats import distinct_items, save_statistics, sweep_statistics
+    from utils.sweep_stats import distinct_items, save_statistics, setting_of, sweep_statistics
 
     folder = plan.output_dir
     caches, duplicates = distinct_items([open_cache(folder / item_name(p, s)) for p, s in plan.items])
     for duplicate, original in duplicates:
         _say(f"  note: {duplicate.path} repeats the item of {original.path}; counted once")
-    stats = sweep_statistics(caches)
-    stats_path = report.out / "stats" / f"{setting.name}.pt"
-    stats_path.parent.mkdir(parents=True, exist_ok=True)
-    save_statistics(stats, stats_path)
+    n = sum(cache.batch_size for cache in caches)
+    stats_path = None
+    if same_key_frames(caches):
+        stats_path = report.out / "stats" / f"{setting.name}.pt"
+        stats_path.parent.mkdir(parents=True, exist_ok=True)
+        stats = sweep_statistics(caches)
+        save_statistics(stats, stats_path)
+        _say(f"  {setting.name}: {n} items, {len(stats['groups'])} (layer, block, pass) groups x {stats['num_heads']} "
+             f"heads -> {stats_path}" + ("  (warning: one item, no confidence interval)" if n < 2 else ""))
+    else:
+        _say(f"  note: {setting.name}: its items hold other key frames (a compressing cache picks other tokens per "
+             "item), so it has no per-frame statistics or Figure 4 curves; its sink scores and head analysis use each "
+             "item's own key labels")
     groups = head_statistics(caches, report.thresholds())
-    n = stats["n_items"]
-    _say(f"  {setting.name}: {n} items, {len(stats['groups'])} (layer, block, pass) groups x {stats['num_heads']} "
-         f"heads -> {stats_path}" + ("  (warning: one item, no confidence interval)" if n < 2 else ""))
     lines = {(line["prompt_index"], line["seed"]): line for line in read_manifest(folder)}
-    return {"setting": setting, "plan": plan, "stats_path": stats_path, "stats": stats, "groups": groups,
-            "model": model_label(stats["setting"]), "caches": caches, "lines": lines}
+    return {"setting": setting, "plan": plan, "stats_path": stats_path, "n": n, "groups": groups,
+            "model": model_label(setting_of(caches[0])), "caches": caches, "lines": lines}
+
+
+def same_key_frames(caches):
+    """Whether every item holds the same key frames in every entry: what per-frame statistics need."""
+    first = [e.key_frame_indices for e in caches[0].entries]
+    return all([e.key_frame_indices for e in cache.entries] == first for cache in caches[1:])
 
 
 def _settings_row(result):
-    setting, plan, stats = result["setting"], result["plan"], result["stats"]
-    meta = result["caches"][0].metadata
+    setting, plan, first = result["setting"], result["plan"], result["caches"][0]
+    meta = first.metadata
     return [setting.name, result["model"], setting.options.config_path, setting.flags, str(meta.get("cache_policy")),
-            str(stats["num_frames"]), " ".join(map(str, plan.layers)), " ".join(map(str, plan.passes)),
+            str(first.num_frames), " ".join(map(str, plan.layers)), " ".join(map(str, plan.passes)),
             " ".join(map(str, plan.blocks)), str(plan.checkpoint_path or "none"), plan.dtype, plan.precision,
             plan.device, str(bool(plan.config.get("random_init"))), str(len(plan.prompts)),
-            " ".join(map(str, plan.seeds)), str(stats["n_items"]), str(plan.output_dir)]
+            " ".join(map(str, plan.seeds)), str(result["n"]), str(plan.output_dir)]
 
 
 def _files_rows(result):
@@ -226,12 +238,15 @@ def _figures(report, results):
     from utils.head_plot import head_heatmaps
     from utils.passes import pass_order
 
-    files = [StatsFile(r["stats_path"]) for r in results]
-    labels = [r["setting"].name + ": " + r["model"] for r in results]
-    panels, _ = choose_panels(files[0], list(report.panels) if report.panels else None)
-    panels = [p for p in panels if all(p[0] in f.layer_indices and p[1] < f.num_heads for f in files)]
-    for f in files:
-        check_panels(f, panels)
+    with_stats = [r for r in results if r["stats_path"] is not None]
+    files = [StatsFile(r["stats_path"]) for r in with_stats]
+    labels = [r["setting"].name + ": " + r["model"] for r in with_stats]
+    panels = []
+    if files:
+        panels, _ = choose_panels(files[0], list(report.panels) if report.panels else None)
+        panels = [p for p in panels if all(p[0] in f.layer_indices and p[1] < f.num_heads for f in files)]
+        for f in files:
+            check_panels(f, panels)
     out = []
     if panels:
         firsts = []
@@ -258,7 +273,8 @@ def _figures(report, results):
                 columns = select_columns(f, ["all"], ["all"])
                 out.append((f"{Path(f.path).stem}_all.png", _png(make_figure(columns, panels, "curve", False, 0, "frames")),
                             f"{label}: every captured block and pass, one column each."))
-    for result, label in zip(results, labels):
+    for result in results:
+        label = result["setting"].name + ": " + result["model"]
         for block, pass_ in dict.fromkeys((g["block"], g["pass"]) for g in result["groups"]):
             same = [g for g in result["groups"] if (g["block"], g["pass"]) == (block, pass_)]
             note = "  [RANDOM WEIGHTS]" if result["plan"].config.get("random_init") else ""
@@ -315,8 +331,11 @@ def _write_outputs(report, results):
          + H.csv_table(*tables["head_classes.csv"], "head_classes.csv")
          + "".join(H.figure(png, caption) for name, png, caption in figures if name.startswith("heads_"))
          + H.details(f"every head ({len(tables['heads.csv'][1])} rows)", H.csv_table(*tables["heads.csv"], "heads.csv"))),
-        ("Files", H.paragraph("Statistics: " + ", ".join(str(r["stats_path"].relative_to(report.out)) for r in results)
-                              + " (each with its .csv of per-frame quantities).")
+        ("Files", H.paragraph("Statistics: " + (", ".join(str(r["stats_path"].relative_to(report.out)) for r in results
+                                                          if r["stats_path"]) or "none")
+                              + " (each with its .csv of per-frame quantities)." + "".join(
+                                  f" {r['setting'].name}: no per-frame statistics (its items hold other key frames: a "
+                                  "compressing cache picks other tokens per item)." for r in results if not r["stats_path"]))
          + H.details(f"item files ({len(tables['files.csv'][1])})", H.csv_table(*tables["files.csv"], "files.csv"))),
     ])
     path = report.out / REPORT_HTML

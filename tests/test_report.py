@@ -161,3 +161,31 @@ def test_reserved_and_bad_options_are_refused_before_any_sweep(tmp_path, capsys)
     code = report_cli.main([*base, "--setting", "sf=configs/tiny.yaml", "--panels", "9:0"])
     assert code == 2 and "--panels 9:0: setting sf captures layers [0, 4]" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_compressing_setting_has_head_analysis_but_no_per_frame_statistics(tmp_path, capsys):
+    out = tmp_path / "pc"
+    argv = ["--prompt", "a red fox", "--seeds", "0-1", "--setting", "pc=configs/tiny_deep_forcing.yaml --num_frames 48",
+            "--no_checkpoint", "--device", "cpu", "--out", str(out)]
+    assert report_cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "note: pc: its items hold other key frames" in printed and not (out / "stats").exists()
+    first, second = (open_cache(p).entries[0].key_frame_indices for p in sorted((out / "sweeps" / "pc").glob("*.pt")))
+    assert first != second  # top-C kept other frames in each item
+    heads = read_csv(out / "heads.csv")[1:]
+    assert len(heads) == 2 * 4 and {row[0] for row in heads} == {"pc"}
+    sinks = [float(row[7]) for row in heads]  # the policy's 10 sink frames hold mass in every head
+    assert all(0 < s < 1 for s in sinks)
+    page = Page()
+    page.feed((out / "report.html").read_text(encoding="utf-8"))
+    assert len(page.images) == 1 and page.tables["heads.csv"] == read_csv(out / "heads.csv")
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--sink_threshold", "1.5", "argument --sink_threshold: '1.5' is not a number in (0, 1]"),
+    ("--sink_frames", "0", "argument --sink_frames: '0' is not an int >= 1"),
+])
+def test_bad_thresholds_exit_2(capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        report_cli.main(["--setting", "configs/tiny.yaml", option, value])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
