@@ -166,10 +166,17 @@ def build_report(report):
         _say(f"[{i}/{steps}] sweep {setting.name!r}: {len(plan.items)} items ({len(plan.prompts)} prompts x "
              f"{len(plan.seeds)} seeds) into {plan.output_dir}; items already complete are kept")
         run(setting.options)
-    _say(f"[{steps - 1}/{steps}] statistics and per-head analysis")
-    results = [_analyse(report, setting, plan) for setting, plan in zip(report.settings, plans)]
-    _say(f"[{steps}/{steps}] figures and the page")
-    page = _write_outputs(report, results)
+    from utils.attention_cache import CacheFileError
+    from utils.figure4_sources import PlotInputError
+    from utils.sweep_stats import MixedCachesError
+
+    try:
+        _say(f"[{steps - 1}/{steps}] statistics and per-head analysis")
+        results = [_analyse(report, setting, plan) for setting, plan in zip(report.settings, plans)]
+        _say(f"[{steps}/{steps}] figures and the page")
+        page = _write_outputs(report, results)
+    except (CacheFileError, MixedCachesError, PlotInputError) as err:  # an item file changed under the report
+        raise UsageError(str(err)) from err
     _say(f"done in {time.perf_counter() - t_start:.1f} s")
     _say(f"Report: {page}")
     return page
