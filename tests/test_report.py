@@ -6,7 +6,9 @@ import contextlib
 import csv
 import io
 import math
+import shlex
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,3 +191,25 @@ def test_bad_thresholds_exit_2(capsys, option, value, message):
     with pytest.raises(SystemExit) as exit_info:
         report_cli.main(["--setting", "configs/tiny.yaml", option, value])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_readme_and_docs_report_commands_are_valid(tmp_path, monkeypatch):
+    """The report commands of README.md and docs/report.md parse and pass every check that runs before the
+    sweeps (settings, configs, output folder), in a folder holding the project's configs."""
+    from pipeline.report import check_report
+
+    repo = Path(__file__).resolve().parents[1]
+    commands = []
+    for doc in ("README.md", "docs/report.md"):
+        text = (repo / doc).read_text().replace("\\\n", " ")
+        commands += [line for line in text.splitlines() if "experiments/report_figure4.py" in line
+                     and line.startswith("PYTHONPATH=. python")]
+    assert len(commands) == 2
+    (tmp_path / "configs").symlink_to(repo / "configs")
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        words = shlex.split(command)
+        assert words[:3] == ["PYTHONPATH=.", "python", "experiments/report_figure4.py"]
+        report = report_cli.report_options(words[3:])
+        assert [s.name for s in report.settings] == ["sf", "ds"]
+        assert len(check_report(report)) == 2 and not Path("reports").exists()
