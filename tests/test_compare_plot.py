@@ -7,7 +7,7 @@ import torch
 import experiments.run_extraction_figure4 as extraction
 from experiments.plot_figure4 import main as plot_main
 from utils.attention_cache import CACHED, SINK, TOP_C, CacheEntry, build_cache, open_cache, save_cache
-from utils.figure4_plot import make_figure
+from utils.figure4_plot import make_figure, plt
 from utils.figure4_sources import cache_sources, stats_sources
 from utils.sweep_stats import load_statistics, save_statistics, sweep_statistics
 
@@ -15,6 +15,12 @@ FSL, FQ, HEADS = 2, 3, 2
 GLOBAL6 = {"frames": list(range(6)), "roles": {}, "num_frames": 6, "policy": "global: every block attends"}
 WINDOW12 = {"frames": [0, 6, 7, 8, 9, 10, 11], "roles": {0: SINK}, "num_frames": 12,
             "policy": "window: 7 frames (sink 1)"}
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
 
 
 def write_item(path, seed, layout, tokens=None):
