@@ -86,7 +86,7 @@ def cache_entry(record, frame_seq_length, frames_per_block, save_mode):
 
     The entry carries the call's own labels: layer, block, pass, timestep, the video frames of its
     queries and of each key frame, and per key token its video frame, temporal RoPE position and role
-    (from the KV cache); then either the fp16 logits [B, N, Q, K] (save_mode 'full') or the reductions
+    (from the KV cache), and the blends of an EMA sink; then either the fp16 logits [B, N, Q, K] (save_mode 'full') or the reductions
     (SUMMARY_KEYS)."""
     summary = {name: value.cpu() for name, value in record.summary(frame_seq_length).items()}
     block = record.labels["block"]
@@ -110,5 +110,6 @@ def cache_entry(record, frame_seq_length, frames_per_block, save_mode):
         key_video_frames=video,
         key_rope_frames=rope,
         key_roles=record.key_roles.to(device="cpu", dtype=torch.int8),
+        sink_updates=record.sink_updates,
     )
     return entry, summary

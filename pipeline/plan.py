@@ -18,6 +18,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from utils.cli import REPO, repo_file
 from utils.config import ConfigError, load_config, model_sizes
 from utils.output import OutputPathError, check_output_path
 from utils.passes import parse_blocks, parse_passes
@@ -113,6 +114,7 @@ class Plan:
     world_size: int = 1
     items: tuple = ()  # (prompt index, seed), all ranks; a prompt given again is run once, at its first index
     warnings: tuple = ()  # what the run reports before it starts (e.g. duplicate items)
+    notes: tuple = ()  # what the run says it chose (e.g. the CPU on a machine without a GPU)
 
     @property
     def sweep(self):
@@ -231,25 +233,36 @@ def parse_layers(words, num_layers):
     return layers
 
 
-def parse_device(device, gpu_id, local_rank=None):
-    """'cpu' or 'cuda:N' from --device, else torchrun's LOCAL_RANK, else --gpu_id; checked without
-    importing torch."""
+def has_nvidia_gpu():
+    """Whether this machine shows an NVIDIA driver and GPU (checked without importing torch)."""
+    return any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia"))
+
+
+def parse_device(device, gpu_id, local_rank=None, gpu=None):
+    """('cpu' or 'cuda:N', a note or None) from --device, else torchrun's LOCAL_RANK, else --gpu_id; without
+    --device on a machine with no GPU (``gpu``: ``has_nvidia_gpu()`` when None), the CPU with a note that
+    says so. Checked without importing torch."""
+    gpu = has_nvidia_gpu() if gpu is None else gpu
+    if device is None and not gpu:
+        return "cpu", "no CUDA GPU found: running on the CPU (--device chooses)"
     name = device or (f"cuda:{local_rank}" if local_rank is not None else f"cuda:{gpu_id}")
     match = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", name)
     if not match or (match[1] == "cpu" and match[2] is not None):
         raise UsageError(f"--device: {name!r} is not supported; expected cpu or cuda[:N] (e.g. cuda:0)")
-    if match[1] == "cuda" and not any(Path(p).exists() for p in ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia")):
-        raise UsageError(f"--device: {name} asked for, but CUDA is not available here (no NVIDIA GPU found); use --device cpu with configs/tiny.yaml")
-    return "cpu" if match[1] == "cpu" else f"cuda:{match[2] or 0}"
+    if match[1] == "cuda" and not gpu:
+        raise UsageError(f"--device: {name} asked for, but CUDA is not available here (no NVIDIA GPU found); leave "
+                         "--device out (the CPU) and use a small config such as configs/tiny.yaml")
+    return ("cpu" if match[1] == "cpu" else f"cuda:{match[2] or 0}"), None
 
 
 def _load_config(options):
     try:
-        config = load_config(options.config_path, DEFAULT_CONFIG, options.model_dir,
+        config = load_config(repo_file(options.config_path), str(REPO / DEFAULT_CONFIG), options.model_dir,
                              check_model=families.check_model)
     except ConfigError as err:
         raise UsageError(f"--config_path: {err}") from err
     if not config.get("random_init"):
+        config.model_dir = repo_file(config.model_dir)  # the default wan_models/... of the repository from any folder
         model_dir = Path(config.model_dir)
         missing = [name for name in MODEL_FILES if not (model_dir / name).exists()]
         if missing:
@@ -312,8 +325,9 @@ def _short(prompt, size=60):
     return repr(prompt if len(prompt) <= size else prompt[:size] + "...")
 
 
-def _checkpoint(options, family, variant):
-    """(checkpoint path or None, use_ema): the options' where given, else the variant's release's."""
+def _checkpoint(options, family, variant, random_init=False):
+    """(checkpoint path or None, use_ema): the options' where given, else the variant's release's; none
+    for a config of random weights (``random_init``) unless --checkpoint_path names one."""
     spec = variant.checkpoint
     if spec is None:
         if options.checkpoint_path is not None and not options.no_checkpoint:
@@ -322,11 +336,12 @@ def _checkpoint(options, family, variant):
         return None, True if options.use_ema is None else options.use_ema
     use_ema = spec.use_ema if options.use_ema is None else options.use_ema
     if use_ema and spec.ema_key is None:
-        raise UsageError(f"--use_ema: the checkpoint of {family.name} {variant.name} holds no EMA state dict (only "
-                         f"{spec.key!r}); leave --use_ema out")
-    if options.no_checkpoint:
+        held = "the whole file is one state dict" if spec.key is None else f"only {spec.key!r}"
+        raise UsageError(f"--use_ema: the checkpoint of {family.name} {variant.name} holds no EMA state dict ({held}); "
+                         "leave --use_ema out")
+    if options.no_checkpoint or (random_init and options.checkpoint_path is None):
         return None, use_ema
-    path = options.checkpoint_path or spec.default_path
+    path = options.checkpoint_path or (spec.default_path and repo_file(spec.default_path))
     if path is None:
         raise UsageError(f"--checkpoint_path: {family.name} {variant.name} has no released checkpoint; give one, or "
                          "--no_checkpoint for the base weights")
@@ -390,14 +405,14 @@ def plan_run(options, environ=os.environ):
     prompts = _prompts(options)
     seeds = _seeds(options)
     family, variant = families.family_and_variant(config)
-    checkpoint_path, use_ema = _checkpoint(options, family, variant)
+    checkpoint_path, use_ema = _checkpoint(options, family, variant, bool(config.get("random_init")))
     lora_path = _lora(options, family, variant, checkpoint_path)
     if options.threads is not None and options.threads < 1:
         raise UsageError(f"--threads: {options.threads}; expected a positive number")
     if options.threads is not None and options.threads > max_threads():
         raise UsageError(f"--threads: {options.threads}; expected 1..{max_threads()} (at most 4 per CPU, "
                          f"{MAX_THREADS} in all)")
-    device = parse_device(options.device, options.gpu_id, environ.get("LOCAL_RANK"))
+    device, device_note = parse_device(options.device, options.gpu_id, environ.get("LOCAL_RANK"))
     precision = options.precision or ("exact" if device == "cpu" else "fast")
     dtype = options.dtype or ("float32" if device == "cpu" else "bfloat16")
     rank, world_size = int(environ.get("RANK", 0)), int(environ.get("WORLD_SIZE", 1))
@@ -429,7 +444,7 @@ def plan_run(options, environ=os.environ):
     switches = _switches(options, policy)
     return Plan(OmegaConf.merge(config, {"precision": precision}), policy, family, variant, checkpoint_path, use_ema,
                 lora_path, switches, differences, prompts, seeds, layers, passes, blocks, num_layers, device, dtype, output_path, output_dir,
-                rank=rank, world_size=world_size, items=items, warnings=warnings)
+                rank=rank, world_size=world_size, items=items, warnings=warnings, notes=(device_note,) if device_note else ())
 
 
 def check_output_dir(folder):

@@ -165,7 +165,7 @@ def build_report(report):
     for i, (setting, plan) in enumerate(zip(report.settings, plans), 1):
         _say(f"[{i}/{steps}] sweep {setting.name!r}: {len(plan.items)} items ({len(plan.prompts)} prompts x "
              f"{len(plan.seeds)} seeds) into {plan.output_dir}; items already complete are kept")
-        run(setting.options)
+        run(setting.options, show_next=False)  # the report goes on itself
     from utils.attention_cache import CacheFileError
     from utils.figure4_sources import PlotInputError
     from utils.sweep_stats import MixedCachesError
@@ -178,7 +178,7 @@ def build_report(report):
     except (CacheFileError, MixedCachesError, PlotInputError) as err:  # an item file changed under the report
         raise UsageError(str(err)) from err
     _say(f"done in {time.perf_counter() - t_start:.1f} s")
-    _say(f"Report: {page}")
+    _say(f"Report: {page} (open it in a web browser)")
     return page
 
 
@@ -190,7 +190,8 @@ def _analyse(report, setting, plan):
     from utils.sweep_stats import distinct_items, save_statistics, setting_of, sweep_statistics
 
     folder = plan.output_dir
-    caches, duplicates = distinct_items([open_cache(folder / item_name(p, s)) for p, s in plan.items])
+    opened = [open_cache(folder / item_name(p, s)) for p, s in plan.items]
+    caches, duplicates = distinct_items(opened)
     for duplicate, original in duplicates:
         _say(f"  note: {duplicate.path} repeats the item of {original.path}; counted once")
     n = sum(cache.batch_size for cache in caches)
@@ -198,7 +199,7 @@ def _analyse(report, setting, plan):
     if same_key_frames(caches):
         stats_path = report.out / "stats" / f"{setting.name}.pt"
         stats_path.parent.mkdir(parents=True, exist_ok=True)
-        stats = sweep_statistics(caches)
+        stats = sweep_statistics(caches, [plan.items[opened.index(cache)][0] for cache in caches])
         save_statistics(stats, stats_path)
         _say(f"  {setting.name}: {n} items, {len(stats['groups'])} (layer, block, pass) groups x {stats['num_heads']} "
              f"heads -> {stats_path}" + ("  (warning: one item, no confidence interval)" if n < 2 else ""))
@@ -250,7 +251,7 @@ def _figures(report, results):
     labels = [r["setting"].name + ": " + r["model"] for r in with_stats]
     panels = []
     if files:
-        panels, _ = choose_panels(files[0], list(report.panels) if report.panels else None)
+        panels = choose_panels(files[0], list(report.panels) if report.panels else None)
         panels = [p for p in panels if all(p[0] in f.layer_indices and p[1] < f.num_heads for f in files)]
         for f in files:
             check_panels(f, panels)

@@ -12,6 +12,7 @@ from pathlib import Path
 from pipeline.plan import UsageError, plan_run, preflight
 from pipeline.sweep import (MANIFEST, append_manifest, check_lock_holder, check_sweep_settings, is_complete, item_name,
                             open_sweep, write_manifest)
+from utils.cli import command
 from utils.config import model_sizes
 
 
@@ -36,22 +37,26 @@ def settings_of(options, plan):
     }
 
 
-def run(options):
+def run(options, show_next=True):
     """The whole run of ``options`` (an ``Options``): plan, preflight, the items, the manifest and
-    the report. Returns the exit status (0); bad input raises UsageError or SweepFolderError."""
+    the report, ending with the next command (``next_step``) unless ``show_next`` is False (a caller
+    that goes on itself: the report). Returns the exit status (0); bad input raises UsageError or
+    SweepFolderError."""
     t_start = time.perf_counter()
     plan = plan_run(options)
     if plan.rank == 0:
+        for note in plan.notes:
+            print(f"note: {note}", file=sys.stderr)
         for warning in plan.warnings:
             print(f"warning: {warning}", file=sys.stderr)
     preflight(options, plan)
     folder = plan.output_dir
     item_paths = [] if folder is None else [folder / item_name(p, s) for p, s in plan.items]
     with open_sweep(folder, item_paths, plan.rank):  # locked, checked and cleaned before any item runs
-        return run_items(options, plan, t_start)
+        return run_items(options, plan, t_start, show_next)
 
 
-def run_items(options, plan, t_start):
+def run_items(options, plan, t_start, show_next=True):
     """``run`` once the plan has passed and a sweep's folder is held (by rank 0)."""
     say = (lambda *a, **k: None) if (options.quiet or plan.rank) else print
     if plan.beyond_release and plan.rank == 0:
@@ -106,7 +111,9 @@ def run_items(options, plan, t_start):
         if options.allow_pickle and checkpoint is not None:
             print(f"warning: --allow_pickle: {checkpoint} was fully unpickled (it can run code from the file)", file=sys.stderr)
         say("No checkpoint: random weights (config random_init)" if checkpoint is None and plan.config.get("random_init")
-            else "No checkpoint: base Wan2.1 weights" if checkpoint is None else f"Loaded '{extractor.checkpoint_key}' from {checkpoint}")
+            else "No checkpoint: base Wan2.1 weights" if checkpoint is None
+            else f"Loaded {checkpoint} (the whole file)" if extractor.checkpoint_key is None
+            else f"Loaded '{extractor.checkpoint_key}' from {checkpoint}")
         if plan.lora_path is not None:
             say(f"Loaded the LoRA adapter {plan.lora_path} on {extractor.lora_layers} layers "
                 f"({'merged into the weights' if plan.precision == 'fast' else 'unmerged'})")
@@ -149,9 +156,19 @@ def run_items(options, plan, t_start):
         print(f"Total: {time.perf_counter() - t_start:.1f} s")
         if device.type == "cuda":
             print(f"GPU peak: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+        if show_next:
+            print(next_step(plan))
     if distributed:
         torch.distributed.destroy_process_group()
     return 0
+
+
+def next_step(plan):
+    """The run's last line: the command that goes on from its output (statistics of a sweep, the figure of
+    a single file)."""
+    if plan.output_dir is not None:
+        return f"Next: the statistics over its items: {command('aggregate_figure4.py', plan.output_dir)}"
+    return f"Next: draw the figure: {command('plot_figure4.py', plan.output_path)}"
 
 
 def pick_threads(threads, plan):

@@ -14,6 +14,7 @@ when it is rewritten at the end (``write_manifest``).
 import contextlib
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ import shutil
 import socket
 import stat
 import time
+from pathlib import Path
 
 from utils.output import OutputSpaceError, write_atomically
 
@@ -33,6 +35,11 @@ ITEM_RE = re.compile(r"p\d{4,}_s\d{4,}\.pt")
 # the temporary files of write_atomically (".<name>.<random>.tmp") for the folder's own files
 TEMP_RE = re.compile(r"\.(p\d{4,}_s\d{4,}\.pt|" + re.escape(SWEEP_SETTINGS) + "|" + re.escape(MANIFEST) + r")\..+\.tmp")
 REQUIRED_LINE_KEYS = {"prompt_index": int, "seed": int, "file": str}
+
+
+class InputError(ValueError):
+    """The inputs of a reader (the plot, the aggregator) name nothing usable: a missing path, a glob
+    matching nothing, a file given twice."""
 
 
 class SweepFolderError(ValueError):
@@ -375,3 +382,41 @@ def sweep_files(folder):
     if manifest.exists():
         return []
     return sorted(folder.glob(ITEM_GLOB))
+
+
+def item_of(path):
+    """(prompt index, seed) of a sweep item's file name (p0003_s0001.pt -> (3, 1)); None for other names."""
+    name = os.path.basename(path)
+    if not ITEM_RE.fullmatch(name):
+        return None
+    prompt, seed = name[1:-3].split("_s")
+    return int(prompt), int(seed)
+
+
+def input_files(texts):
+    """The files of a reader's inputs, in order: a sweep folder gives its manifest's files (else its item
+    files, sorted), a glob pattern its matches (sorted; a matched folder as a folder), a file itself.
+    Paths stay as given (relative to the current folder). InputError for a path that does not exist, an
+    input that gives no file, or a file given twice (each item may count once)."""
+    files = []
+    for text in texts:
+        matches = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
+        if not matches:
+            raise InputError(f"{text}: the pattern matches no file")
+        found = []
+        for match in matches:
+            path = Path(match)
+            if path.is_dir():
+                found += sweep_files(path)
+            elif path.exists():
+                found.append(path)
+            else:
+                raise InputError(f"{text}: no such file or folder")
+        if not found:
+            raise InputError(f"{text}: no cache file found (a folder gives its {MANIFEST}'s files or its {ITEM_GLOB})")
+        files.extend(found)
+    resolved = [os.path.realpath(f) for f in files]
+    for i, real in enumerate(resolved):
+        if real in resolved[:i]:
+            raise InputError(f"{files[i]} is given more than once (each item may count once)")
+    return files

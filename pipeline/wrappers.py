@@ -64,29 +64,35 @@ def load_generator_checkpoint(
 ):
     """Load a generator checkpoint laid out as ``spec`` (a ``wan.families`` Checkpoint; None:
     Self-Forcing's) says: its EMA state dict (``generator_ema``) or, without ``use_ema``, its plain one
-    (``generator``, or the spec's fallback entries), with the keys of a saved prefix renamed as the release's loader does
-    (``spec.prefix_fallbacks``, applied only when the keys do not match as saved), strictly, by
-    assignment, onto ``device`` in ``dtype`` (default: those of the generator's parameters; give both
-    for a generator on the meta device). The file is memory-mapped: the other state dicts it holds are
+    (``generator``, or the spec's fallback entries, or the whole file for a spec without entry), with
+    the key edits of the release's loader (``spec.removed_substrings`` deleted from every key; the
+    keys of a saved prefix renamed, ``spec.prefix_fallbacks``, only when the keys do not match as
+    saved), strictly, by assignment, onto ``device`` in ``dtype`` (default: those of the generator's
+    parameters; give both for a generator on the meta device). The file is memory-mapped: the other state dicts it holds are
     never read. ``allow_pickle`` fully unpickles a checkpoint that holds objects beyond tensors;
     ``pickle_flag`` is the option that sets it, suggested when such a file is refused. Returns the key
-    used; every problem with the file raises ``WeightFileError``."""
+    used (None: the whole file); every problem with the file raises ``WeightFileError``."""
     spec = spec or families.DEFAULT_FAMILY.variant().checkpoint
     checkpoint = read_state_dict(path, allow_pickle=allow_pickle, pickle_flag=pickle_flag)
     keys = spec.state_dict_keys(use_ema)
-    key = next((key for key in keys if key in checkpoint), None)
-    if key is None:
-        hint = f" (use --no-use_ema for {spec.key!r})" if use_ema and spec.key in checkpoint else ""
-        wanted = " or ".join(f"'{key}'" for key in keys)
-        raise WeightFileError(f"{path}: no {wanted} state dict{hint}; top-level entries: {sorted(checkpoint)[:10]}")
-    state = checkpoint[key]
-    if not isinstance(state, dict):
-        raise WeightFileError(f"{path}: '{key}' holds a {type(state).__name__}, not a state dict of tensors")
+    if keys == (None,):  # the whole file is the state dict
+        key, state, source = None, checkpoint, str(path)
+    else:
+        key = next((key for key in keys if key in checkpoint), None)
+        if key is None:
+            hint = f" (use --no-use_ema for {spec.key!r})" if use_ema and spec.key in checkpoint else ""
+            wanted = " or ".join(f"'{key}'" for key in keys)
+            raise WeightFileError(f"{path}: no {wanted} state dict{hint}; top-level entries: {sorted(checkpoint)[:10]}")
+        state, source = checkpoint[key], f"{path} ['{key}']"
+        if not isinstance(state, dict):
+            raise WeightFileError(f"{path}: '{key}' holds a {type(state).__name__}, not a state dict of tensors")
+    for text in spec.removed_substrings:
+        state = {name.replace(text, "") if isinstance(name, str) else name: value for name, value in state.items()}
     expected = set(generator.state_dict())
     for saved, ours in spec.prefix_fallbacks:
         if set(state) != expected:
             state = {ours + name[len(saved):] if isinstance(name, str) and name.startswith(saved) else name: value
                      for name, value in state.items()}
     parameter = next(generator.parameters())
-    load_into(generator, state, f"{path} ['{key}']", device or parameter.device, dtype or parameter.dtype)
+    load_into(generator, state, source, device or parameter.device, dtype or parameter.dtype)
     return key

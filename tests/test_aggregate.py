@@ -119,28 +119,59 @@ def test_one_item_has_no_spread(items):
     assert all(torch.isnan(group["mass"][f]).all() for f in ("std", "ci_low", "ci_high"))
 
 
+def cell(text):
+    """A CSV number; an empty cell (no statistic: one item, or no middle key frames) as NaN."""
+    return math.nan if text == "" else float(text)
+
+
 def test_csv_rows(items, tmp_path):
     folder, known = items
-    stats = sweep_statistics([open_cache(folder / f"p0000_s{seed:04d}.pt") for seed in (0, 1, 3)])
+    seeds = (0, 1, 3)
+    stats = sweep_statistics([open_cache(folder / f"p0000_s{seed:04d}.pt") for seed in seeds], prompt_indices=[0, 0, 0])
     csv_path = save_statistics(stats, tmp_path / "stats.pt")
     assert csv_path == tmp_path / "stats.csv"
     with open(csv_path, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    expected = expected_stats([known[0], known[1], known[3]])
+    pooled = [row for row in rows if row["scope"] == "pooled"]
+    expected = expected_stats([known[s] for s in seeds])
     per_head = {0: 3 + 3 + 2, 1: 6 + 6 + 2}  # frame_logit and mass per key frame, then the two sink scores
-    assert len(rows) == 2 * HEADS * (per_head[0] + 2 * per_head[1])
-    for row in rows:
+    assert len(pooled) == 2 * HEADS * (per_head[0] + 2 * per_head[1])
+    assert len(rows) == len(pooled) * (1 + len(seeds))  # and one row per item beside each pooled row
+    for row in pooled:
         pass_ = "cache" if row["pass"] == "cache" else int(row["pass"])
         want = expected[(int(row["layer"]), int(row["block"]), pass_)][row["quantity"]]
         head = int(row["head"])
         slot = None if row["key_slot"] == "" else int(row["key_slot"])
         assert row["video_frame"] == ("" if slot is None else str(slot)) and row["n"] == "3"
         assert float(row["timestep"]) == (0.0 if pass_ == "cache" else 1000.0)
+        assert row["prompt"] == row["seed"] == row["prompt_index"] == ""
         for field in ("mean", "std", "ci_low", "ci_high"):
             value = want[field][head] if slot is None else want[field][head, slot]
-            np.testing.assert_allclose(float(row[field]), value, rtol=1e-4, atol=1e-5, equal_nan=True)
+            np.testing.assert_allclose(cell(row[field]), value, rtol=1e-4, atol=1e-5, equal_nan=True)
     assert {r["quantity"] for r in rows} == {"frame_logit", "mass", "sink_ratio", "sink_logit_gap"}
     assert load_statistics(tmp_path / "stats.pt")["n_items"] == 3
+
+
+def test_csv_rows_per_item(items, tmp_path):
+    """Beside each pooled row, one row per item: its own value (from numpy), prompt index, prompt, seed,
+    file, model and settings."""
+    folder, known = items
+    seeds = (0, 2)
+    files = [folder / f"p0000_s{seed:04d}.pt" for seed in seeds]
+    stats = sweep_statistics([open_cache(f) for f in files], prompt_indices=[0, 0])
+    with open(save_statistics(stats, tmp_path / "stats.pt"), newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["scope"] == "item"]
+    assert {(r["seed"], r["prompt"], r["prompt_index"], r["file"]) for r in rows} == {
+        (str(s), f"prompt {s}", "0", str(f)) for s, f in zip(seeds, files)}
+    for row in rows:
+        seed, block = int(row["seed"]), int(row["block"])
+        pass_ = "cache" if row["pass"] == "cache" else int(row["pass"])
+        want = direct_quantities(known[seed][(int(row["layer"]), block, pass_)], block)[row["quantity"]]
+        head, slot = int(row["head"]), None if row["key_slot"] == "" else int(row["key_slot"])
+        value = want[head] if slot is None else want[head, slot]
+        np.testing.assert_allclose(cell(row["mean"]), value, rtol=1e-5, atol=1e-6, equal_nan=True)
+        assert row["n"] == "1" and row["std"] == row["ci_low"] == row["ci_high"] == ""
+        assert row["model"] == stats["model"] and row["settings"] == stats["settings"]
 
 
 @pytest.mark.parametrize("change, field", [
@@ -171,8 +202,9 @@ def test_cli_on_a_sweep_folder_follows_its_manifest(items, tmp_path, capsys):
         for s in listed))
     assert aggregate.main([str(folder)]) == 0
     assert "3 items" in capsys.readouterr().out
-    stats = load_statistics(folder / "statistics.pt")
-    assert stats["seeds"] == listed and (folder / "statistics.csv").is_file()
+    stats = load_statistics(folder / "stats" / "statistics.pt")  # the default place: not where folder/*.pt globs
+    assert stats["seeds"] == listed and (folder / "stats" / "statistics.csv").is_file()
+    assert [item["prompt_index"] for item in stats["items"]] == [0, 0, 0]  # from the item's name
     want = expected_stats([known[s] for s in listed])[(2, 1, "cache")]["sink_logit_gap"]
     got = next(g for g in stats["groups"] if (g["layer_idx"], g["pass"]) == (2, "cache"))["sink_logit_gap"]
     for field in ("mean", "ci_low", "ci_high"):

@@ -65,7 +65,7 @@ def step_lines(ax):
 def test_two_statistics_files_of_different_lengths_side_by_side_and_overlaid(tmp_path, capsys):
     short, long = write_stats(tmp_path, "global6", GLOBAL6), write_stats(tmp_path, "window12", WINDOW12)
     assert load_statistics(long)["groups"][0]["key_labels"]["key_roles"][:FSL] == [SINK] * FSL
-    sources, panels, _ = stats_sources([short, long], None, None, [(1, 1)], 0)
+    sources, panels = stats_sources([short, long], None, None, [(1, 1)], 0)
     assert [s.model for s in sources] == ["self_forcing, dmd, global", "self_forcing, dmd, window"]
     tiled = make_figure(sources, panels, "curve", False, 0, "frames")
     left, right = tiled.axes
@@ -115,9 +115,9 @@ def test_compressed_items_with_other_tokens_keep_no_token_frames(tmp_path, capsy
 def test_one_model_at_two_lengths_is_two_labelled_columns(tmp_path):
     paths = [str(tmp_path / f"tiny{n}.pt") for n in (6, 12)]
     for n, path in zip((6, 12), paths):
-        assert extraction.main(["--config_path", "configs/tiny.yaml", "--no_checkpoint", "--device", "cpu", "--quiet",
+        assert extraction.main(["--config_path", "configs/tiny.yaml", "--device", "cpu", "--quiet",
                                 "--num_frames", str(n), "--save_mode", "summary", "--output_path", path]) == 0
-    sources, panels, _ = cache_sources(paths, None, None, [(0, 0)], 0, "frames", "curve", False, by_model=True)
+    sources, panels = cache_sources(paths, None, None, [(0, 0)], 0, "frames", "curve", False, by_model=True)
     assert [s.model for s in sources] == ["self_forcing, dmd, global (6 frames)", "self_forcing, dmd, global (12 frames)"]
     assert len(make_figure(sources, panels, "curve", False, 0, "frames").axes) == 2
 
@@ -127,9 +127,9 @@ def test_caches_of_21_and_126_frames_on_one_true_frame_axis(tmp_path):
     tiny model, overlaid: each key token at its video frame, up to frame 126."""
     paths = {21: tmp_path / "sf21.pt", 126: tmp_path / "df126.pt"}
     for (n, path), config in zip(paths.items(), ("tiny", "tiny_deep_forcing")):
-        assert extraction.main(["--config_path", f"configs/{config}.yaml", "--no_checkpoint", "--device", "cpu",
+        assert extraction.main(["--config_path", f"configs/{config}.yaml", "--device", "cpu",
                                 "--quiet", "--num_frames", str(n), "--save_mode", "summary", "--output_path", str(path)]) == 0
-    sources, panels, _ = cache_sources([str(p) for p in paths.values()], None, None, [(4, 3)], 0, "frames", "curve",
+    sources, panels = cache_sources([str(p) for p in paths.values()], None, None, [(4, 3)], 0, "frames", "curve",
                                        False, by_model=True)
     (ax,) = make_figure(sources, panels, "curve", False, 0, "frames", overlay=True).axes
     assert ax.get_xlim() == (0, 126)

@@ -15,6 +15,8 @@ from omegaconf import OmegaConf
 
 import experiments.run_extraction_figure4 as cli
 import utils.config
+from pipeline import plan as plan_module
+from pipeline.plan import UsageError
 from pipeline.causal_inference import CausalInferencePipeline
 from pipeline.wrappers import WanDiffusionWrapper, load_generator_checkpoint
 from utils.attention_cache import open_cache
@@ -176,10 +178,13 @@ def test_cli_reads_the_family_and_its_default_checkpoint(tmp_path, capsys):
     out = tmp_path / "cf.pt"
     base = ["--config_path", "configs/tiny_causal_forcing_framewise_2step.yaml", "--device", "cpu", "--quiet",
             "--num_frames", "3", "--output_path", str(out)]
-    assert cli.main(base) == 2
-    assert "--checkpoint_path: checkpoints/causal-forcing++/framewise-2step.pt not found" in capsys.readouterr().err
-    assert cli.main([*base, "--no_checkpoint", "--capture_step", "all"]) == 0
+    # a config of random weights loads no checkpoint; real weights default to the family's
+    assert cli.main([*base, "--capture_step", "all"]) == 0
     cache = open_cache(out)
+    assert cache.metadata["checkpoint_path"] is None
+    with pytest.raises(UsageError, match=re.escape("--checkpoint_path: checkpoints/causal-forcing++/framewise-2step.pt "
+                                                   "not found")):
+        release_checkpoint("causal_forcing", "framewise_2step")
     assert cache.metadata["family"] == "causal_forcing" and cache.metadata["variant"] == "framewise_2step"
     assert cache.metadata["use_ema"] is True and cache.labels == [(2, 0), (2, 1), (2, "cache")]
     config = tmp_path / "changed.yaml"
@@ -190,6 +195,12 @@ def test_cli_reads_the_family_and_its_default_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"warning: beyond the release of causal_forcing framewise_2step ({config}): denoising_step_list = " in err
     assert "[1000, 750] (release: [1000, 500])" in err
+
+
+def release_checkpoint(family, variant):
+    """The plan's checkpoint of a real-weights run of a family's variant: its default, checked."""
+    options = plan_module.options_from_args(cli.parse_args([]))
+    return plan_module._checkpoint(options, FAMILIES[family], FAMILIES[family].variant(variant))
 
 
 def shifted_sigma(timestep, shift):
@@ -218,8 +229,8 @@ def test_causvid_checkpoint_and_length(tmp_path, capsys, tiny_generator):
     base = ["--config_path", "configs/tiny_causvid_dmd_3step.yaml", "--device", "cpu", "--quiet", "--output_path", str(out)]
     assert cli.main([*base, "--use_ema", "--no_checkpoint"]) == 2
     assert "--use_ema: the checkpoint of causvid dmd_3step holds no EMA state dict (only 'generator')" in capsys.readouterr().err
-    assert cli.main([*base, "--config_path", "configs/tiny_causvid_warp_4step.yaml"]) == 2
-    assert "--checkpoint_path: causvid warp_4step has no released checkpoint" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="--checkpoint_path: causvid warp_4step has no released checkpoint"):
+        release_checkpoint("causvid", "warp_4step")
     checkpoint = tmp_path / "model.pt"
     torch.save({"generator": tiny_generator.state_dict(), "critic": {}}, checkpoint)
     assert cli.main([*base, "--checkpoint_path", str(checkpoint), "--num_frames", "24"]) == 0
@@ -258,11 +269,11 @@ def test_by_model_columns_name_their_model(tmp_path):
         paths.append(str(tmp_path / f"{config}.pt"))
         assert cli.main(["--config_path", f"configs/{config}.yaml", "--no_checkpoint", "--device", "cpu", "--quiet",
                          "--num_frames", "6", "--save_mode", "summary", "--output_path", paths[-1]]) == 0
-    sources, panels, _ = cache_sources(paths, None, None, [(0, 0)], 0, "frames", "curve", False, by_model=True)
+    sources, panels = cache_sources(paths, None, None, [(0, 0)], 0, "frames", "curve", False, by_model=True)
     figure = make_figure(sources, panels, "curve", False, 0, "frames")
     titles = [ax.get_title() for ax in figure.axes]
-    assert titles == ["L1H1\nself_forcing, dmd, global: block 1 (frames 3-5), pass 0",
-                      "L1H1\nlonglive, 1.3b, longlive: block 1 (frames 3-5), pass 0"]
+    assert titles == ["self_forcing, dmd, global: block 1 (frames 3-5), pass 0\nlayer 0 head 0 (L1H1)",
+                      "longlive, 1.3b, longlive: block 1 (frames 3-5), pass 0\nlayer 0 head 0 (L1H1)"]
     assert figure.axes[0].get_shared_y_axes().joined(figure.axes[0], figure.axes[1])
 
 

@@ -336,7 +336,7 @@ else:  # registered first, so called last: the signal arrives at the very end of
 SIGNALS = [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)]
 SCRIPTS = {  # script, a module it imports after its first line
     "cli": ("experiments/run_extraction_figure4.py", "pipeline.plan"),
-    "plot": ("experiments/plot_figure4.py", "utils.figure4_plot"),
+    "plot": ("experiments/plot_figure4.py", "pipeline.sweep"),
     "aggregate": ("experiments/aggregate_figure4.py", "pipeline.sweep"),
 }
 

@@ -100,5 +100,5 @@ def test_the_same_item_in_two_files_counts_once(made, tmp_path, capsys):
     out = tmp_path / "stats.pt"
     assert aggregate.main([str(made / "c0.pt"), str(made / "c1.pt"), str(copy), "--out", str(out)]) == 0
     captured = capsys.readouterr()
-    assert f"note: {copy} repeats the item of {made / 'c0.pt'} (same prompt, seed and settings); counted once" in captured.err
+    assert f"note: {copy} repeats the item of {made / 'c0.pt'} (same prompt, seed and settings, or the same bytes); counted once" in captured.err
     assert torch.load(out, weights_only=True)["n_items"] == 2 and "2 items" in captured.out

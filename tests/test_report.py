@@ -6,7 +6,10 @@ import contextlib
 import csv
 import io
 import math
+import os
 import shlex
+import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import numpy as np
 import pytest
 
 import experiments.report_figure4 as report_cli
+from pipeline import plan as plan_module
 from utils.attention_cache import open_cache
 
 PROMPTS = ("a red fox in the snow", "a lighthouse at night")
@@ -22,8 +26,9 @@ SETTINGS = ("sf=configs/tiny.yaml --num_frames 6", "df=configs/tiny_deep_forcing
 
 
 def report_argv(out, seeds):
+    """The README's flags: no --device cpu, no --no_checkpoint (the tiny configs have random weights)."""
     return [*(w for p in PROMPTS for w in ("--prompt", p)), "--seeds", *seeds, "--setting", SETTINGS[0], "--setting",
-            SETTINGS[1], "--no_checkpoint", "--device", "cpu", "--out", str(out)]
+            SETTINGS[1], "--out", str(out)]
 
 
 def item_ids(out):
@@ -38,7 +43,8 @@ def runs(tmp_path_factory):
     printed, ids = [], []
     for seeds in (["0-1"], ["0-2"]):
         text = io.StringIO()
-        with contextlib.redirect_stdout(text):
+        with contextlib.redirect_stdout(text), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(plan_module, "has_nvidia_gpu", lambda: False)  # the CPU by default, as on a machine without
             assert report_cli.main(report_argv(out, seeds)) == 0
         printed.append(text.getvalue())
         ids.append(item_ids(out))
@@ -52,12 +58,12 @@ def report(runs):
 
 def test_report_then_one_more_seed(runs):
     out, (first, second), (before, after) = runs
-    assert first.strip().splitlines()[-1] == f"Report: {out / 'report.html'}"
+    assert first.strip().splitlines()[-1] == f"Report: {out / 'report.html'} (open it in a web browser)"
     assert len(before) == 2 * 2 * 2 and len(after) == 2 * 2 * 3
     assert {k: after[k] for k in before} == before  # the items of seeds 0 and 1 were not computed again
     assert second.count("4 of this process's 6 already complete") == 2
     assert second.count("seed 2, inference") == 4 and "seed 0, inference" not in second
-    assert second.strip().splitlines()[-1] == f"Report: {out / 'report.html'}"
+    assert second.strip().splitlines()[-1] == f"Report: {out / 'report.html'} (open it in a web browser)"
     assert "[1/4] sweep 'sf'" in second and "[4/4] figures and the page" in second
 
 
@@ -152,7 +158,7 @@ def test_sink_scores_equal_a_direct_computation(report):
 
 def test_reserved_and_bad_options_are_refused_before_any_sweep(tmp_path, capsys):
     out = tmp_path / "r"
-    base = ["--prompt", "a", "--device", "cpu", "--no_checkpoint", "--out", str(out)]
+    base = ["--prompt", "a", "--device", "cpu", "--out", str(out)]
     code = report_cli.main([*base, "--setting", "sf=configs/tiny.yaml --output_dir x"])
     assert code == 2 and "--setting sf: --output_dir is set by the report" in capsys.readouterr().err
     code = report_cli.main([*base, "--setting", "sf=configs/tiny.yaml", "--setting", "bad=configs/nothing.yaml"])
@@ -168,7 +174,7 @@ def test_reserved_and_bad_options_are_refused_before_any_sweep(tmp_path, capsys)
 def test_a_compressing_setting_has_head_analysis_but_no_per_frame_statistics(tmp_path, capsys):
     out = tmp_path / "pc"
     argv = ["--prompt", "a red fox", "--seeds", "0-1", "--setting", "pc=configs/tiny_deep_forcing.yaml --num_frames 48",
-            "--no_checkpoint", "--device", "cpu", "--out", str(out)]
+            "--device", "cpu", "--out", str(out)]
     assert report_cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "note: pc: its items hold other key frames" in printed and not (out / "stats").exists()
@@ -194,8 +200,9 @@ def test_bad_thresholds_exit_2(capsys, option, value, message):
 
 
 def test_the_readme_and_docs_report_commands_are_valid(tmp_path, monkeypatch):
-    """The report commands of README.md and docs/report.md parse and pass every check that runs before the
-    sweeps (settings, configs, output folder), in a folder holding the project's configs."""
+    """The report commands of README.md and docs/report.md, as a newcomer runs them (from another folder,
+    no PYTHONPATH, no --device or --no_checkpoint, on a machine without a GPU), parse and pass every
+    check that runs before the sweeps (settings, configs, output folder): the CPU, no checkpoint."""
     from pipeline.report import check_report
 
     repo = Path(__file__).resolve().parents[1]
@@ -203,13 +210,43 @@ def test_the_readme_and_docs_report_commands_are_valid(tmp_path, monkeypatch):
     for doc in ("README.md", "docs/report.md"):
         text = (repo / doc).read_text().replace("\\\n", " ")
         commands += [line for line in text.splitlines() if "experiments/report_figure4.py" in line
-                     and line.startswith("PYTHONPATH=. python")]
+                     and line.startswith("python ")]
     assert len(commands) == 2
-    (tmp_path / "configs").symlink_to(repo / "configs")
+    readme = (repo / "README.md").read_text()
+    section = readme.split("## A report comparing two settings", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    assert [line.split()[:2] for line in block.splitlines()] == [["pip", "install"], ["python", "experiments/report_figure4.py"]]
+    assert readme.index("## Quick start") < readme.index("## A report comparing two settings") < readme.index("## Sweeps")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(plan_module, "has_nvidia_gpu", lambda: False)
     for command in commands:
         words = shlex.split(command)
-        assert words[:3] == ["PYTHONPATH=.", "python", "experiments/report_figure4.py"]
-        report = report_cli.report_options(words[3:])
+        assert words[:2] == ["python", "experiments/report_figure4.py"]
+        assert "--device" not in words and "--no_checkpoint" not in words
+        report = report_cli.report_options(words[2:])
         assert [s.name for s in report.settings] == ["sf", "ds"]
-        assert len(check_report(report)) == 2 and not Path("reports").exists()
+        plans = check_report(report)
+        assert [(p.device, p.checkpoint_path) for p in plans] == [("cpu", None)] * 2
+        assert not Path("reports").exists()
+
+
+def test_the_report_runs_from_another_folder_without_pythonpath(tmp_path):
+    """The script itself, from a folder outside the repository with no PYTHONPATH: --help, and a bad setting
+    refused naming it (exit 2) before any sweep."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    script = [sys.executable, str(repo / "experiments/report_figure4.py")]
+    proc = subprocess.run([*script, "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--setting" in proc.stdout, proc.stderr
+    proc = subprocess.run([*script, "--setting", "x=configs/nothing.yaml", "--out", "r"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--setting x: --config_path" in proc.stderr and not (tmp_path / "r").exists()
+
+
+def test_a_mistyped_option_is_suggested_among_the_report_and_the_extraction_options(capsys):
+    for argv, suggestion in ((["--setting", "configs/tiny.yaml", "--sink_treshold", "0.3"], "--sink_threshold"),
+                             (["--setting", "configs/tiny.yaml", "--num_frame", "6"], "--num_frames")):
+        with pytest.raises(SystemExit) as exit_info:
+            report_cli.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"did you mean {suggestion}" in err and len(err.splitlines()) == 2, err

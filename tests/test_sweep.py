@@ -298,14 +298,14 @@ def test_readme_sweep_commands_run_as_written_and_resume(tmp_path, monkeypatch):
     mains = {"experiments/run_extraction_figure4.py": cli.main, "experiments/aggregate_figure4.py": aggregate.main,
              "experiments/plot_figure4.py": plot.main}
     commands = readme_block("Sweeps")
-    assert [c[2] for c in commands] == list(mains)
+    assert [c[1] for c in commands] == list(mains)
     (tmp_path / "configs").symlink_to(Path("configs").resolve())
     monkeypatch.chdir(tmp_path)
     for command in commands:
-        assert command[:2] == ["PYTHONPATH=.", "python"] and mains[command[2]](command[3:]) == 0, command
+        assert command[0] == "python" and mains[command[1]](command[2:]) == 0, command
     files = sorted(Path("cache/sweep_tiny").glob("p*_s*.pt"))
     assert [f.name for f in files] == [f"p{p:04d}_s{s:04d}.pt" for p in range(2) for s in range(3)]
     stamps = [f.stat().st_mtime_ns for f in files]
-    assert cli.main(commands[0][3:]) == 0
+    assert cli.main(commands[0][2:]) == 0
     assert [f.stat().st_mtime_ns for f in files] == stamps
     assert Path("sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

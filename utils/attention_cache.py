@@ -1,4 +1,6 @@
-"""The Figure 4 attention cache file, format version 3: built, written, read and checked here only.
+"""The Figure 4 attention cache file, format version 4: built, written, read and checked here only.
+Version 4 added each entry's ``sink_updates`` (and the key role ``ema_sink``); version 3 files are
+read too, their entries with no blended sink (``sink_updates`` 0).
 
 A cache is a ``torch.save`` dict. Its entries hold, per captured layer and captured pass, either the
 full pre-softmax logit matrix of one temporal block's queries against every key (save_mode 'full', fp16
@@ -22,7 +24,8 @@ from utils.output import one_line, write_atomically
 from utils.passes import is_pass, pass_name
 
 CACHE_FORMAT = "figure4-attention-cache"
-CACHE_FORMAT_VERSION = 3
+CACHE_FORMAT_VERSION = 4
+READABLE_VERSIONS = (3, 4)
 CAPTURE_METHOD = "native_inference_capture"
 SAVE_MODES = ("full", "summary")
 SUMMARY_KEYS = ("query_mean_logits", "frame_mean_logits", "frame_attention_mass")
@@ -34,12 +37,15 @@ ENTRY_KEYS = (  # the spec's per-entry fields, then the entry's labels
     "layer_idx", "is_logits", "num_frames", "frame_seq_length", "num_heads", "num_query_frames", "num_key_frames",
     "block", "pass", "timestep", "query_frames", "key_frame_indices", "nonfinite", "logit_min", "logit_max",
 )
+SINK_UPDATES_KEY = "sink_updates"  # per entry, since version 4: evicted blocks blended into an EMA sink so far
 KEY_LABEL_KEYS = ("key_video_frames", "key_rope_frames", "key_roles")  # per key token, [B, K] each
 KEY_LABEL_DTYPES = {"key_video_frames": torch.int32, "key_rope_frames": torch.int32, "key_roles": torch.int8}
 # key_roles codes: what the cache policy kept each key token as. A plain cached key (a frame of the
-# window, or of the whole video), a sink key, or a token a compression selected (top-C).
-KEY_ROLES = ("cached", "sink", "top_c")
-CACHED, SINK, TOP_C = range(len(KEY_ROLES))
+# window, or of the whole video), a sink key, a token a compression selected (top-C), or a key of an
+# EMA sink slot (Reward Forcing's: the slot's first frames blended with the evicted ones; the entry's
+# sink_updates counts the blends).
+KEY_ROLES = ("cached", "sink", "top_c", "ema_sink")
+CACHED, SINK, TOP_C, EMA_SINK = range(len(KEY_ROLES))
 TENSOR_KEYS = {"full": ("attn_logits",), "summary": SUMMARY_KEYS}
 RESERVED_METADATA = ("format", "format_version", "save_mode")
 METADATA_TYPES = {  # the open metadata fields that readers (the plot, the statistics) read: their types
@@ -87,7 +93,9 @@ class CacheEntry(EntryLabels):
     file). Per key token, [B, K] each: ``key_video_frames``, the video frame it came from;
     ``key_rope_frames``, the temporal RoPE position it was attended at (they differ for Deep Sink's
     shifted sink); ``key_roles``, what the cache policy kept it as (``KEY_ROLES``). ``nonfinite``
-    counts NaN/Inf logits; ``tensors`` maps 'attn_logits' (full) or SUMMARY_KEYS (summary) to tensors."""
+    counts NaN/Inf logits; ``tensors`` maps 'attn_logits' (full) or SUMMARY_KEYS (summary) to tensors.
+    ``sink_updates``: for an EMA sink (key role ``ema_sink``), how many evicted blocks were blended
+    into it before this call; 0 otherwise."""
 
     num_heads: int
     nonfinite: int
@@ -97,6 +105,7 @@ class CacheEntry(EntryLabels):
     key_video_frames: torch.Tensor
     key_rope_frames: torch.Tensor
     key_roles: torch.Tensor
+    sink_updates: int = 0
 
     @property
     def batch_size(self):
@@ -153,9 +162,9 @@ def _check_metadata(metadata, fail):
         fail(f"not a Figure 4 attention cache: metadata.format is {_shown(metadata.get('format'))}, "
              f"expected {CACHE_FORMAT!r}")
     version = _field(metadata, "format_version", "metadata", fail)
-    if not _is_int(version) or version != CACHE_FORMAT_VERSION:
-        fail(f"metadata.format_version is {_shown(version)}; this reader reads version {CACHE_FORMAT_VERSION} only "
-             "(re-run experiments/run_extraction_figure4.py to write the file again)")
+    if not _is_int(version) or version not in READABLE_VERSIONS:
+        fail(f"metadata.format_version is {_shown(version)}; this reader reads versions "
+             f"{', '.join(map(str, READABLE_VERSIONS))} (re-run experiments/run_extraction_figure4.py to write the file again)")
     save_mode = _field(metadata, "save_mode", "metadata", fail)
     if not isinstance(save_mode, str) or save_mode not in SAVE_MODES:
         fail(f"metadata.save_mode is {_shown(save_mode)}, expected one of {SAVE_MODES}")
@@ -178,9 +187,10 @@ def _check_entry(entry, where, top, save_mode, fail):
     if not isinstance(entry, dict):
         fail(f"{where} is {_shown(entry)}, expected a dict")
     tensor_keys = TENSOR_KEYS[save_mode] + KEY_LABEL_KEYS
-    for key in ENTRY_KEYS + tensor_keys:
+    label_keys = ENTRY_KEYS + ((SINK_UPDATES_KEY,) if top["metadata"]["format_version"] >= 4 else ())
+    for key in label_keys + tensor_keys:
         _field(entry, key, where, fail)
-    unexpected = sorted(map(str, set(entry) - set(ENTRY_KEYS) - set(tensor_keys)))
+    unexpected = sorted(map(str, set(entry) - set(label_keys) - set(tensor_keys)))
     if unexpected:
         fail(f"{where} has unexpected keys {unexpected} (save_mode {save_mode!r})")
     if entry["is_logits"] is not True:
@@ -201,6 +211,8 @@ def _check_entry(entry, where, top, save_mode, fail):
         _check_float(entry[key], f"{where}.{key}", fail)
     _check_int(entry["num_heads"], f"{where}.num_heads", fail, minimum=1)
     _check_int(entry["nonfinite"], f"{where}.nonfinite", fail)
+    sink_updates = entry.get(SINK_UPDATES_KEY, 0)
+    _check_int(sink_updates, f"{where}.{SINK_UPDATES_KEY}", fail)
     per_block = top["num_frame_per_block"]
     block_frames = list(range(entry["block"] * per_block, (entry["block"] + 1) * per_block))
     if not _is_int_list(entry["query_frames"]) or entry["query_frames"] != block_frames:
@@ -248,7 +260,7 @@ def _check_entry(entry, where, top, save_mode, fail):
         query_frames=entry["query_frames"], key_frame_indices=entry["key_frame_indices"], num_heads=n,
         nonfinite=entry["nonfinite"], logit_min=entry["logit_min"], logit_max=entry["logit_max"],
         tensors={key: entry[key] for key in shapes if key not in KEY_LABEL_KEYS},
-        key_video_frames=video, key_rope_frames=rope, key_roles=roles,
+        key_video_frames=video, key_rope_frames=rope, key_roles=roles, sink_updates=sink_updates,
     )
 
 
@@ -269,7 +281,7 @@ def _check_labels(entries, layer_indices, fail):
     for label in labels:
         same = [e for e in entries if e.label == label]
         for e in same[1:]:
-            for attr in ("query_frames", "num_key_frames", "timestep"):
+            for attr in ("query_frames", "num_key_frames", "timestep", "sink_updates"):
                 if getattr(e, attr) != getattr(same[0], attr):
                     fail(f"block {label[0]}, pass {label[1]!r}: layers {same[0].layer_idx} and {e.layer_idx} differ "
                          f"in {attr} ({getattr(same[0], attr)} vs {getattr(e, attr)})")
@@ -355,7 +367,7 @@ def _stored(entry, num_frames, frame_seq_length):
         "block": entry.block, "pass": entry.pass_, "timestep": _as_float(entry.timestep), "query_frames": query_frames,
         "key_frame_indices": key_frames, "nonfinite": entry.nonfinite, "logit_min": _as_float(entry.logit_min),
         "logit_max": _as_float(entry.logit_max), **entry.tensors, "key_video_frames": entry.key_video_frames,
-        "key_rope_frames": entry.key_rope_frames, "key_roles": entry.key_roles,
+        "key_rope_frames": entry.key_rope_frames, "key_roles": entry.key_roles, SINK_UPDATES_KEY: entry.sink_updates,
     }
 
 

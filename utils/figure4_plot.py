@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import matplotlib
 import torch
 
-from utils.attention_cache import SINK, TOP_C
+from utils.attention_cache import EMA_SINK, SINK, TOP_C
 from utils.figure4_sources import PlotInputError, StatsFile, column_band, columns_of
-from utils.output import OutputPathError, check_output_path, write_atomically
+from utils.output import OutputPathError, check_output_file, write_atomically
 
 matplotlib.use("Agg")  # before pyplot is imported: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -19,7 +19,7 @@ OUTPUT_FORMATS = ("png", "pdf", "svg")
 QUERY_SHADE = dict(color="tab:orange", alpha=0.15)
 SINK_SHADE = dict(color="tab:purple", alpha=0.12)
 TOPC_SHADE = dict(color="tab:green", alpha=0.12)
-TITLE_WIDTH = 60  # characters of a panel title's line: longer setting labels wrap
+TITLE_CHARS_PER_INCH = 14  # characters of a 9-point title per inch of its column: longer column names wrap
 RANDOM_NOTE = "  [RANDOM WEIGHTS: a demo, not a trained model]"
 
 
@@ -74,15 +74,18 @@ def _frame_range(frames):
 
 def true_frame_axis(entry, batch_index, frame_seq_length):
     """The TrueFrameAxis of a cache entry, its regions as the cache policy labelled its key tokens
-    (``key_roles``): the sink (RoPE-shifted or not) and the top-C tokens of a compression."""
+    (``key_roles``): the sink (RoPE-shifted or not; an EMA sink with the number of blocks blended into
+    it, ``sink_updates``) and the top-C tokens of a compression."""
     video, rope = entry.key_video_frames[batch_index], entry.key_rope_frames[batch_index]
     roles = entry.key_roles[batch_index]
-    sink = roles == SINK
+    ema = roles == EMA_SINK
+    sink = (roles == SINK) | ema
     sink_label = ""
     if sink.any():
         shifted = (rope[sink] != video[sink]).any()
-        sink_label = (f"sink (frames {_frame_range(video[sink].tolist())}"
-                      + (f", RoPE {_frame_range(rope[sink].tolist())})" if shifted else ")"))
+        sink_label = (("EMA sink" if ema.any() else "sink") + f" (frames {_frame_range(video[sink].tolist())}"
+                      + (f", RoPE {_frame_range(rope[sink].tolist())}" if shifted else "")
+                      + (f", {entry.sink_updates} evicted blocks blended in" if ema.any() else "") + ")")
     topc = roles == TOP_C
     topc_label = ""
     if topc.any():
@@ -183,9 +186,9 @@ def draw_heatmap(fig, ax, entry, mean, label):
     if own:
         ax.axvspan(min(own), max(own) + 1, fill=False, edgecolor="tab:red", linewidth=2)
     ax.set_xticks(range(0, fk + 1, 1 if fk <= 12 else 2))
-    ax.set_yticks(range(n), [f"H{h + 1}" for h in range(n)], fontsize=6 if n > 8 else 8)
+    ax.set_yticks(range(n), [str(h) for h in range(n)], fontsize=6 if n > 8 else 8)
     ax.set_xlabel("Key Frame Index")
-    ax.set_ylabel("Head")
+    ax.set_ylabel("Head (0-based, as --panels)")
     fig.colorbar(image, ax=ax, label=label)
 
 
@@ -235,6 +238,96 @@ def _column_name(column):
     n = f" (n = {column[0].file.n_items})" if isinstance(column[0].file, StatsFile) and column[0].model else ""
     model = f"{column[0].model}{n}: " if column[0].model else ""
     return f"{model}block {column[0].block} (frames {_frame_range(entry.query_frames)}), pass {column[0].pass_}"
+
+
+def panel_name(layer, head):
+    """A panel's title, in the numbering of --panels (0-based), with the paper's 1-based name beside it."""
+    return f"layer {layer} head {head} (L{layer + 1}H{head + 1})"
+
+
+def figure_legend(fig, axes, ncol=4):
+    """One legend for the whole figure, below the panels: every label drawn, once, ``ncol`` a row. Returns
+    the number of labels."""
+    entries = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if entries:
+        fig.legend(list(entries.values()), list(entries), loc="lower center", ncol=min(len(entries), ncol), fontsize=7,
+                   frameon=False)
+    return len(entries)
+
+
+def wrapped(text, width, note=""):
+    """``text`` wrapped to ``width`` characters a line (a long setting label over several lines), then
+    ``note`` (the RANDOM WEIGHTS banner) kept whole, on the last line where it fits, else on its own."""
+    lines = textwrap.wrap(text, max(width, 20), break_long_words=False)
+    if note and len(lines[-1]) + len(note) <= max(width, 20):
+        lines[-1] += note
+    elif note:
+        lines.append(note.strip())
+    return "\n".join(lines)
+
+
+def make_figure(sources, panels, view, softmax, batch_index, x_axis="slots", overlay=False):
+    """The figure for already checked sources and panels: one column per block of ``sources``, whose
+    sources of one block are averaged. ``x_axis`` 'frames' puts key tokens at their video frames
+    (``uses_true_frames``), 'slots' keeps the key slot axis. Several columns are sized to stay readable at
+    a page's width (about 3 inches a column, 16 at most), their names above the first row, one legend below.
+    ``overlay`` draws every column on the same axes instead, one colour each (the curve view)."""
+    columns = columns_of(sources)
+    if overlay:
+        return make_overlay_figure(columns, panels, view, softmax, batch_index, x_axis)
+    first = sources[0]
+    entry = first.entry(panels[0][0])
+    layers = list(dict.fromkeys(layer for layer, _ in panels))
+    rows = layers if view == "heatmap" else panels
+    by_model = first.model is not None  # models side by side: one y scale per row, to compare them
+    width = 10 if len(columns) == 1 else min(16, (4.0 if by_model else 3.2) * len(columns))
+    if view == "heatmap":
+        height = 0.25 * first.file.num_heads * len(layers) + 1.5 * len(layers)
+    else:
+        height = (2.8 if len(columns) == 1 else 2.4) * len(panels) + 0.6
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(width, height), squeeze=False,
+                             sharey="row" if by_model and view != "heatmap" else "none")
+    quantity, label = ("frame_mass", "Attention Mass") if softmax else ("frame_logits", "Average Attention Weight")
+    for col, column in enumerate(columns):
+        for i, (ax, row) in enumerate(zip(axes[:, col], rows)):
+            header = wrapped(_column_name(column), int(TITLE_CHARS_PER_INCH * width / len(columns))) + "\n" \
+                if len(columns) > 1 and i == 0 else ""
+            if view == "heatmap":
+                mean = column_band(column, row, quantity, batch_index)[0]
+                draw_heatmap(fig, ax, column[0].entry(row), mean, label)
+                ax.set_title(f"{header}layer {row} (L{row + 1}), all heads", fontsize=9)
+            else:
+                draw_panel(ax, column, row, view, softmax, batch_index, x_axis)
+                ax.set_title(header + panel_name(*row), fontsize=9)
+            if col > 0:
+                ax.set_ylabel("")
+    legend_rows = 0
+    if view != "heatmap":
+        legend_rows = -(-figure_legend(fig, axes) // 4)
+    blocks = ", ".join(map(str, dict.fromkeys(column[0].block for column in columns)))
+    passes = ", ".join(map(str, dict.fromkeys(column[0].pass_ for column in columns)))
+    timestep = f", t = {entry.timestep:g}" if len(columns) == 1 else ""
+    captured = f"  (block{'s' if ',' in blocks else ''} {blocks}, pass{'es' if ',' in passes else ''} {passes}{timestep})"
+    note = RANDOM_NOTE if any(s.file.random_init for s in sources) else ""
+    if isinstance(first.file, StatsFile):
+        n_items = sorted({s.file.n_items for s in sources})
+        if len(n_items) > 1:
+            items = "the items of each column (n in its name)"
+        else:
+            items = f"{n_items[0]} item{'s' if n_items[0] > 1 else ''}"
+        spread = "95% CI" if n_items[0] > 1 else "no confidence interval (n = 1)"
+        title = f"mean over {items}, {spread}{captured}"
+    elif len(columns[0]) > 1:
+        title = f"mean over {len(columns[0])} caches{captured}"
+    else:
+        prompt = first.file.prompt if len(first.file.prompt) <= 90 else first.file.prompt[:87] + "..."
+        title = printable(prompt) + captured
+    fig.suptitle(wrapped(title, int(TITLE_CHARS_PER_INCH * width), note), fontsize=9)
+    fig.tight_layout(rect=(0, min(0.3, 0.2 * legend_rows / height), 1, 1))
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,82 +390,28 @@ def draw_overlay_panel(ax, columns, names, panel, softmax, batch_index, x_axis):
     ax.set_ylabel(ylabel)
 
 
-def make_figure(sources, panels, view, softmax, batch_index, x_axis="slots", overlay=False):
-    """The figure for already checked sources and panels: one column per block of ``sources``, whose
-    sources of one block are averaged. ``x_axis`` 'frames' puts key tokens at their video frames
-    (``uses_true_frames``), 'slots' keeps the key slot axis. ``overlay`` draws every column on the same
-    axes instead, one colour each (the curve view)."""
-    columns = columns_of(sources)
-    if overlay:
-        return make_overlay_figure(columns, panels, view, softmax, batch_index, x_axis)
-    first = sources[0]
-    entry = first.entry(panels[0][0])
-    layers = list(dict.fromkeys(layer for layer, _ in panels))
-    rows = layers if view == "heatmap" else panels
-    by_model = first.model is not None  # models side by side: one y scale per row, to compare them
-    width = 10 if len(columns) == 1 else (6.5 if by_model else 5.5) * len(columns)
-    if view == "heatmap":
-        height = 0.25 * first.file.num_heads * len(layers) + 1.5 * len(layers)
-    else:
-        height = 2.8 * len(panels)
-    separator = "\n" if by_model else ", "  # a model's column names it on a line of its own
-    fig, axes = plt.subplots(len(rows), len(columns), figsize=(width, height), squeeze=False,
-                             sharey="row" if by_model and view != "heatmap" else "none")
-    quantity, label = ("frame_mass", "Attention Mass") if softmax else ("frame_logits", "Average Attention Weight")
-    for col, column in enumerate(columns):
-        suffix = separator + _column_name(column) if len(columns) > 1 else ""
-        for ax, row in zip(axes[:, col], rows):
-            if view == "heatmap":
-                mean = column_band(column, row, quantity, batch_index)[0]
-                draw_heatmap(fig, ax, column[0].entry(row), mean, label)
-                ax.set_title(f"L{row + 1}, all heads{suffix}")
-            else:
-                draw_panel(ax, column, row, view, softmax, batch_index, x_axis)
-                ax.set_title("\n".join(textwrap.wrap(f"L{row[0] + 1}H{row[1] + 1}{suffix}", TITLE_WIDTH,
-                                                      break_long_words=False, replace_whitespace=False)))
-        if view != "heatmap":
-            axes[0, col].legend(loc="upper left", fontsize=7)
-    blocks = ", ".join(map(str, dict.fromkeys(column[0].block for column in columns)))
-    passes = ", ".join(map(str, dict.fromkeys(column[0].pass_ for column in columns)))
-    timestep = f", t = {entry.timestep:g}" if len(columns) == 1 else ""
-    captured = f"  (block{'s' if ',' in blocks else ''} {blocks}, pass{'es' if ',' in passes else ''} {passes}{timestep})"
-    note = RANDOM_NOTE if any(s.file.random_init for s in sources) else ""
-    if isinstance(first.file, StatsFile):
-        n_items = sorted({s.file.n_items for s in sources})
-        items = f"{n_items[0]} items" if len(n_items) == 1 else "the items of each column"
-        fig.suptitle(f"mean over {items}, 95% CI{captured}{note}", fontsize=9)
-    else:
-        files = columns[0]
-        if len(files) > 1:
-            fig.suptitle(f"mean over {len(files)} caches{captured}{note}", fontsize=9)
-        else:
-            prompt = first.file.prompt if len(first.file.prompt) <= 90 else first.file.prompt[:87] + "..."
-            fig.suptitle(printable(prompt) + captured + note, fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
 def make_overlay_figure(columns, panels, view, softmax, batch_index, x_axis):
     """One axes per panel with every column drawn on it (``draw_overlay_panel``)."""
     if view != "curve":
         raise PlotInputError(f"--overlay draws curves on shared axes; --view {view} draws one column per group "
                              "(leave --overlay out)")
     names = [_column_name(column) for column in columns]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.2 * len(panels)), squeeze=False)
+    width, height = 11, 3.2 * len(panels) + 0.2 * len(columns) + 0.3
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width, height), squeeze=False)
     try:
         for ax, panel in zip(axes[:, 0], panels):
             draw_overlay_panel(ax, columns, names, panel, softmax, batch_index, x_axis)
-            ax.set_title(f"L{panel[0] + 1}H{panel[1] + 1}")
+            ax.set_title(panel_name(*panel), fontsize=9)
     except PlotInputError:
         plt.close(fig)
         raise
-    axes[0, 0].legend(loc="upper left", fontsize=7)
+    legend_rows = figure_legend(fig, axes, ncol=1)  # a group a line: setting labels are long
     sources = [s for column in columns for s in column]
     note = RANDOM_NOTE if any(s.file.random_init for s in sources) else ""
     band = "95% CI" if isinstance(sources[0].file, StatsFile) else "± 1 std where averaged"
-    fig.suptitle(f"{len(columns)} groups on shared axes, each its own mean ({band}), never averaged together{note}",
-                 fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(wrapped(f"{len(columns)} groups on shared axes, each its own mean ({band}), never averaged together",
+                         int(TITLE_CHARS_PER_INCH * width), note), fontsize=9)
+    fig.tight_layout(rect=(0, min(0.4, (0.2 * legend_rows + 0.1) / height), 1, 1))
     return fig
 
 
@@ -382,16 +421,10 @@ def make_overlay_figure(columns, panels, view, softmax, batch_index, x_axis):
 
 def check_output(out):
     """The output's format from its extension; its folder must exist and it must be a regular file or new."""
-    fmt = out.suffix.lower().lstrip(".")
-    if fmt not in OUTPUT_FORMATS:
-        raise PlotInputError(f"--out {out}: extension {out.suffix!r} not supported, expected one of .png, .pdf, .svg")
-    if not out.parent.is_dir():
-        raise PlotInputError(f"--out {out}: folder {out.parent} does not exist")
     try:
-        check_output_path(out)
+        return check_output_file(out, OUTPUT_FORMATS)
     except OutputPathError as err:
-        raise PlotInputError(f"--out {err}") from None
-    return fmt
+        raise PlotInputError(str(err)) from None
 
 
 def write_figure(fig, out, fmt):

@@ -2,8 +2,6 @@
 opened as Sources, the (block, pass) columns chosen from them, the checks that they can be averaged and
 drawn, and the values each column plots, per head. The drawing is utils/figure4_plot.py's.
 """
-import argparse
-import glob
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +10,7 @@ import torch
 
 from utils.attention_cache import AttentionCache, open_cache
 from utils.passes import ALL, pass_order
-from utils.sweep_stats import StatsFileError, compare_key, load_statistics, setting_of, stats_groups
+from utils.sweep_stats import StatsFileError, compare_key, distinct_items, load_statistics, setting_of, stats_groups
 
 STATS_QUANTITY = {"token_logits": "curve", "frame_logits": "frame_logit", "frame_mass": "mass"}
 DEFAULT_PANELS = ((0, 0), (4, 9))  # the paper's L1H1 and L5H10
@@ -26,21 +24,10 @@ class PlotInputError(ValueError):
 # inputs
 
 
-def parse_panel(text):
-    """'4:9' -> (4, 9): a 0-based (layer, head) pair."""
-    try:
-        layer, head = (int(part) for part in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"panel {text!r} is not LAYER:HEAD with 0-based ints, e.g. 4:9") from None
-    if layer < 0 or head < 0:
-        raise argparse.ArgumentTypeError(f"panel {text!r}: layer and head must be >= 0")
-    return layer, head
-
-
 class StatsFile:
     """A statistics file of experiments/aggregate_figure4.py, read with utils.sweep_stats.load_statistics
     and opened for plotting like a cache: path, labels, layer_indices, num_heads, frame_seq_length,
-    n_items, entry(layer, pass_, block)."""
+    n_items, random_init (whether its items came from random weights), entry(layer, pass_, block)."""
 
     label = AttentionCache.label  # the same (block, pass) choice, and messages, as a cache
 
@@ -156,24 +143,6 @@ def columns_of(sources):
     return [[s for s in sources if s.column == column] for column in columns]
 
 
-def expand_cache_paths(patterns, option="--cache"):
-    """Paths of --cache (or --stats): literal paths as given, glob patterns expanded (sorted); each file once."""
-    paths = []
-    for pattern in patterns:
-        if glob.has_magic(pattern):
-            matches = sorted(glob.glob(pattern))
-            if not matches:
-                raise PlotInputError(f"{option} pattern {pattern!r} matches no file")
-            paths.extend(Path(m) for m in matches)
-        else:
-            paths.append(Path(pattern))
-    resolved = [p.resolve() for p in paths]
-    for i, p in enumerate(resolved):
-        if p in resolved[:i]:
-            raise PlotInputError(f"{option} names {paths[i]} more than once; each file may count once")
-    return paths
-
-
 def _shown(value):
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -206,17 +175,14 @@ def _panel_exists(cache, panel):
 
 
 def choose_panels(cache, given):
-    """--panels as given; without it, the paper's panels, or when ``cache`` lacks them the first two
-    layers' heads clipped to the heads it has. Returns (panels, a note to print or None)."""
+    """--panels as given; without it, the paper's panels, or when ``cache`` lacks them (a small model) its
+    first two layers' heads, the paper's heads clipped to the heads it has (0:0 4:3 for the tiny model)."""
     if given is not None:
-        return given, None
+        return given
     if all(_panel_exists(cache, panel) for panel in DEFAULT_PANELS):
-        return list(DEFAULT_PANELS), None
+        return list(DEFAULT_PANELS)
     layers = sorted(cache.layer_indices)[: len(DEFAULT_PANELS)]
-    panels = [(layer, min(head, cache.num_heads - 1)) for layer, (_, head) in zip(layers, DEFAULT_PANELS)]
-    note = (f"note: {cache.path} lacks the default panels {' '.join(f'{l}:{h}' for l, h in DEFAULT_PANELS)}; "
-            f"plotting {' '.join(f'{l}:{h}' for l, h in panels)} (--panels chooses)")
-    return panels, note
+    return [(layer, min(head, cache.num_heads - 1)) for layer, (_, head) in zip(layers, DEFAULT_PANELS)]
 
 
 def nonfinite_warning(sources, panels):
@@ -297,10 +263,13 @@ def sweep_values(sources, layer, quantity, batch_index):
 def column_band(column, layer, quantity, batch_index):
     """What a column (the sources of one block) plots for every head of a layer: (mean, low, high,
     band label), each [N, L] as in ``layer_values``; low and high None without a band. A statistics
-    file gives its mean and 95% confidence interval, caches their mean +- one standard deviation."""
+    file gives its mean and 95% confidence interval (none for one item), caches their mean +- one
+    standard deviation."""
     source = column[0]
     if isinstance(source.file, StatsFile):
         values = source.entry(layer).values[STATS_QUANTITY[quantity]]
+        if source.file.n_items == 1:
+            return values["mean"], None, None, None
         return values["mean"], values["ci_low"], values["ci_high"], "95% CI"
     mean, std = sweep_values(column, layer, quantity, batch_index)
     if std is None:
@@ -312,19 +281,21 @@ def column_band(column, layer, quantity, batch_index):
 # the checked sources of a command line
 
 
-def cache_sources(patterns, passes, blocks, panels, batch_index, x_axis, view, softmax, by_model=False):
-    """The Sources of --cache (paths or glob ``patterns``) for --pass, --block, --panels (None: the
-    default ones) and --batch_index, checked for the --x axis, --view and --softmax they are drawn with;
-    with ``by_model`` each model (family, variant, cache policy) in columns of its own, its files
-    averaged. Prints the files used and any non-finite logits. Returns (sources, panels, a note to
-    print or None)."""
-    caches = [open_cache(p) for p in expand_cache_paths(patterns)]
+def cache_sources(paths, passes, blocks, panels, batch_index, x_axis, view, softmax, by_model=False):
+    """The Sources of the cache files ``paths`` (the plot's inputs, expanded by pipeline.sweep.input_files)
+    for --pass, --block, --panels (None: the default ones) and --batch_index, checked for the --x axis,
+    --view and --softmax they are drawn with; each item once; with ``by_model`` each model or setting in
+    columns of its own (labelled by ``setting_labels``), its files averaged. Prints the files used and any non-finite logits. Returns (sources, panels)."""
+    caches, duplicates = distinct_items([open_cache(p) for p in paths])
+    for duplicate, original in duplicates:
+        print(f"note: {duplicate.path} repeats the item of {original.path} (same prompt, seed and settings, or the "
+              "same bytes); averaged once", file=sys.stderr)
     labels = setting_labels([setting_of(cache) for cache in caches]) if by_model else [None] * len(caches)
     sources = [s for cache, label in zip(caches, labels) for s in select_columns(cache, passes, blocks, label)]
     columns = columns_of(sources)
     for column in columns:
         check_compatible(column)
-    panels, note = choose_panels(caches[0], panels)
+    panels = choose_panels(caches[0], panels)
     for cache in caches:
         check_panels(cache, panels)
     check_batch_index(caches, batch_index)
@@ -339,32 +310,32 @@ def cache_sources(patterns, passes, blocks, panels, batch_index, x_axis, view, s
     warning = nonfinite_warning(sources, panels)
     if warning:
         print(warning, file=sys.stderr)
-    return sources, panels, note
+    return sources, panels
 
 
 def stats_sources(paths, passes, blocks, panels, batch_index):
-    """The Sources of the --stats files ``paths`` (files or quoted glob patterns) for --pass, --block and
-    --panels (None: the default ones), checked (--batch_index must be 0); prints what each file holds.
-    Several files are drawn side by side (or overlaid), labelled by their settings, never averaged.
-    Returns (sources, panels, a note to print or None)."""
+    """The Sources of the statistics files ``paths`` for --pass, --block and --panels (None: the default
+    ones), checked (--batch_index must be 0); prints what each file holds. Several files are drawn side by
+    side (or overlaid), labelled by their settings, never averaged. Returns (sources, panels)."""
     if batch_index != 0:
         raise PlotInputError("--batch_index selects a sample of a cache; a statistics file is over all items")
     files = []
-    for path in expand_cache_paths([str(p) for p in paths], option="--stats"):
+    for path in paths:
         try:
             files.append(StatsFile(path))
         except StatsFileError as err:
             raise PlotInputError(str(err)) from None
-    labels = setting_labels([f.setting for f in files]) if len(files) > 1 else [None]
+    labels = [None]
     if len(files) > 1:
-        labels = [label or f.path.stem for label, f in zip(labels, files)]
+        labels = [label or f.path.stem for label, f in zip(setting_labels([f.setting for f in files]), files)]
         labels = [label if labels.count(label) == 1 else f"{label} [{f.path.name}]" for label, f in zip(labels, files)]
     sources = [s for stats, label in zip(files, labels) for s in select_columns(stats, passes, blocks, label)]
-    panels, note = choose_panels(files[0], panels)
+    panels = choose_panels(files[0], panels)
     for stats in files:
         check_panels(stats, panels)
     for stats in files:
-        labels_held = ", ".join(f"block {s.block} pass {s.pass_}" for s in sources if s.file is stats)
-        print(f"using {stats.path}: statistics over {stats.n_items} items, {labels_held}, layers {stats.layer_indices}, "
+        held = ", ".join(f"block {s.block} pass {s.pass_}" for s in sources if s.file is stats)
+        n = stats.n_items
+        print(f"using {stats.path}: statistics over {n} item{'s' if n > 1 else ''}, {held}, layers {stats.layer_indices}, "
               f"{stats.num_heads} heads")
-    return sources, panels, note
+    return sources, panels

@@ -15,10 +15,11 @@ REGION_TITLES = {"sink": "mass on the sink frames", "current": "mass on the curr
 
 
 def _axes_labels(ax, layers, heads):
-    ax.set_xticks(range(heads), [f"H{h + 1}" for h in range(heads)], fontsize=6 if heads > 12 else 8)
-    ax.set_yticks(range(len(layers)), [f"L{layer + 1}" for layer in layers], fontsize=6 if len(layers) > 12 else 8)
-    ax.set_xlabel("Head")
-    ax.set_ylabel("Layer")
+    """Layers and heads numbered as heads.csv and --panels number them (0-based)."""
+    ax.set_xticks(range(heads), [str(h) for h in range(heads)], fontsize=6 if heads > 12 else 8)
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=6 if len(layers) > 12 else 8)
+    ax.set_xlabel("Head (0-based)")
+    ax.set_ylabel("Layer (0-based)")
 
 
 def head_heatmaps(groups, title):

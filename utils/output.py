@@ -117,6 +117,22 @@ def output_path_arg(text):
     return text
 
 
+def check_output_file(out, formats):
+    """The format of the output ``out`` (a Path) from its extension, one of ``formats``; its folder must exist
+    and it must be a regular file or new. OutputPathError naming --out otherwise."""
+    fmt = out.suffix.lower().lstrip(".")
+    if fmt not in formats:
+        raise OutputPathError(f"--out {out}: extension {out.suffix!r} not supported, expected one of "
+                              f"{', '.join('.' + f for f in formats)}")
+    if not out.parent.is_dir():
+        raise OutputPathError(f"--out {out}: folder {out.parent} does not exist")
+    try:
+        check_output_path(out)
+    except OutputPathError as err:
+        raise OutputPathError(f"--out {err}") from None
+    return fmt
+
+
 def same_file(a, b):
     """Whether paths ``a`` and ``b`` name the same file once symlinks are followed (existing or not)."""
     return os.path.realpath(a) == os.path.realpath(b)

@@ -7,12 +7,13 @@ import base64
 import html
 
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; padding: 0 1em; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
 .banner { background: #fff3cd; border: 1px solid #e0c060; padding: .6em 1em; font-weight: bold; }
-table { border-collapse: collapse; font-size: .8em; margin: .5em 0 1.5em; }
+table { border-collapse: collapse; font-size: .75em; margin: .5em 0 1.5em; }
+.wide { overflow-x: auto; max-width: 100%; }
 th, td { border: 1px solid #ccc; padding: .15em .5em; text-align: right; white-space: nowrap; }
-th { background: #f2f2f2; position: sticky; top: 0; }
+th { background: #f2f2f2; white-space: normal; vertical-align: bottom; }
 td.text { text-align: left; white-space: normal; max-width: 40em; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { font-size: .85em; color: #555; }
@@ -52,13 +53,15 @@ def _is_number(text):
 
 def csv_table(columns, rows, csv_name):
     """A table of ``rows`` (lists of strings, as written to ``csv_name``) under ``columns``: the cells
-    are the CSV's strings; numbers right-aligned, text left-aligned."""
-    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
+    are the CSV's strings; numbers right-aligned, text left-aligned; column names may break after an
+    underscore, and a table wider than the page scrolls in its own box."""
+    head = "".join(f"<th>{escape(c).replace('_', '_<wbr>')}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{escape(cell)}</td>" if _is_number(cell)
                                     else f'<td class="text">{escape(cell)}</td>' for cell in row) + "</tr>"
                    for row in rows)
     return (f'<p>From <a href="{escape(csv_name)}">{escape(csv_name)}</a>.</p>'
-            f'<table data-csv="{escape(csv_name)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
+            f'<div class="wide"><table data-csv="{escape(csv_name)}"><thead><tr>{head}</tr></thead><tbody>{body}'
+            "</tbody></table></div>")
 
 
 def details(summary, inner):

@@ -12,22 +12,35 @@ file is one item):
 "Middle" key frames are those after the first and before the query block's own frames; with none
 (the first blocks) the two sink scores are NaN. Each quantity gets the mean, the sample standard
 deviation and a two-sided 95% confidence interval of the mean, mean +- t(0.975, n-1) * std / sqrt(n)
-(Student's t; NaN for n = 1).
+(Student's t; NaN in the .pt and empty in the CSV for n = 1, where there is no spread to measure).
+
+The CSV also holds one row per item (prompt index, prompt, seed, file) beside the pooled rows, each with
+the model and the settings the items share.
 """
+import csv
+import hashlib
+import io
+import json
 import math
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from utils.attention_cache import KEY_LABEL_DTYPES, KEY_LABEL_KEYS, EntryLabels
+from utils.attention_cache import KEY_LABEL_DTYPES, KEY_LABEL_KEYS, EntryLabels, open_cache
+from utils.cli import command
 from utils.output import one_line, write_files_atomically
 from utils.passes import is_pass
 
 STATS_FORMAT = "figure4-sweep-statistics"
 STATS_VERSION = 1
 QUANTITIES = ("curve", "frame_logit", "mass", "sink_ratio", "sink_logit_gap")
+CSV_QUANTITIES = ("frame_logit", "mass", "sink_ratio", "sink_logit_gap")  # the token-level curve stays in the .pt
 FIELDS = ("mean", "std", "ci_low", "ci_high")
+CSV_COLUMNS = ("layer", "block", "pass", "timestep", "head", "quantity", "key_slot", "video_frame", "n", *FIELDS,
+               "scope", "prompt_index", "prompt", "seed", "file", "model", "settings")
 
 
 @dataclass(frozen=True)
@@ -48,7 +61,7 @@ class StatsFileError(ValueError):
 
 
 class MixedCachesError(ValueError):
-    """Caches of different settings, which must not be averaged together."""
+    """Caches of different settings, which must not be averaged together (or no cache at all)."""
 
 
 def student_t_quantile(p, df):
@@ -134,18 +147,34 @@ def check_same_setting(caches):
                                  "one setting (same frames, layers, passes, model and checkpoint)")
 
 
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def item_key(cache):
+    """What makes two caches one item: the same prompt and seed made with the same settings
+    (``metadata.settings``, which the extraction writes: the config, checkpoint, capture and dtype); for a
+    file without them (not written by the extraction), its bytes."""
+    meta = cache.metadata
+    if meta.get("seed") is None or meta.get("settings") is None:
+        return ("bytes", _sha256(cache.path))
+    return ("item", repr((cache.prompt, meta.get("seed"), meta.get("settings"), meta.get("prompt_switches"))))
+
+
 def distinct_items(caches):
-    """(``caches`` with each item once, [(duplicate, the cache it repeats)]): two caches are one item when
-    they hold the same prompt and seed made with the same settings (``metadata.settings``, which the
-    extraction writes: the config, checkpoint, capture and dtype), e.g. a file copied between sweeps."""
+    """(``caches`` with each item once, [(duplicate, the cache it repeats)]): see ``item_key``; e.g. a file
+    copied between sweeps, or byte-identical copies of one file."""
     kept, duplicates, seen = [], [], {}
     for cache in caches:
-        meta = cache.metadata
-        key = repr((cache.prompt, meta.get("seed"), meta.get("settings"), meta.get("prompt_switches")))
-        if meta.get("seed") is not None and key in seen:
+        key = item_key(cache)
+        if key in seen:
             duplicates.append((cache, seen[key]))
         else:
-            seen.setdefault(key, cache)
+            seen[key] = cache
             kept.append(cache)
     return kept, duplicates
 
@@ -162,19 +191,55 @@ def shared_key_labels(caches, layer, label):
     return labels
 
 
+def is_statistics_file(path):
+    """Whether ``path`` is a statistics file of ``save_statistics`` (its pickle names STATS_FORMAT), read
+    without loading any tensor: False for a cache or anything else."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+            return STATS_FORMAT.encode() in archive.read(name)
+    except (OSError, zipfile.BadZipFile, StopIteration):
+        return False
+
+
 def setting_of(cache):
-    """What the statistics file keeps of the items' setting, for the labels of comparisons: the model
-    family and variant, the attention-cache policy, the config, checkpoint, dtype and video length."""
+    """The setting of a cache's items, as the statistics file keeps it ("setting"): the model (family,
+    variant, checkpoint or random weights, attention-cache policy) and the run (config, video length,
+    capture, precision, dtype, model_kwargs). The labels of comparisons (utils/figure4_sources.py) and the
+    CSV's model and settings columns (``model_of``, ``settings_of``) are made from it."""
     meta = cache.metadata
     return {"family": meta.get("family"), "variant": meta.get("variant"), "cache_policy": meta.get("cache_policy"),
-            "config_path": meta.get("config_path"), "checkpoint_path": meta.get("checkpoint_path"),
-            "dtype": meta.get("dtype"), "num_frames": cache.num_frames, "random_init": cache.random_init}
+            "checkpoint_path": meta.get("checkpoint_path"), "random_init": bool(cache.random_init),
+            "config_path": meta.get("config_path"), "num_frames": cache.num_frames,
+            "capture_step": meta.get("capture_step"), "capture_blocks": meta.get("capture_blocks"),
+            "precision": meta.get("precision"), "dtype": meta.get("dtype"),
+            "model_kwargs": meta.get("config", {}).get("model_kwargs")}
 
 
-def sweep_statistics(caches):
+def model_of(setting):
+    """The model of a ``setting_of`` in words: family, variant, checkpoint (or random weights) and cache policy."""
+    weights = ("random weights" if setting["random_init"] else
+               f"checkpoint {setting['checkpoint_path']}" if setting["checkpoint_path"] else "base weights")
+    parts = (setting["family"], setting["variant"], weights, setting["cache_policy"])
+    return "; ".join(str(p) for p in parts if p)
+
+
+def settings_of(setting):
+    """The run of a ``setting_of`` in one line: config, frames, capture, precision, dtype, model_kwargs."""
+    kwargs = setting["model_kwargs"]
+    parts = {"config": setting["config_path"], "num_frames": setting["num_frames"],
+             "capture_step": setting["capture_step"], "capture_blocks": setting["capture_blocks"],
+             "precision": setting["precision"], "dtype": setting["dtype"],
+             "model_kwargs": json.dumps(kwargs, sort_keys=True) if kwargs is not None else None}
+    return "; ".join(f"{k}={v}" for k, v in parts.items() if v is not None)
+
+
+def sweep_statistics(caches, prompt_indices=None):
     """The statistics over the items of ``caches`` (opened attention caches of one setting, each item
-    once: see ``distinct_items``)."""
+    once: see ``distinct_items``), with each item's own values of the CSV quantities. ``prompt_indices``:
+    each cache's prompt index in its sweep (None where not known)."""
     check_same_setting(caches)
+    prompt_indices = prompt_indices or [None] * len(caches)
     groups = []
     for entry in caches[0].entries:
         per_item = [item_quantities(cache.summary(entry.layer_idx, entry.pass_, entry.block), entry.key_frame_indices,
@@ -185,38 +250,89 @@ def sweep_statistics(caches):
             "query_frames": list(entry.query_frames), "key_frame_indices": list(entry.key_frame_indices),
             "key_labels": shared_key_labels(caches, entry.layer_idx, entry.label),
             **{q: {k: v.float() for k, v in describe(stacked[q]).items()} for q in QUANTITIES},
+            "items": {q: stacked[q].float() for q in CSV_QUANTITIES},  # [n, N, ...] each item's own values
         })
-    first = caches[0]
+    first, setting = caches[0], setting_of(caches[0])
+    items = [{"prompt_index": index, "prompt": c.prompt, "seed": c.metadata.get("seed"), "file": str(c.path),
+              "batch_index": b} for c, index in zip(caches, prompt_indices) for b in range(c.batch_size)]
     return {
         "format": STATS_FORMAT, "format_version": STATS_VERSION,
         "n_items": sum(c.batch_size for c in caches), "files": [str(c.path) for c in caches],
         "prompts": [c.prompt for c in caches], "seeds": [c.metadata.get("seed") for c in caches],
         "num_frames": first.num_frames, "frame_seq_length": first.frame_seq_length,
-        "num_heads": first.num_heads, "setting": setting_of(first), "groups": groups,
+        "num_heads": first.num_heads, "groups": groups, "items": items, "setting": setting,
+        "model": model_of(setting), "settings": settings_of(setting),
     }
 
 
-def save_statistics(stats, path):
-    """The statistics as ``path`` (.pt) and a CSV beside it (same name, .csv) of the per-frame and
-    per-head quantities (the token-level curve stays in the .pt): one row per layer, block, pass,
-    head, quantity and key frame. The two files are replaced together or not at all (a full disk or a
-    signal leaves both old files)."""
-    path = Path(path)
-    rows = [("layer", "block", "pass", "timestep", "head", "quantity", "key_slot", "video_frame", "n", *FIELDS)]
+def statistics_of_files(paths, prompt_indices):
+    """``sweep_statistics`` of the caches at ``paths`` (``prompt_indices``: each one's prompt index or None),
+    each item once, with a note on stderr for each statistics file skipped and each repeated item, and a
+    warning for a single item (no confidence interval). MixedCachesError where no cache is left."""
+    caches, indices = [], []
+    for path, index in zip(paths, prompt_indices):
+        if is_statistics_file(path):
+            print(f"note: {path} is a statistics file (the aggregator's output), not a cache: skipped", file=sys.stderr)
+        else:
+            caches.append(open_cache(path))
+            indices.append(index)
+    if not caches:
+        raise MixedCachesError(f"{paths[0]} is a statistics file, not a cache; draw it with "
+                               f"{command('plot_figure4.py', paths[0])}")
+    kept, duplicates = distinct_items(caches)
+    for duplicate, original in duplicates:
+        print(f"note: {duplicate.path} repeats the item of {original.path} (same prompt, seed and settings, or the "
+              "same bytes); counted once", file=sys.stderr)
+    stats = sweep_statistics(kept, [indices[caches.index(c)] for c in kept])
+    if stats["n_items"] == 1:
+        print(f"warning: one item ({kept[0].path}): no spread to measure, so no confidence interval (NaN in the .pt, "
+              "empty in the CSV); aggregate several seeds or prompts", file=sys.stderr)
+    return stats
+
+
+def _number(value):
+    """A CSV cell of a statistic: empty where there is none (NaN: n = 1, or no middle key frames)."""
+    value = float(value)
+    return "" if math.isnan(value) else repr(value)
+
+
+def csv_rows(stats):
+    """The CSV's rows (CSV_COLUMNS) of a statistics dict: per layer, block, pass, head, quantity and key frame
+    the pooled row over the n items, then one row per item with its own value."""
+    model, settings = stats.get("model", ""), stats.get("settings", "")
+    items = stats.get("items", [])
+    rows = []
     for g in stats["groups"]:
         for head in range(stats["num_heads"]):
-            for q in ("frame_logit", "mass", "sink_ratio", "sink_logit_gap"):
+            for q in CSV_QUANTITIES:
                 values = {k: g[q][k][head] for k in FIELDS}
                 slots = range(values["mean"].numel()) if values["mean"].dim() else [None]
                 for slot in slots:
-                    frame = "" if slot is None else g["key_frame_indices"][slot]
-                    numbers = [float(values[k] if slot is None else values[k][slot]) for k in FIELDS]
-                    rows.append((g["layer_idx"], g["block"], g["pass"], g["timestep"], head, q,
-                                 "" if slot is None else slot, frame, stats["n_items"], *numbers))
+                    labels = (g["layer_idx"], g["block"], g["pass"], g["timestep"], head, q,
+                              "" if slot is None else slot, "" if slot is None else g["key_frame_indices"][slot])
+                    pooled = [values[k] if slot is None else values[k][slot] for k in FIELDS]
+                    rows.append((*labels, stats["n_items"], *map(_number, pooled), "pooled", "", "", "", "", model,
+                                 settings))
+                    for i, item in enumerate(items):
+                        value = g["items"][q][i, head] if slot is None else g["items"][q][i, head, slot]
+                        rows.append((*labels, 1, _number(value), "", "", "", "item",
+                                     "" if item["prompt_index"] is None else item["prompt_index"], item["prompt"],
+                                     "" if item["seed"] is None else item["seed"], item["file"], model, settings))
+    return rows
+
+
+def save_statistics(stats, path):
+    """The statistics as ``path`` (.pt) and a CSV beside it (same name, .csv; ``csv_rows``): one row per
+    layer, block, pass, head, quantity and key frame, pooled and per item (the token-level curve stays in
+    the .pt). The two files are replaced together or not at all (a full disk or a signal leaves both old
+    files)."""
+    path = Path(path)
+    rows = [CSV_COLUMNS, *csv_rows(stats)]
 
     def write_csv(handle):
-        text = "".join(",".join(str(x) for x in row) + "\n" for row in rows)
-        handle.write(text.encode())
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows(rows)
+        handle.write(text.getvalue().encode())
 
     write_files_atomically([(path, lambda f: torch.save(stats, f)), (path.with_suffix(".csv"), write_csv)])
     return path.with_suffix(".csv")

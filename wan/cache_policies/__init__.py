@@ -7,11 +7,14 @@ Without ``attention_mode`` the policy follows upstream Self-Forcing's convention
 from wan.cache_policies.base import CacheLayout, CachePolicy, Option, PolicyError
 from wan.cache_policies.deep_sink import DeepSink
 from wan.cache_policies.global_attention import GlobalAttention
+from wan.cache_policies.infinite_forcing import InfiniteForcing
 from wan.cache_policies.longlive import LongLive
 from wan.cache_policies.participative_compression import ParticipativeCompression
+from wan.cache_policies.reward_forcing import RewardForcing
 from wan.cache_policies.window import Window
 
-POLICIES = {policy.name: policy for policy in (GlobalAttention, Window, DeepSink, ParticipativeCompression, LongLive)}
+POLICIES = {policy.name: policy for policy in (GlobalAttention, Window, DeepSink, ParticipativeCompression, LongLive,
+                                               RewardForcing, InfiniteForcing)}
 MODE_KEY = "attention_mode"
 
 __all__ = ["POLICIES", "CacheLayout", "CachePolicy", "Option", "PolicyError", "option_names", "policy_from_kwargs", "problem"]

@@ -12,11 +12,14 @@ import math
 from wan import cache_policies
 from wan.families.causal_forcing import CAUSAL_FORCING
 from wan.families.causvid import CAUSVID
+from wan.families.infinite_forcing import INFINITE_FORCING
 from wan.families.longlive import LONGLIVE
+from wan.families.reward_forcing import REWARD_FORCING
 from wan.families.self_forcing import SELF_FORCING
 from wan.families.wan21 import WAN21
 
-FAMILIES = {family.name: family for family in (WAN21, SELF_FORCING, CAUSAL_FORCING, CAUSVID, LONGLIVE)}
+FAMILIES = {family.name: family for family in (WAN21, SELF_FORCING, CAUSAL_FORCING, CAUSVID, LONGLIVE, REWARD_FORCING,
+                                               INFINITE_FORCING)}
 DEFAULT_FAMILY = SELF_FORCING
 SCHEDULE_KEYS = ("timestep_shift",)  # the model_kwargs of the schedule; the rest are the cache policy's
 MAX_TIMESTEP_SHIFT = 1000  # the largest timestep_shift accepted (a finite, sane schedule)

@@ -9,22 +9,26 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Checkpoint:
     """A release's generator checkpoint: a ``torch.save`` dict whose entry ``ema_key`` (or ``key``
-    without EMA) is the state dict of the wrapped transformer (keys ``model.<transformer key>``).
+    without EMA; ``key`` None: the whole file) is the state dict of the wrapped transformer (keys
+    ``model.<transformer key>``).
     ``default_path``: where the release's inference command reads it (None: no released file, the
     user names one); ``use_ema``: which of the two that command loads (``ema_key`` None: the file
     has no EMA); ``prefix_fallbacks``: (saved prefix, prefix) pairs the release's loader rewrites when
-    the keys do not match as saved (an FSDP wrapper's name, for example). Read with
+    the keys do not match as saved (an FSDP wrapper's name, for example); ``removed_substrings``: text
+    the release's loader deletes from every key, wherever it occurs, before loading. Read with
     ``weights_only=True`` unless the user opts in."""
 
     default_path: str | None
     use_ema: bool = True
     ema_key: str | None = "generator_ema"
-    key: str = "generator"
+    key: str | None = "generator"
     prefix_fallbacks: tuple = ()
+    removed_substrings: tuple = ()
     key_fallbacks: tuple = ()  # entries read, in order, when the file lacks ``key`` (not for EMA)
 
     def state_dict_keys(self, use_ema):
-        """The entries of the file that may hold the state dict, in the order they are looked for."""
+        """The entries of the file that may hold the state dict, in the order they are looked for (None:
+        the whole file)."""
         return (self.ema_key,) if use_ema else (self.key, *self.key_fallbacks)
 
 

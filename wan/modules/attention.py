@@ -163,7 +163,8 @@ class CapturedCall:
     frame of each of its key frames and, while kept, its q and k. ``key_positions``: when the cache
     labels its tokens, (video frame, temporal RoPE frame) of each key token, int64 [B, Lk] each on the
     cache's device (they differ under Deep Sink shifts and compression; see deep_forcing.py);
-    ``key_roles``: what the cache keeps each key token as, int8 [B, Lk] (utils.attention_cache.KEY_ROLES)."""
+    ``key_roles``: what the cache keeps each key token as, int8 [B, Lk] (utils.attention_cache.KEY_ROLES);
+    ``sink_updates``: the evicted blocks an EMA sink had blended in at this call (0 for other caches)."""
 
     layer_idx: int
     call_idx: int
@@ -175,6 +176,7 @@ class CapturedCall:
     k: torch.Tensor = field(repr=False)
     key_positions: tuple = field(default=None, repr=False)
     key_roles: torch.Tensor = field(default=None, repr=False)
+    sink_updates: int = 0
 
     @property
     def num_heads(self):
@@ -305,7 +307,7 @@ class AttentionWeightCapture:
             key = (layer_idx, self.labels["block"], self.labels["step"])
             self._kept[key] = CapturedCall(layer_idx, call_idx, tuple(q.shape), tuple(k.shape), dict(self.labels),
                                            _key_frames(kv_cache), q, k.clone(), _key_positions(kv_cache),
-                                           _key_roles(kv_cache))
+                                           _key_roles(kv_cache), _sink_updates(kv_cache))
 
     def _layer_position(self, layer_idx):
         return layer_idx if self.layer_indices is None else self.layer_indices.index(layer_idx)
@@ -334,6 +336,11 @@ def _key_positions(kv_cache):
 def _key_roles(kv_cache):
     """What the cache keeps each key token as (sink, top-C, ...): the cache knows; None without one."""
     return kv_cache.key_roles() if kv_cache is not None else None
+
+
+def _sink_updates(kv_cache):
+    """Evicted blocks blended into the cache's EMA sink so far (Reward Forcing's); 0 for a cache without one."""
+    return getattr(kv_cache, "sink_updates", 0)
 
 
 ATTENTION_WEIGHT_CAPTURE = AttentionWeightCapture()

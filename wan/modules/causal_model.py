@@ -3,9 +3,12 @@
 The video is generated a few latent frames (a "block") at a time. Each transformer block keeps the
 RoPE-rotated keys and the values of earlier frames in a cache of the model's cache policy
 (wan/cache_policies: every frame, a window with a sink, Deep Forcing's caches); a block's queries
-attend, without mask, to the cached keys and to the block's own. Each self-attention call is handed to
-the model's observer (the attention capture) when one is on. Parameter names and shapes equal the
-official ``WanModel`` checkpoint, so ``diffusion_pytorch_model.safetensors`` loads as is.
+attend, without mask, to the cached keys and to the block's own. A cache may instead store keys
+without RoPE (``stores_raw_keys``: Reward Forcing's and Infinite-Forcing's); then it says at which
+temporal positions the queries and the keys it returns are read, and the model rotates them there at
+every call (``read_raw_keys``). Each self-attention call is handed to the model's observer (the
+attention capture) when one is on. Parameter names and shapes equal the official ``WanModel``
+checkpoint, so ``diffusion_pytorch_model.safetensors`` loads as is.
 
 Token layout: a latent video [B, C, F, H, W] becomes F * (H/ph) * (W/pw) tokens, frame-major, then
 row, then column; ``frame_seq_length`` is the number of tokens of one frame.
@@ -120,6 +123,48 @@ def apply_rope_fp32(x, cos, sin):
     return x * cos + swapped * sin
 
 
+class FrameRotation:
+    """The RoPE of one forward's tokens in the model's numerics: rotates x [B, f*h*w, N, D], f frames of
+    the forward's h x w grid, at temporal positions start .. start + f - 1 (``exact``: complex128, as
+    ``apply_rope``; ``fast``: fp32, as ``apply_rope_fp32``, rounded once); ``own`` at the forward's own
+    frames, from ``start``. The complex128 rotations are built once per (f, start) and shared by the
+    forward's layers."""
+
+    def __init__(self, rope, grid, start, precision):
+        self.rope, self.start, self.precision = rope, start, precision
+        self.rows, self.cols = grid[1:]
+        self._freqs = {}  # (frames, start, device) -> complex128 [f*h*w, 1, D/2]
+
+    def __call__(self, x, start):
+        grid = (x.shape[1] // (self.rows * self.cols), self.rows, self.cols)
+        if self.precision == "fast":
+            cos, sin = self.rope.cos_sin(grid, start, x.device)
+            return apply_rope_fp32(x.float(), cos, sin).type_as(x)
+        key = (grid[0], start, x.device)
+        if key not in self._freqs:
+            self._freqs[key] = self.rope.freqs(grid, start, x.device)
+        return apply_rope(x, self._freqs[key])
+
+    def own(self, x):
+        return self(x, self.start)
+
+
+def read_raw_keys(cache, q, k, v, current_start, rotation):
+    """Self-attention's inputs through a cache that stores keys without RoPE (``stores_raw_keys``, e.g.
+    wan/modules/infinite_forcing.py): write the pass's k, v [B, L, N, D] as they are, then rotate the
+    queries and the attended keys at the temporal positions the cache reads them at (``rope_starts``)
+    with ``rotation`` (a ``FrameRotation``). Returns q [B, L, N, D], k and v [B, Lk, N, D]."""
+    keys, values = cache.update(k, v, current_start)
+    query_start, key_start = cache.rope_starts()
+    return rotation(q, query_start), rotation(keys, key_start), values
+
+
+def stores_raw_keys(cache):
+    """Whether ``cache`` takes keys without RoPE and says where to rotate them (a cache without the
+    attribute takes rotated keys)."""
+    return getattr(cache, "stores_raw_keys", False)
+
+
 def modulate(x, shift, scale):
     """x [B, F*S, C] with per-frame shift/scale [B, F, 1, C]."""
     frames = shift.shape[1]
@@ -196,13 +241,19 @@ class CausalSelfAttention(AttentionProjections):
         self.layer_idx = layer_idx
         self.observer = None
 
-    def forward(self, x, freqs, cache, current_start):
+    def forward(self, x, rotation, cache, current_start):
+        """x [B, L, C]; ``rotation``: the forward's ``FrameRotation``; ``current_start``: x's first token
+        in the video (x's frames are rotated at their own positions unless the cache says otherwise)."""
         heads = (self.num_heads, -1)
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(2, heads), freqs)  # [B, L, N, D]
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(2, heads), freqs)
+        q = self.norm_q(self.q(x)).unflatten(2, heads)  # [B, L, N, D]
+        k = self.norm_k(self.k(x)).unflatten(2, heads)
         v = self.v(x).unflatten(2, heads)
-        if cache is not None:
-            k, v = cache.update(k, v, current_start, queries=q)  # [B, Lk, N, D]
+        if stores_raw_keys(cache):
+            q, k, v = read_raw_keys(cache, q, k, v, current_start, rotation)
+        else:
+            q, k = rotation.own(q), rotation.own(k)
+            if cache is not None:
+                k, v = cache.update(k, v, current_start, queries=q)  # [B, Lk, N, D]
         if self.observer is not None and self.observer.enabled:
             self.observer.observe(self.layer_idx, q, k, cache)
         return self.o(attention(q, k, v).flatten(2))
@@ -237,10 +288,11 @@ class CausalWanBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, e, freqs, context, cache, crossattn_cache, current_start):
-        """x [B, F*S, C]; e [B, F, 6, C], the per-frame time modulation."""
+    def forward(self, x, e, rotation, context, cache, crossattn_cache, current_start):
+        """x [B, F*S, C]; e [B, F, 6, C], the per-frame time modulation; ``rotation``: the forward's
+        ``FrameRotation``."""
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.unsqueeze(1) + e).chunk(6, dim=2)
-        y = self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa), freqs, cache, current_start)
+        y = self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa), rotation, cache, current_start)
         x = x + gate(y, gate_sa)
         x = x + self.cross_attn(self.norm3(x), context, crossattn_cache)
         y = self.ffn(modulate(self.norm2(x), shift_ff, scale_ff))
@@ -250,15 +302,18 @@ class CausalWanBlock(nn.Module):
 def fast_attention_inputs(block, x, e, cos, sin):
     """Fast mode, first half of a block: norm1 + modulation, the q/k/v projections, the q/k RMS norms
     and RoPE, each elementwise chain in fp32 and rounded once. x [B, F*S, C], e [B, F, 6, C], cos/sin
-    [F*S, 1, D] -> q, k, v [B, F*S, N, D] in x's dtype and the fp32 modulation [B, F, 6, C]."""
+    [F*S, 1, D] (None: q and k without RoPE, for a cache that rotates at read) -> q, k, v [B, F*S, N, D]
+    in x's dtype and the fp32 modulation [B, F, 6, C]."""
     attn = block.self_attn
     heads = (attn.num_heads, -1)
     mod = block.modulation.float().unsqueeze(1) + e.float()
     h = layer_norm_modulate(x, mod[:, :, 0:1], mod[:, :, 1:2], block.norm1.eps)
-    q = apply_rope_fp32(rms_norm_fp32(attn.q(h), attn.norm_q).unflatten(2, heads), cos, sin).type_as(x)
-    k = apply_rope_fp32(rms_norm_fp32(attn.k(h), attn.norm_k).unflatten(2, heads), cos, sin).type_as(x)
+    q = rms_norm_fp32(attn.q(h), attn.norm_q).unflatten(2, heads)
+    k = rms_norm_fp32(attn.k(h), attn.norm_k).unflatten(2, heads)
+    if cos is not None:
+        q, k = apply_rope_fp32(q, cos, sin), apply_rope_fp32(k, cos, sin)
     v = attn.v(h).unflatten(2, heads)
-    return q, k, v, mod
+    return q.type_as(x), k.type_as(x), v, mod
 
 
 def fast_block_output(block, x, y, mod, text_k, text_v):
@@ -426,30 +481,36 @@ class CausalWanModel(nn.Module):
             context = None  # every block reuses its cached text keys and values
         kv_cache = kv_cache or [None] * len(self.blocks)
         crossattn_cache = crossattn_cache or [None] * len(self.blocks)
+        rotation = FrameRotation(self.rope, grid, current_start // frame_seq_length, self.precision)
         if self.precision == "fast":
-            x = self._fast_blocks(x, e0, grid, frame_seq_length, context, kv_cache, crossattn_cache, current_start)
+            x = self._fast_blocks(x, e0, grid, frame_seq_length, context, kv_cache, crossattn_cache, current_start,
+                                  rotation)
         else:
-            freqs = self.rope.freqs(grid, current_start // frame_seq_length, x.device)
             for block, cache, xcache in zip(self.blocks, kv_cache, crossattn_cache):
-                x = block(x, e0, freqs, context, cache, xcache, current_start)
+                x = block(x, e0, rotation, context, cache, xcache, current_start)
         x = self.head(x, e.unflatten(0, (batch, frames)).unsqueeze(2))
         pt, ph, pw = self.patch_size
         return rearrange(
             x, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)", f=grid[0], h=grid[1], w=grid[2], pt=pt, ph=ph, pw=pw
         )
 
-    def _fast_blocks(self, x, e0, grid, frame_seq_length, context, kv_cache, crossattn_cache, current_start):
+    def _fast_blocks(self, x, e0, grid, frame_seq_length, context, kv_cache, crossattn_cache, current_start, rotation):
         """The transformer blocks in fast mode: the two fused halves of each block around the eager
-        self-attention call, which writes K/V into the cache and is what the capture observes."""
+        self-attention call, which writes K/V into the cache and is what the capture observes (a cache
+        that stores keys without RoPE gets them so, and ``rotation`` rotates at its read)."""
         # The patch embedding's rearrange leaves x [B, L, C] channel-major in memory; every norm over C
         # would then read it across tokens while reading the GEMM outputs along C. Row-major from here.
         x = x.contiguous()
         cos, sin = self.rope.cos_sin(grid, current_start // frame_seq_length, x.device)
         kernel = fast_attention_kernel(x.device, x.dtype, self.head_dim, self._merge_key_splits)
         for block, cache, xcache in zip(self.blocks, kv_cache, crossattn_cache):
-            q, k, v, mod = self._attention_inputs(block, x, e0, cos, sin)
-            if cache is not None:
-                k, v = cache.update(k, v, current_start, queries=q)
+            if stores_raw_keys(cache):
+                q, k, v, mod = self._attention_inputs(block, x, e0, None, None)
+                q, k, v = read_raw_keys(cache, q, k, v, current_start, rotation)
+            else:
+                q, k, v, mod = self._attention_inputs(block, x, e0, cos, sin)
+                if cache is not None:
+                    k, v = cache.update(k, v, current_start, queries=q)
             if self.observer is not None and self.observer.enabled:
                 self.observer.observe(block.self_attn.layer_idx, q, k, cache)
             y = attention(q, k, v, kernel=kernel)
