@@ -42,6 +42,9 @@ EPILOG = """examples (from any folder; configs/ and the default files are found 
   # the same sweep on 4 GPUs
   torchrun --nproc_per_node 4 experiments/run_extraction_figure4.py --prompts_file prompts.txt \\
       --seeds 0-63 --save_mode summary --output_dir cache/sweep
+  # Rolling Forcing's tiny model: the last block's five calls (levels 0..4) and its cache call
+  python experiments/run_extraction_figure4.py --config_path configs/tiny_rolling_forcing.yaml \\
+      --capture_step all --save_mode summary
 exit status: 0 done; 1 failed while running (e.g. no space left); 2 bad input (nothing written);
 129 SIGHUP, 130 Ctrl-C, 143 SIGTERM (the file being written is left as it was, no temporary file; while starting
 nothing is written; after the output is written, one line says it is complete)"""
@@ -99,10 +102,13 @@ def build_parser():
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="default: bfloat16 on a GPU, float32 on the CPU")
     parser.add_argument("--capture_step", default="0",
                         help="which pass of the last block is kept: 0..3 the denoising passes (t = 1000, 937.5, 833.33, 625), "
-                        "'cache' the clean cache-update pass, 'all' every one of them (one entry per layer and pass)")
+                        "'cache' the clean cache-update pass, 'all' every one of them (one entry per layer and pass); "
+                        "Rolling Forcing (a window of 5 blocks per call): K = the call where the block is at level K "
+                        "(0..4, its whole window kept), 'cache' the cache call that writes the block")
     parser.add_argument("--capture_blocks", nargs="+", default=[LAST_BLOCK],
                         help="temporal blocks whose pass is kept, 0-based block indices and/or 'last' (e.g. 6 20 40 last); "
-                        "one entry per layer, block and pass")
+                        "one entry per layer, block and pass; Rolling Forcing's last window: --capture_blocks last "
+                        "--capture_step 4")
     parser.add_argument("--precision", choices=("exact", "fast"), default=None,
                         help="exact: upstream Self-Forcing's arithmetic (bit-identical bf16 latents); fast: the same model "
                         "with fp32 RoPE tables, fused norms and torch.compile (default: fast on a GPU, exact on the CPU)")

@@ -85,22 +85,11 @@ class CausalInferencePipeline(nn.Module):
         ``prompt_switches``: (frame, encoded prompt) pairs, for a cache policy with prompt switches
         (LongLive's): from the first block that starts at or after the frame, the new prompt, after a
         recache of the cache with it (``_switch_prompt``)."""
-        batch, num_frames, _, height, width = noise.shape
         per_block = self.num_frame_per_block
-        if num_frames <= 0 or num_frames % per_block:
-            raise ValueError(f"number of frames {num_frames} is not a positive multiple of num_frame_per_block {per_block}")
-        if (text_prompts is None) == (prompt_embeds is None):
-            raise ValueError("give either text_prompts or prompt_embeds")
-        if prompt_embeds is None:
-            prompt_embeds = self.encode_prompts(text_prompts)
-        if prompt_embeds.shape[0] != batch:
-            raise ValueError(f"{prompt_embeds.shape[0]} prompts for a batch of {batch}")
         model = self.generator.model
-        conditional_dict = {"prompt_embeds": prompt_embeds.to(device=noise.device, dtype=noise.dtype)}
-        frame_seq_length = model.frame_seq_length(height, width)
-        kv_cache, crossattn_cache = model.new_caches(batch, num_frames, frame_seq_length, noise.dtype, noise.device)
+        conditional_dict, frame_seq_length, kv_cache, crossattn_cache = self._setup(noise, text_prompts, prompt_embeds)
         output = torch.zeros_like(noise)
-        num_blocks = num_frames // per_block
+        num_blocks = noise.shape[1] // per_block
         observer = model.observer if model.observer is not None and model.observer.enabled else None
         last_cache_pass = observer is not None and observer.wants(num_blocks - 1, num_blocks, CACHE_PASS)
         passes = sum(len(self.steps_of(block)) + 1 for block in range(num_blocks)) - (not last_cache_pass)
@@ -138,6 +127,25 @@ class CausalInferencePipeline(nn.Module):
             return output
         video = self._decoder(output).decode_to_pixel(output)
         return (video * 0.5 + 0.5).clamp(0, 1)
+
+    def _setup(self, noise, text_prompts, prompt_embeds):
+        """The checks of ``inference``'s inputs, then (the text as a conditional dict on the noise's
+        device and dtype, tokens per latent frame, empty self- and cross-attention caches)."""
+        batch, num_frames, _, height, width = noise.shape
+        per_block = self.num_frame_per_block
+        if num_frames <= 0 or num_frames % per_block:
+            raise ValueError(f"number of frames {num_frames} is not a positive multiple of num_frame_per_block {per_block}")
+        if (text_prompts is None) == (prompt_embeds is None):
+            raise ValueError("give either text_prompts or prompt_embeds")
+        if prompt_embeds is None:
+            prompt_embeds = self.encode_prompts(text_prompts)
+        if prompt_embeds.shape[0] != batch:
+            raise ValueError(f"{prompt_embeds.shape[0]} prompts for a batch of {batch}")
+        model = self.generator.model
+        conditional_dict = {"prompt_embeds": prompt_embeds.to(device=noise.device, dtype=noise.dtype)}
+        frame_seq_length = model.frame_seq_length(height, width)
+        kv_cache, crossattn_cache = model.new_caches(batch, num_frames, frame_seq_length, noise.dtype, noise.device)
+        return conditional_dict, frame_seq_length, kv_cache, crossattn_cache
 
     def _switch_prompt(self, output, first, conditional_dict, kv_cache, crossattn_cache, frame_seq_length):
         """LongLive's KV recache at a prompt switch before the block starting at frame ``first``: the

@@ -8,8 +8,8 @@ import time
 
 import torch
 
-from pipeline.causal_inference import CausalInferencePipeline
 from pipeline.lora import load_lora
+from pipeline.pipelines import pipeline_class
 from pipeline.wrappers import WanDiffusionWrapper, load_generator_checkpoint
 from utils.attention_cache import SUMMARY_KEYS, CacheEntry
 from utils.misc import set_seed
@@ -34,7 +34,7 @@ class Extractor:
         if lora_path is not None:
             self.lora_layers = load_lora(generator.model, lora_path, variant.lora, merge=config.get("precision") == "fast",
                                          allow_pickle=allow_pickle)
-        self.pipeline = CausalInferencePipeline(config, device, generator=generator, dtype=dtype).eval()
+        self.pipeline = pipeline_class(config)(config, device, generator=generator, dtype=dtype).eval()
         self.model = generator.model
         self.device, self.dtype = device, dtype
 
@@ -65,11 +65,14 @@ class Extractor:
         """One item: noise from ``seed`` alone (the same whatever ran before in this process), the
         inference with the capture on (``switches``: (frame, encoded prompt) prompt switches). Returns
         (kept calls in the order of ``layers``, then block, then pass; self-attention calls seen for
-        those layers; inference seconds)."""
+        those layers; inference seconds). Each kept call's summary starts as soon as it is kept (on a
+        CUDA device on a second stream, while the later layers and blocks infer), so the inference
+        seconds include what of them did not overlap."""
         set_seed(seed)
         noise = torch.randn((1, *self.pipeline.latent_shape(num_frames)), device=self.device, dtype=self.dtype)
         capture = self.model.observer
-        capture.enable(layers, num_layers=self.num_layers, passes=passes, blocks=blocks)
+        capture.enable(layers, num_layers=self.num_layers, passes=passes, blocks=blocks,
+                       summarize=self.frame_seq_length())
         try:
             start = time.perf_counter()
             self.pipeline.inference(noise, prompt_embeds=context, return_latents=True, progress=progress,
@@ -82,14 +85,17 @@ class Extractor:
 
 
 def cache_entry(record, frame_seq_length, frames_per_block, save_mode):
-    """The ``CacheEntry`` of one kept call, and its exact fp32 reductions (on the host).
+    """The ``CacheEntry`` of one kept call, and its exact reductions (on the host).
 
     The entry carries the call's own labels: layer, block, pass, timestep, the video frames of its
     queries and of each key frame, and per key token its video frame, temporal RoPE position and role
-    (from the KV cache), and the blends of an EMA sink; then either the fp16 logits [B, N, Q, K] (save_mode 'full') or the reductions
-    (SUMMARY_KEYS)."""
+    (from the KV cache), and the blends of an EMA sink; for a call of the rolling loop also its window
+    and each query frame's level; then either the fp16 logits [B, N, Q, K] (save_mode 'full') or the
+    reductions (SUMMARY_KEYS)."""
     summary = {name: value.cpu() for name, value in record.summary(frame_seq_length).items()}
-    block = record.labels["block"]
+    labels = record.labels
+    block = labels["block"]
+    query_frames = labels.get("query_frames") or list(range(block * frames_per_block, (block + 1) * frames_per_block))
     video, rope = (positions.to(device="cpu", dtype=torch.int32) for positions in record.key_positions)  # [B, Lk]
     if save_mode == "full":
         tensors = {"attn_logits": record.to_host(torch.float16, frame_seq_length=frame_seq_length)}
@@ -100,7 +106,7 @@ def cache_entry(record, frame_seq_length, frames_per_block, save_mode):
         block=block,
         pass_=record.labels["step"],
         timestep=float(record.labels["timestep"]),
-        query_frames=list(range(block * frames_per_block, (block + 1) * frames_per_block)),
+        query_frames=query_frames,
         key_frame_indices=video[0, ::frame_seq_length].tolist(),
         num_heads=record.num_heads,
         nonfinite=int(summary["nonfinite"].sum()),
@@ -111,5 +117,7 @@ def cache_entry(record, frame_seq_length, frames_per_block, save_mode):
         key_rope_frames=rope,
         key_roles=record.key_roles.to(device="cpu", dtype=torch.int8),
         sink_updates=record.sink_updates,
+        window=labels.get("window"),
+        query_levels=labels.get("query_levels"),
     )
     return entry, summary

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from utils.cli import REPO, repo_file
 from utils.config import ConfigError, load_config, model_sizes
 from utils.output import OutputPathError, check_output_path
-from utils.passes import parse_blocks, parse_passes
+from utils.passes import CACHE_PASS, parse_blocks, parse_passes
 from utils.preflight import GB, PreflightError, check_fits, estimate, host_available_bytes, umt5_parameter_count
 from utils.wan21 import BYTE_TOKENIZER_VOCAB, MODEL_FILES, ROPE_MAX_LEN, UMT5_XXL
 from wan import families
@@ -383,6 +383,26 @@ def _switches(options, policy):
     return tuple(sorted(switches))
 
 
+def _call_labels(family, passes, blocks, num_blocks, num_steps):
+    """Refuse a captured (block, pass) that no call of the family's loop carries; return the notes on
+    labels that several calls carry (a rolling loop over fewer blocks than steps repeats levels: the
+    capture keeps the last such call)."""
+    calls = family.pass_calls(num_blocks, num_steps)
+    missing = [(block, p) for block in blocks for p in passes if not calls.get((block, p))]
+    if missing:
+        block, p = missing[0]
+        held = sorted(level for (b, level), count in calls.items() if b == block and count and level != CACHE_PASS)
+        raise UsageError(f"--capture_blocks / --capture_step: no call of {family.name}'s {family.pipeline} loop has block "
+                         f"{block} at pass {p!r} in a video of {num_blocks} blocks; block {block} is at levels {held} "
+                         f"(and 'cache')")
+    repeated = sorted({block for (block, p), count in calls.items() if count > 1 and p != CACHE_PASS})
+    if not repeated:
+        return []
+    return [f"--num_frames: {num_blocks} blocks, fewer than the {num_steps} of a full window: the release's start windows "
+            f"give blocks {repeated} some levels several times and others never (the capture keeps the last call of a "
+            "(block, pass))"]
+
+
 def plan_run(options, environ=os.environ):
     """Every check that needs no torch: config, arguments, files, the output. Returns the Plan.
     ``environ`` gives torchrun's RANK, WORLD_SIZE and LOCAL_RANK where set."""
@@ -442,6 +462,7 @@ def plan_run(options, environ=os.environ):
         differences.append(f"--num_frames {options.num_frames}: the release generates at most {variant.max_frames} "
                            "latent frames in one call")
     switches = _switches(options, policy)
+    differences += _call_labels(family, passes, blocks, options.num_frames // per_block, len(config.denoising_step_list))
     return Plan(OmegaConf.merge(config, {"precision": precision}), policy, family, variant, checkpoint_path, use_ema,
                 lora_path, switches, differences, prompts, seeds, layers, passes, blocks, num_layers, device, dtype, output_path, output_dir,
                 rank=rank, world_size=world_size, items=items, warnings=warnings, notes=(device_note,) if device_note else ())
@@ -473,7 +494,8 @@ def preflight(options, plan, device_free_bytes=None):
     sizes = model_sizes(config)
     cpu = plan.device == "cpu"
     need = estimate(
-        sizes, num_frames=options.num_frames, num_frame_per_block=int(config.num_frame_per_block),
+        sizes, num_frames=options.num_frames,
+        num_frame_per_block=plan.family.call_frames(int(config.num_frame_per_block), len(config.denoising_step_list)),
         height=int(config.height), width=int(config.width), cache_frames=plan.cache_policy.cache_frames(options.num_frames),
         num_captured_layers=len(plan.layers), num_kept_passes=len(plan.passes) * len(plan.blocks),
         save_mode=options.save_mode, dtype_bytes=4 if plan.dtype == "float32" else 2,

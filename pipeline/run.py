@@ -13,6 +13,7 @@ from pipeline.plan import UsageError, plan_run, preflight
 from pipeline.sweep import (MANIFEST, append_manifest, check_lock_holder, check_sweep_settings, is_complete, item_name,
                             open_sweep, write_manifest)
 from utils.cli import command
+from utils.compile_cache import use_compile_cache
 from utils.config import model_sizes
 
 
@@ -63,6 +64,7 @@ def run_items(options, plan, t_start, show_next=True):
         print(f"warning: beyond the release of {plan.family.name} {plan.variant.name} "
               f"({options.config_path}): {'; '.join(plan.beyond_release)}", file=sys.stderr)
 
+    compile_cache = use_compile_cache()  # before torch compiles anything
     import torch
 
     from pipeline.extraction import Extractor
@@ -79,6 +81,7 @@ def run_items(options, plan, t_start, show_next=True):
         print(f"Using device: {device}" + (f" (rank {plan.rank} of {plan.world_size})" if plan.world_size > 1 else ""))
         if device.type == "cuda":
             print(f"GPU: {torch.cuda.get_device_name(device)}")
+            print(compile_cache.describe())
     torch.set_grad_enabled(False)
 
     settings = settings_of(options, plan)
@@ -270,7 +273,7 @@ def extract_item(options, plan, extractor, encoded, text_len, prompt, seed, sett
         print(f"warning: {nonfinite} non-finite logits (NaN/Inf) in {', '.join(bad)}; saved as they are", file=sys.stderr)
     last = entries[-1]
     say(f"\nInferred parameters:\n  frame_seq_length: {fsl}\n  num_key_frames: {last.num_key_frames}\n"
-        f"  num_query_frames: {per_block}")
+        f"  num_query_frames: {last.num_query_frames}")
     metadata = {
         "seed": seed,
         "prompt": prompt,
@@ -312,8 +315,10 @@ def report_entry(entry, summary, frame_seq_length, per_block, quiet):
     """The spec's per-layer line (logit range) and, unless quiet, the per-head sink table: the mean logit
     of the first key frame, of the middle key frames and their difference (``sink_logit_gap`` of
     utils/sweep_stats.py)."""
-    shape = [1, entry.num_heads, per_block * frame_seq_length, entry.num_key_frames * frame_seq_length]
-    print(f"Layer {entry.layer_idx} pass {entry.pass_}: logits {shape} min {entry.logit_min:.3f} max {entry.logit_max:.3f}")
+    shape = [1, entry.num_heads, entry.num_query_frames * frame_seq_length, entry.num_key_frames * frame_seq_length]
+    window = "" if entry.window is None else f" (window {entry.window}, query frames {entry.query_frames[0]}-{entry.query_frames[-1]})"
+    print(f"Layer {entry.layer_idx} pass {entry.pass_}: logits {shape} min {entry.logit_min:.3f} max {entry.logit_max:.3f}"
+          + window)
     if quiet:
         return
     from utils.sweep_stats import item_quantities

@@ -116,7 +116,7 @@ def dense_attention(visible):
 
 def test_registry_names_and_defaults():
     assert list(POLICIES) == ["global", "window", "deep_sink", "participative_compression", "longlive", "reward_forcing",
-                             "infinite_forcing"]
+                             "infinite_forcing", "rolling_forcing"]
     assert all(POLICIES[name].name == name for name in POLICIES)
     assert type(policy_from_kwargs({})).name == "global"
     assert type(policy_from_kwargs({"local_attn_size": -1})).name == "global"

@@ -210,6 +210,27 @@ def test_capture_leaves_latents_bit_identical(pipeline, config):
         assert torch.equal(plain, captured)
 
 
+def test_summaries_started_during_inference_leave_latents_bit_identical(pipeline, config):
+    """With ``summarize`` each kept call's summary starts as soon as it is kept (overlapping the later
+    layers and blocks on a CUDA device); the latents stay those of the capture off, and the summaries
+    those of the same calls computed after the run."""
+    plain = run(pipeline, config, seed=5)
+    fsl = 16
+    ATTENTION_WEIGHT_CAPTURE.enable(None, passes=ALL_PASSES, blocks=[0, 1], summarize=fsl)
+    captured = run(pipeline, config, seed=5)
+    kept = ATTENTION_WEIGHT_CAPTURE.kept_calls
+    ATTENTION_WEIGHT_CAPTURE.disable()
+    assert torch.equal(plain, captured)
+    assert len(kept) == 6 * 2 * 5 and all(record._started is not None for record in kept)
+    for record in kept[::7]:
+        logits = dense_logits(record.q, record.k)
+        summary = record.summary(fsl)
+        torch.testing.assert_close(summary["query_mean_logits"].double(), logits.mean(2), rtol=0, atol=1e-5)
+        torch.testing.assert_close(summary["logit_min"].double(), logits.amin((2, 3)), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="summarize"):
+        ATTENTION_WEIGHT_CAPTURE.enable([0], summarize=0)
+
+
 def test_off_means_no_bookkeeping(pipeline, config):
     ATTENTION_WEIGHT_CAPTURE.disable()
     run(pipeline, config)

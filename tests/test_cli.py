@@ -26,9 +26,9 @@ SPEC_TOP_KEYS = {
 SPEC_ENTRY_KEYS = {
     "layer_idx", "is_logits", "num_frames", "frame_seq_length", "num_heads", "num_query_frames", "num_key_frames",
 }
-V4_ENTRY_KEYS = {  # cache format version 4 (utils/attention_cache.py)
+V5_ENTRY_KEYS = {  # cache format version 5 (utils/attention_cache.py)
     "block", "pass", "timestep", "query_frames", "key_frame_indices", "nonfinite", "logit_min", "logit_max",
-    "key_video_frames", "key_rope_frames", "key_roles", "sink_updates",
+    "key_video_frames", "key_rope_frames", "key_roles", "sink_updates", "window", "query_levels",
 }
 FSL = 16  # tokens per 8x8 latent frame with 2x2 patches
 HEADS = 4
@@ -59,7 +59,7 @@ def test_full_file_has_the_spec_layout(full_and_summary):
     assert data["is_logits"] is True and data["capture_method"] == "native_inference_capture"
     assert [e["layer_idx"] for e in data["attention_weights"]] == [0, 4]
     for entry in data["attention_weights"]:
-        assert set(entry) == SPEC_ENTRY_KEYS | V4_ENTRY_KEYS | {"attn_logits"}
+        assert set(entry) == SPEC_ENTRY_KEYS | V5_ENTRY_KEYS | {"attn_logits"}
         assert (entry["block"], entry["pass"], entry["timestep"]) == (1, 0, 1000.0)
         assert entry["query_frames"] == [3, 4, 5] and entry["key_frame_indices"] == list(range(6))
         assert entry["nonfinite"] == 0
@@ -76,7 +76,7 @@ def test_full_file_has_the_spec_layout(full_and_summary):
     assert meta["calls_seen"] == 2 * 9 and meta["calls_kept"] == 2  # the last block's cache pass is skipped
     assert meta["model"]["num_layers"] == 6 and meta["model"]["num_heads"] == HEADS
     assert meta["config"]["num_frame_per_block"] == 3
-    assert meta["format_version"] == 4
+    assert meta["format_version"] == 5
     assert meta["cache_policy"] == "global: every block attends to all earlier frames"
 
 

@@ -100,8 +100,9 @@ def test_bad_top_level_values_name_file_key_value_and_expectation(tmp_path, chan
         ("{timestep_shift: 1.0e308}", "model_kwargs.timestep_shift = 1e+308", "a number > 0 and at most 1000"),
         ("{timestep_shift: 1000.5}", "model_kwargs.timestep_shift = 1000.5", "a number > 0 and at most 1000"),
         ("{timestep_shift: .inf}", "model_kwargs.timestep_shift = inf", "a number > 0"),
-        ("{attn_window: 3}", "model_kwargs.attn_window = 3", "one of the known model_kwargs ['attention_mode', 'budget', "
-         "'ema_precision', 'global_sink', 'local_attn_size', 'recent', 'sink_size', 'timestep_shift', 'topc_max_reuse']"),
+        ("{attn_window: 3}", "model_kwargs.attn_window = 3", "one of the known model_kwargs ['attention_mode', "
+         "'attention_size', 'budget', 'cache_size', 'ema_precision', 'global_sink', 'local_attn_size', 'recent', 'sink_size', "
+         "'timestep_shift', 'topc_max_reuse']"),
         ("{attention_mode: deep_sink}", "model_kwargs.local_attn_size = missing", "an int >= num_frame_per_block + sink_size"),
         ("{attention_mode: deep_sink, local_attn_size: 4, sink_size: 4}", "model_kwargs.local_attn_size = 4",
          "an int >= num_frame_per_block + sink_size = 3 + 4"),
@@ -111,7 +112,7 @@ def test_bad_top_level_values_name_file_key_value_and_expectation(tmp_path, chan
          "model_kwargs.budget = 12", "sink_size + recent <= budget <= local_attn_size, here 10 + 4 <= budget <= 21"),
         ("{attention_mode: rolling}", "model_kwargs.attention_mode = 'rolling'",
          "one of ['global', 'window', 'deep_sink', 'participative_compression', 'longlive', "
-         "'reward_forcing', 'infinite_forcing']"),
+         "'reward_forcing', 'infinite_forcing', 'rolling_forcing']"),
         ("{attention_mode: global, local_attn_size: 5}", "model_kwargs.local_attn_size = 5", "-1 (global attention)"),
         ("{budget: 0}", "model_kwargs.budget = 0", "absent with attention_mode 'global'"),
         ("{local_attn_size: 6, budget: 4}", "model_kwargs.budget = 4", "absent with attention_mode 'window'"),

@@ -151,8 +151,8 @@ def test_family_and_variant_are_checked(tmp_path):
     with pytest.raises(ConfigError, match=re.escape(f"{path}: variant = 'stepwise'; expected one of family "
                                                     "causal_forcing's variants ['chunkwise', 'framewise'")):
         load_config(path)
-    path.write_text("base: " + str(REPO / "configs/tiny.yaml") + "\nfamily: rolling_forcing\n")
-    with pytest.raises(ConfigError, match=re.escape(f"{path}: family = 'rolling_forcing'; expected one of {list(FAMILIES)}")):
+    path.write_text("base: " + str(REPO / "configs/tiny.yaml") + "\nfamily: no_such_forcing\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: family = 'no_such_forcing'; expected one of {list(FAMILIES)}")):
         load_config(path)
 
 

@@ -127,7 +127,7 @@ def test_reader_exposes_format_fields(full_cache):
     assert (cache.num_heads, cache.batch_size, cache.frame_seq_length) == (N, B, FSL)
     assert cache.query_frames == QUERY_FRAMES and cache.key_frames == list(range(FK))
     assert cache.prompt == "a cat surfing" and cache.labels == [(1, 0)]
-    assert cache.metadata["format_version"] == 4 and cache.metadata["capture_step"] == "0"
+    assert cache.metadata["format_version"] == 5 and cache.metadata["capture_step"] == "0"
     entry = cache.entry(2)
     assert (entry.layer_idx, entry.block, entry.pass_, entry.timestep, entry.nonfinite) == (2, 1, 0, 1000.0, 0)
     assert (entry.num_query_frames, entry.num_key_frames) == (FQ, FK)
@@ -230,7 +230,7 @@ def _metadata(data, key, value):
 
 CRAFTED = {  # id: (change to a valid cache dict, words the one-line error must hold)
     "version-1": (lambda d: _metadata(d, "format_version", 1), "metadata.format_version is 1 (int); this reader "
-                                                               "reads versions 3, 4"),
+                                                               "reads versions 3, 4, 5"),
     "format": (lambda d: _metadata(d, "format", "other"), "metadata.format is 'other' (str)"),
     "metadata-list": (lambda d: d.update(metadata=[1]), "metadata is [1] (list), expected a dict"),
     "config-str": (lambda d: _metadata(d, "config", "x"), "metadata.config is 'x' (str), expected a dict"),
@@ -783,12 +783,17 @@ def test_readme_plot_commands_run_as_written(tmp_path, monkeypatch, capsys, logi
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     prefix = "python experiments/plot_figure4.py "
     commands = [line for line in readme.splitlines() if line.startswith(prefix)]
-    assert len(commands) == 10
+    assert len(commands) == 11
     aggregate_prefix = "python experiments/aggregate_figure4.py "
     aggregates = [line.split("#")[0].strip() for line in readme.splitlines() if line.startswith(aggregate_prefix)]
     assert len(aggregates) == 2
+    import experiments.run_extraction_figure4 as cli  # the README's Rolling Forcing run, made for real
+
+    (tmp_path / "cache").mkdir()
+    assert cli.main(["--config_path", "configs/tiny_rolling_forcing.yaml", "--no_checkpoint", "--device", "cpu", "--quiet",
+                     "--num_frames", "21", "--capture_blocks", "last", "--capture_step", "all", "--save_mode", "summary",
+                     "--output_path", str(tmp_path / "cache/rolling_tiny.pt")]) == 0
     monkeypatch.chdir(tmp_path)
-    Path("cache").mkdir()
     Path("docs").mkdir()
     write_cache(Path("cache/attention_cache_self_forcing.pt"), logits)
     four_heads = torch.randn(1, 4, FQ * FSL, FK * FSL).half().float()  # the tiny model's 4 heads, layers 0 and 4
@@ -805,7 +810,7 @@ def test_readme_plot_commands_run_as_written(tmp_path, monkeypatch, capsys, logi
     layout_cache(Path("cache/tiny_df.pt"), {1: (tokens_of(range(6)),) * 2, 3: COMPRESSED}, model_kwargs=PC_KWARGS,
                  layers=[0, 4], heads=4)
     for i, model in enumerate(("tiny", "tiny_causal_forcing_framewise_2step", "tiny_causvid_dmd_3step", "tiny_longlive",
-                               "tiny_reward_forcing", "tiny_infinite_forcing")):
+                               "tiny_reward_forcing", "tiny_infinite_forcing", "tiny_rolling_forcing")):
         write_cache(Path(f"cache/{model}.pt"), make_logits(seed=i), mode="summary", family=model)
     for command in commands:
         code, _, err = run(capsys, *shlex.split(command[len(prefix):]))

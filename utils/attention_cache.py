@@ -1,6 +1,7 @@
 """The Figure 4 attention cache file, format version 4: built, written, read and checked here only.
-Version 4 added each entry's ``sink_updates`` (and the key role ``ema_sink``); version 3 files are
-read too, their entries with no blended sink (``sink_updates`` 0).
+Version 4 added each entry's ``sink_updates`` (and the key role ``ema_sink``); version 5 each entry's
+``window`` and ``query_levels`` (Rolling Forcing's rolling loop). Versions 3 and 4 are read too, their
+entries with no blended sink (``sink_updates`` 0) and block-wise (``window`` None).
 
 A cache is a ``torch.save`` dict. Its entries hold, per captured layer and captured pass, either the
 full pre-softmax logit matrix of one temporal block's queries against every key (save_mode 'full', fp16
@@ -14,7 +15,7 @@ Full caches are memory-mapped: a real layer is 3.7 GB, so opening a file reads n
 summary reads its entry one (head, query frame) tile at a time.
 """
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,8 +25,8 @@ from utils.output import one_line, write_atomically
 from utils.passes import is_pass, pass_name
 
 CACHE_FORMAT = "figure4-attention-cache"
-CACHE_FORMAT_VERSION = 4
-READABLE_VERSIONS = (3, 4)
+CACHE_FORMAT_VERSION = 5
+READABLE_VERSIONS = (3, 4, 5)
 CAPTURE_METHOD = "native_inference_capture"
 SAVE_MODES = ("full", "summary")
 SUMMARY_KEYS = ("query_mean_logits", "frame_mean_logits", "frame_attention_mass")
@@ -38,6 +39,7 @@ ENTRY_KEYS = (  # the spec's per-entry fields, then the entry's labels
     "block", "pass", "timestep", "query_frames", "key_frame_indices", "nonfinite", "logit_min", "logit_max",
 )
 SINK_UPDATES_KEY = "sink_updates"  # per entry, since version 4: evicted blocks blended into an EMA sink so far
+WINDOW_KEYS = ("window", "query_levels")  # per entry, since version 5: a rolling call's window and query levels
 KEY_LABEL_KEYS = ("key_video_frames", "key_rope_frames", "key_roles")  # per key token, [B, K] each
 KEY_LABEL_DTYPES = {"key_video_frames": torch.int32, "key_rope_frames": torch.int32, "key_roles": torch.int8}
 # key_roles codes: what the cache policy kept each key token as. A plain cached key (a frame of the
@@ -64,7 +66,13 @@ class EntryLabels:
     its queries and their video frames ``query_frames``, the pass (``pass_``: a denoising pass 0.. or
     ``"cache"``, utils/passes.py) and its ``timestep``, and ``key_frame_indices[j]``, the video frame of
     the first token of key frame slot j (a compressed cache may fill a slot from several frames). Shared
-    by the cache's entries and the statistics' groups (utils/sweep_stats.py)."""
+    by the cache's entries and the statistics' groups (utils/sweep_stats.py).
+
+    A call of the rolling loop (Rolling Forcing) holds a window of several blocks: ``window`` is its
+    index (None for a block-wise call), ``query_frames`` the window's frames, which include the frames
+    of ``block``, and ``query_levels[i]`` the level (pass) query frame i was at; (block, pass_) then
+    names the call where ``block`` is at level ``pass_`` (its ``timestep``). For a block-wise call
+    the queries are the block's frames, all at ``pass_`` (``query_levels`` None: that)."""
 
     layer_idx: int
     block: int
@@ -72,6 +80,13 @@ class EntryLabels:
     timestep: float
     query_frames: list
     key_frame_indices: list
+    window: int | None = field(default=None, kw_only=True)
+    query_levels: list | None = field(default=None, kw_only=True)
+
+    @property
+    def levels(self):
+        """The level (pass) of each query frame."""
+        return self.query_levels if self.query_levels is not None else [self.pass_] * len(self.query_frames)
 
     @property
     def label(self):
@@ -187,7 +202,8 @@ def _check_entry(entry, where, top, save_mode, fail):
     if not isinstance(entry, dict):
         fail(f"{where} is {_shown(entry)}, expected a dict")
     tensor_keys = TENSOR_KEYS[save_mode] + KEY_LABEL_KEYS
-    label_keys = ENTRY_KEYS + ((SINK_UPDATES_KEY,) if top["metadata"]["format_version"] >= 4 else ())
+    version = top["metadata"]["format_version"]
+    label_keys = ENTRY_KEYS + ((SINK_UPDATES_KEY,) if version >= 4 else ()) + (WINDOW_KEYS if version >= 5 else ())
     for key in label_keys + tensor_keys:
         _field(entry, key, where, fail)
     unexpected = sorted(map(str, set(entry) - set(label_keys) - set(tensor_keys)))
@@ -214,10 +230,7 @@ def _check_entry(entry, where, top, save_mode, fail):
     sink_updates = entry.get(SINK_UPDATES_KEY, 0)
     _check_int(sink_updates, f"{where}.{SINK_UPDATES_KEY}", fail)
     per_block = top["num_frame_per_block"]
-    block_frames = list(range(entry["block"] * per_block, (entry["block"] + 1) * per_block))
-    if not _is_int_list(entry["query_frames"]) or entry["query_frames"] != block_frames:
-        fail(f"{where}.query_frames is {_shown(entry['query_frames'])}, expected {block_frames} (the frames of "
-             f"block {entry['block']})")
+    _check_query_labels(entry, where, per_block, top["num_frames"], fail)
     _check_frames(entry["key_frame_indices"], f"{where}.key_frame_indices", fail, top["num_frames"])
     if not set(entry["query_frames"]) <= set(entry["key_frame_indices"]):
         fail(f"{where}.key_frame_indices {entry['key_frame_indices']} do not include its query frames "
@@ -261,7 +274,35 @@ def _check_entry(entry, where, top, save_mode, fail):
         nonfinite=entry["nonfinite"], logit_min=entry["logit_min"], logit_max=entry["logit_max"],
         tensors={key: entry[key] for key in shapes if key not in KEY_LABEL_KEYS},
         key_video_frames=video, key_rope_frames=rope, key_roles=roles, sink_updates=sink_updates,
+        window=entry.get("window"), query_levels=entry.get("query_levels"),
     )
+
+
+def _check_query_labels(entry, where, per_block, num_frames, fail):
+    """The query frames and levels against the block, pass and window: a block-wise entry's queries
+    are its block's frames at its pass (no levels stored); a window's are whole blocks that include the block's, each
+    frame at a level, the block's at the entry's pass."""
+    block, pass_, frames = entry["block"], entry["pass"], entry["query_frames"]
+    window, levels = entry.get("window"), entry.get("query_levels")
+    block_frames = list(range(block * per_block, (block + 1) * per_block))
+    if window is None:
+        if not _is_int_list(frames) or frames != block_frames:
+            fail(f"{where}.query_frames is {_shown(frames)}, expected {block_frames} (the frames of block {block})")
+        if levels is not None:
+            fail(f"{where}.query_levels is {_shown(levels)}, expected None (a block-wise call: every query at its pass)")
+        return
+    _check_int(window, f"{where}.window", fail)
+    if (not _is_int_list(frames) or not frames or frames != list(range(frames[0], frames[0] + len(frames)))
+            or frames[0] % per_block or len(frames) % per_block or frames[-1] >= num_frames
+            or not set(block_frames) <= set(frames)):
+        fail(f"{where}.query_frames is {_shown(frames)}, expected the consecutive frames of whole blocks of "
+             f"{per_block}, below {num_frames}, that include block {block}'s {block_frames} (window {window})")
+    if not isinstance(levels, list) or len(levels) != len(frames) or not all(is_pass(level) for level in levels):
+        fail(f"{where}.query_levels is {_shown(levels)}, expected a pass label (an int >= 0 or 'cache') per query frame "
+             f"({len(frames)})")
+    own = levels[frames.index(block_frames[0]) : frames.index(block_frames[0]) + per_block]
+    if own != [pass_] * per_block:
+        fail(f"{where}.query_levels gives block {block} the levels {own}, expected its pass {pass_!r}")
 
 
 def _check_labels(entries, layer_indices, fail):
@@ -368,6 +409,7 @@ def _stored(entry, num_frames, frame_seq_length):
         "key_frame_indices": key_frames, "nonfinite": entry.nonfinite, "logit_min": _as_float(entry.logit_min),
         "logit_max": _as_float(entry.logit_max), **entry.tensors, "key_video_frames": entry.key_video_frames,
         "key_rope_frames": entry.key_rope_frames, "key_roles": entry.key_roles, SINK_UPDATES_KEY: entry.sink_updates,
+        "window": entry.window, "query_levels": None if entry.query_levels is None else _as_list(entry.query_levels),
     }
 
 

@@ -11,13 +11,14 @@ from wan.cache_policies.infinite_forcing import InfiniteForcing
 from wan.cache_policies.longlive import LongLive
 from wan.cache_policies.participative_compression import ParticipativeCompression
 from wan.cache_policies.reward_forcing import RewardForcing
+from wan.cache_policies.rolling_forcing import RollingForcing
 from wan.cache_policies.window import Window
 
 POLICIES = {policy.name: policy for policy in (GlobalAttention, Window, DeepSink, ParticipativeCompression, LongLive,
-                                               RewardForcing, InfiniteForcing)}
+                                               RewardForcing, InfiniteForcing, RollingForcing)}
 MODE_KEY = "attention_mode"
 
-__all__ = ["POLICIES", "CacheLayout", "CachePolicy", "Option", "PolicyError", "option_names", "policy_from_kwargs", "problem"]
+__all__ = ["POLICIES", "CacheLayout", "CachePolicy", "Option", "PolicyError", "option_names", "policy_class", "policy_from_kwargs", "problem"]
 
 
 def option_names():
@@ -25,7 +26,9 @@ def option_names():
     return {MODE_KEY, *(key for policy in POLICIES.values() for key in policy.options)}
 
 
-def _policy_class(kwargs):
+def policy_class(kwargs):
+    """The policy class ``kwargs`` name (its ``attention_mode``, or the Self-Forcing convention); None
+    for an unknown mode."""
     mode = kwargs.get(MODE_KEY)
     if mode is None:
         mode = GlobalAttention.name if kwargs.get("local_attn_size", -1) == -1 else Window.name
@@ -36,7 +39,7 @@ def problem(kwargs, per_block):
     """(model_kwargs key, what was expected) for the first of the policy options ``kwargs`` (a dict
     with ``attention_mode`` and the chosen policy's options) that cannot run with blocks of
     ``per_block`` frames, else None. Options of other policies are refused: nothing would read them."""
-    policy = _policy_class(kwargs)
+    policy = policy_class(kwargs)
     if policy is None:
         return MODE_KEY, f"one of {list(POLICIES)} (or absent: global, or window with local_attn_size)"
     settings = {key: value for key, value in kwargs.items() if key != MODE_KEY}
@@ -59,4 +62,4 @@ def policy_from_kwargs(kwargs, per_block=1):
         shown = repr(kwargs[key]) if key in kwargs else "missing"
         raise PolicyError(f"model_kwargs.{key} = {shown}; expected {expected}")
     settings = {key: value for key, value in kwargs.items() if key != MODE_KEY}
-    return _policy_class(kwargs)(per_block, **settings)
+    return policy_class(kwargs)(per_block, **settings)

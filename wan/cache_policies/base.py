@@ -65,6 +65,7 @@ class CachePolicy:
 
     name: ClassVar[str]
     options: ClassVar[dict] = {}
+    pipeline: ClassVar[str] = "block_wise"  # the denoising loop its caches work in (a family's ``pipeline``)
 
     def __init__(self, per_block=1, **settings):
         """Settings by option name (defaults for those not given), checked for blocks of ``per_block``

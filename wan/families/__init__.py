@@ -15,11 +15,12 @@ from wan.families.causvid import CAUSVID
 from wan.families.infinite_forcing import INFINITE_FORCING
 from wan.families.longlive import LONGLIVE
 from wan.families.reward_forcing import REWARD_FORCING
+from wan.families.rolling_forcing import ROLLING_FORCING
 from wan.families.self_forcing import SELF_FORCING
 from wan.families.wan21 import WAN21
 
 FAMILIES = {family.name: family for family in (WAN21, SELF_FORCING, CAUSAL_FORCING, CAUSVID, LONGLIVE, REWARD_FORCING,
-                                               INFINITE_FORCING)}
+                                               INFINITE_FORCING, ROLLING_FORCING)}
 DEFAULT_FAMILY = SELF_FORCING
 SCHEDULE_KEYS = ("timestep_shift",)  # the model_kwargs of the schedule; the rest are the cache policy's
 MAX_TIMESTEP_SHIFT = 1000  # the largest timestep_shift accepted (a finite, sane schedule)
@@ -81,8 +82,17 @@ def check_model(config, per_block):
     problem = _check_family(config)
     if problem is not None:
         return problem
-    problem = _check_model_kwargs(config.get("model_kwargs") or {}, per_block)
-    return None if problem is None else (f"model_kwargs.{problem[0]}", problem[1])
+    model_kwargs = config.get("model_kwargs") or {}
+    problem = _check_model_kwargs(model_kwargs, per_block)
+    if problem is not None:
+        return f"model_kwargs.{problem[0]}", problem[1]
+    family, _ = family_and_variant(config)
+    policy = cache_policies.policy_class(_policy_kwargs(model_kwargs))
+    if policy.pipeline != family.pipeline:
+        fitting = [name for name, other in cache_policies.POLICIES.items() if other.pipeline == family.pipeline]
+        return "model_kwargs.attention_mode", (f"one of {fitting}: family {family.name} runs the {family.pipeline} loop, "
+                                               f"and {policy.name!r} works in the {policy.pipeline} loop only")
+    return None
 
 
 def schedule_differences(config, variant):

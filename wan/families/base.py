@@ -5,6 +5,8 @@ checked before anything heavy is imported; pipeline/wrappers.py loads what it sa
 """
 from dataclasses import dataclass
 
+from utils.passes import CACHE_PASS
+
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -92,12 +94,24 @@ class Variant:
 @dataclass(frozen=True)
 class ModelFamily:
     """``name``: the config's ``family``; ``variants``: the released models, the first the default;
-    ``default_policy``: the cache policy its inference uses (``wan.cache_policies``)."""
+    ``default_policy``: the cache policy its inference uses (``wan.cache_policies``); ``pipeline``:
+    the denoising loop that runs it (pipeline/pipelines.py: ``block_wise``, one block per call)."""
 
     name: str
     description: str
     variants: tuple
     default_policy: str = "global"
+    pipeline: str = "block_wise"
+
+    def call_frames(self, per_block, num_steps):
+        """The most query frames one call of its loop holds (a block here)."""
+        return per_block
+
+    def pass_calls(self, num_blocks, num_steps):
+        """{(block, pass): how many calls carry that label} for a video of ``num_blocks`` blocks and a
+        schedule of ``num_steps`` steps: here every denoising pass and the cache pass of every block,
+        once each."""
+        return {(block, p): 1 for block in range(num_blocks) for p in (*range(num_steps), CACHE_PASS)}
 
     def variant(self, name=None):
         """The variant called ``name`` (None: the default); KeyError for another name."""

@@ -13,6 +13,12 @@ What is kept: per requested layer, the calls of the chosen passes (``passes``: p
 ``"cache"``) of the chosen blocks (``blocks``: block indices and/or ``"last"``), as labelled by the
 pipeline. Only those calls' q and a copy of their keys stay on the device (about 115 MB per layer and
 pass at full size); logits are computed from them when asked, one (head, query frame) tile at a time.
+
+Summaries (``utils.attention_stats.summarize_qk``) may start as soon as a call is kept
+(``enable(summarize=frame_seq_length)``): on a CUDA device they are queued on a second stream, after
+the kept q and k are ready, and run while later layers and blocks infer; the kept q and k are never
+written again and the model's own stream never waits for them, so the latents stay bit-identical.
+``CapturedCall.summary`` makes the reading stream wait for its summary.
 """
 import functools
 import importlib
@@ -22,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from utils.attention_stats import summarize_logits
+from utils.attention_stats import exact_means, query_key_logits, summarize_qk
 from utils.passes import LAST_BLOCK, block_wanted, is_block, is_pass, pass_order
 
 
@@ -151,10 +157,7 @@ def attention(q, k, v, kernel=sdpa):
     return kernel(q, k, v)
 
 
-def attention_logits(q, k, head, rows=slice(None)):
-    """Pre-softmax logits (q . k^T) / sqrt(D) of one head in fp32: [B, len(rows), Lk]."""
-    scale = q.shape[-1] ** -0.5
-    return torch.einsum("bqd,bkd->bqk", q[:, rows, head].float(), k[:, :, head].float()) * scale
+attention_logits = query_key_logits  # pre-softmax logits of one head in fp32: [B, len(rows), Lk]
 
 
 @dataclass
@@ -177,6 +180,7 @@ class CapturedCall:
     key_positions: tuple = field(default=None, repr=False)
     key_roles: torch.Tensor = field(default=None, repr=False)
     sink_updates: int = 0
+    _started: tuple = field(default=None, repr=False)  # (frame_seq_length, summary, done event or None)
 
     @property
     def num_heads(self):
@@ -206,14 +210,32 @@ class CapturedCall:
                 host[:, head, rows] = piece
         return host
 
+    def start_summary(self, frame_seq_length, stream=None):
+        """Queue the summary's kernels now: on ``stream`` (a CUDA stream of q's device, after the work
+        that made q and k on the current stream), or at once without one."""
+        if stream is None:
+            self._started = (frame_seq_length, summarize_qk(self.q, self.k, frame_seq_length), None)
+            return
+        stream.wait_stream(torch.cuda.current_stream(self.q.device))
+        with torch.cuda.stream(stream):
+            summary = summarize_qk(self.q, self.k, frame_seq_length)
+            done = stream.record_event()
+        self.q.record_stream(stream)
+        self.k.record_stream(stream)
+        self._started = (frame_seq_length, summary, done)
+
     def summary(self, frame_seq_length):
-        """Figure 4 reductions from exact fp32 logits (see ``utils.attention_stats``)."""
-        num_query_frames = self.q_shape[1] // frame_seq_length
-
-        def tile(head, frame):
-            return self.weights(head, slice(frame * frame_seq_length, (frame + 1) * frame_seq_length))
-
-        return summarize_logits(tile, self.num_heads, num_query_frames, frame_seq_length)
+        """Figure 4 reductions of the exact logits (``utils.attention_stats.summarize_qk``): the one
+        started by ``start_summary`` if any, else computed now. Waits for the device."""
+        if self._started is None or self._started[0] != frame_seq_length:
+            self.start_summary(frame_seq_length)
+        _, summary, done = self._started
+        if done is not None:
+            reader = torch.cuda.current_stream(self.q.device)
+            reader.wait_event(done)
+            for tensor in summary.values():
+                tensor.record_stream(reader)
+        return exact_means(summary, self.q, self.k, frame_seq_length)
 
 
 class AttentionWeightCapture:
@@ -223,6 +245,7 @@ class AttentionWeightCapture:
 
     def __init__(self):
         self.enabled = False
+        self._stream = None  # the side stream summaries run on (CUDA), made at the first one
         self._clear()
 
     def _clear(self):
@@ -234,13 +257,17 @@ class AttentionWeightCapture:
         self.current_layer_idx = 0  # self-attention calls seen since enable(), every layer
         self.calls_seen = 0  # of those, calls of a requested layer in a labelled forward
         self.labels = None  # the current forward's pass labels, set by the pipeline
-        self._selected = False  # whether the current forward is one of the kept passes
+        self._selected = []  # the (block, step, timestep) places of the current forward that are kept
         self._kept = {}  # (layer, block, pass) -> CapturedCall
+        self._summarize = None  # frame_seq_length: start each kept call's summary when it is kept
 
-    def enable(self, layer_indices=None, num_layers=None, passes=(0,), blocks=(LAST_BLOCK,)):
+    def enable(self, layer_indices=None, num_layers=None, passes=(0,), blocks=(LAST_BLOCK,), summarize=None):
         """Start capturing the calls of ``passes`` of ``blocks`` for ``layer_indices`` (None: every
         layer); ``num_layers``, when given, is checked against the model's block count at its first
-        forward."""
+        forward. ``summarize``: the frame_seq_length with which each kept call's summary starts as
+        soon as it is kept (on a second stream on CUDA, see the module docstring); None: when asked."""
+        if summarize is not None and (isinstance(summarize, bool) or not isinstance(summarize, int) or summarize < 1):
+            raise ValueError(f"summarize must be a frame_seq_length (a positive int) or None, got {summarize!r}")
         bad = [p for p in passes if not is_pass(p)]
         if bad:
             raise ValueError(f"passes must be pass indices >= 0 or 'cache', got {bad}")
@@ -256,6 +283,7 @@ class AttentionWeightCapture:
         self._wanted_layers = None if layer_indices is None else frozenset(layer_indices)
         self.passes = tuple(sorted(set(passes), key=pass_order))
         self.blocks = tuple(blocks)
+        self._summarize = summarize
         if num_layers is not None:
             self._check_layers(num_layers)
             self.num_layers = num_layers
@@ -285,9 +313,16 @@ class AttentionWeightCapture:
 
     def annotate(self, **labels):
         """Pass labels of the forward about to run: block, num_blocks, step (0.. or 'cache'),
-        timestep. ``annotate()`` with none clears them: calls outside a labelled forward are not kept."""
+        timestep; or, for a call over several blocks (the rolling loop, pipeline/rolling_inference.py),
+        num_blocks and ``places``, the (block, step, timestep) of each block in it, the call being kept
+        under each wanted one, plus its own labels (window, query frames and levels). ``annotate()``
+        with none clears them: calls outside a labelled forward are not kept."""
         self.labels = labels or None
-        self._selected = self.labels is not None and self.wants(labels["block"], labels["num_blocks"], labels["step"])
+        if self.labels is None:
+            self._selected = []
+            return
+        places = labels.get("places") or ((labels["block"], labels["step"], labels["timestep"]),)
+        self._selected = [place for place in places if self.wants(place[0], labels["num_blocks"], place[1])]
 
     def wants(self, block, num_blocks, step):
         """Whether a forward with these pass labels keeps its calls (False while disabled)."""
@@ -303,11 +338,25 @@ class AttentionWeightCapture:
         self.calls_seen += 1
         if self._selected:
             # q is a fresh tensor nobody writes to again; k is a view of the KV cache, which later
-            # passes overwrite, so it is copied.
-            key = (layer_idx, self.labels["block"], self.labels["step"])
-            self._kept[key] = CapturedCall(layer_idx, call_idx, tuple(q.shape), tuple(k.shape), dict(self.labels),
-                                           _key_frames(kv_cache), q, k.clone(), _key_positions(kv_cache),
-                                           _key_roles(kv_cache), _sink_updates(kv_cache))
+            # passes overwrite, so it is copied. A place seen again (a repeated level) keeps its last call.
+            k, frames, positions = k.clone(), _key_frames(kv_cache), _key_positions(kv_cache)
+            roles, sink_updates = _key_roles(kv_cache), _sink_updates(kv_cache)
+            for block, step, timestep in self._selected:
+                labels = {**{key: value for key, value in self.labels.items() if key != "places"}, "block": block,
+                          "step": step, "timestep": timestep}
+                call = CapturedCall(layer_idx, call_idx, tuple(q.shape), tuple(k.shape), labels, frames, q, k, positions,
+                                    roles, sink_updates)
+                self._kept[layer_idx, block, step] = call
+                if self._summarize is not None:
+                    call.start_summary(self._summarize, self._side_stream(q.device))
+
+    def _side_stream(self, device):
+        """The stream summaries run on (one per capture, on q's CUDA device); None on other devices."""
+        if device.type != "cuda":
+            return None
+        if self._stream is None or self._stream.device != device:
+            self._stream = torch.cuda.Stream(device)
+        return self._stream
 
     def _layer_position(self, layer_idx):
         return layer_idx if self.layer_indices is None else self.layer_indices.index(layer_idx)
