@@ -341,7 +341,7 @@ def _write_outputs(report, results):
          + H.details(f"every head ({len(tables['heads.csv'][1])} rows)", H.csv_table(*tables["heads.csv"], "heads.csv"))),
         ("Files", H.paragraph("Statistics: " + (", ".join(str(r["stats_path"].relative_to(report.out)) for r in results
                                                           if r["stats_path"]) or "none")
-                              + " (each with its .csv of per-frame quantities)." + "".join(
+                              + " (each with its .csv: per-frame and per-head quantities, pooled and per item)." + "".join(
                                   f" {r['setting'].name}: no per-frame statistics (its items hold other key frames: a "
                                   "compressing cache picks other tokens per item)." for r in results if not r["stats_path"]))
          + H.details(f"item files ({len(tables['files.csv'][1])})", H.csv_table(*tables["files.csv"], "files.csv"))),
