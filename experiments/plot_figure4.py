@@ -8,9 +8,10 @@ experiments/aggregate_figure4.py.
     python experiments/plot_figure4.py cache/sweep/stats/statistics.pt --pass all
     python experiments/plot_figure4.py cache/tiny_df.pt --block all
     python experiments/plot_figure4.py cache/sf.pt cache/cf.pt cache/ll.pt --by_model
+    python experiments/plot_figure4.py reports/tiny/stats/sf.pt reports/tiny/stats/df.pt --overlay
 
 Inputs (the same as aggregate_figure4.py's): cache files, sweep folders (their manifest's files, else
-every p*_s*.pt) or quoted glob patterns; or one statistics file, recognised by its content. A statistics
+every p*_s*.pt) or quoted glob patterns; or statistics files, recognised by their content. A statistics
 file met among caches (a glob over a folder holding one) is skipped, with a note. --cache and --stats
 are the older spellings of the inputs, still taken.
 
@@ -28,18 +29,22 @@ since caches keep no token-level mass.
 Several caches (paths or quoted glob patterns) are averaged, with a band (curve) or error bars
 (frames) of +- one sample standard deviation over the files; they must share the pass, block, frames,
 layers, heads and model (utils/sweep_stats.compare_key: model family and variant, model sizes, checkpoint,
-dtype, model_kwargs). --by_model draws each model (family, variant, attention-cache policy) in
-columns of its own instead, side by side on one y scale: models are compared, never averaged.
---stats draws a statistics file of experiments/aggregate_figure4.py instead: the mean over its items
-with the 95% confidence interval of the mean as the band or error bars.
+dtype, model_kwargs). --by_model draws each model or setting (family, variant, attention-cache
+policy, and whatever else differs: video length, checkpoint, dtype, config) in columns of its own
+instead, side by side on one y scale, labelled by their settings: compared, never averaged.
+Statistics files of experiments/aggregate_figure4.py are drawn as the mean over their items with the
+95% confidence interval of the mean as the band or error bars (none for one item); several files (one
+per setting, e.g. of experiments/report_figure4.py) are drawn side by side, labelled by their settings.
+--overlay draws every column (settings, models, blocks, passes) on the same axes instead, one colour
+each, on the true-frame key axis: caches or statistics of 21 and 126 frames go on one axis.
 
 True frames: when the keys of a window, Deep Sink or compressed cache are not video frames 0..Fk-1,
 the curve view puts each key token at its video frame (x = frame + its rank among the frame's cached
 tokens / frame_seq_length, so frame j's tokens fall in [j, j+1)), evicted frames left as gaps, and
 marks the regions the cache labelled (the sink, RoPE-shifted or not, and the top-C tokens of
 participative compression) and the query block. --x slots keeps the key slot axis; global-attention caches, the
-per-slot views (frames, heatmap, --softmax) and statistics files (which keep no per-token frames)
-always use it.
+per-slot views (frames, heatmap, --softmax) and statistics files whose items kept other key tokens (a
+compression picks them per item) always use it.
 
 A cache may hold several captured passes or blocks: --pass and --block choose (needed only when the
 file holds more than one); --block all (or several blocks) and --pass all (or several passes) draw
@@ -102,11 +107,12 @@ def build_parser():
     )
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
                         help="cache files, sweep folders or quoted glob patterns (several caches are averaged, mean +- "
-                             "1 std), or one statistics file (its mean with the 95%% confidence interval)")
+                             "1 std), or statistics files (the mean with the 95%% confidence interval; several are "
+                             "drawn side by side, labelled by their settings, never averaged)")
     parser.add_argument("--cache", nargs="+", metavar="PATH", default=[],
                         help="cache files, folders or quoted glob patterns: the same as the inputs")
-    parser.add_argument("--stats", metavar="FILE", default=None,
-                        help="a statistics file of experiments/aggregate_figure4.py: the same as giving it as the input")
+    parser.add_argument("--stats", nargs="+", metavar="FILE", default=[],
+                        help="statistics files of experiments/aggregate_figure4.py: the same as giving them as the inputs")
     parser.add_argument("--panels", nargs="+", type=parse_panel, default=None, metavar="LAYER:HEAD",
                         help="0-based layer:head pairs, one panel each, titled the same way (default: 0:0 4:9 = the "
                              "paper's L1H1 and L5H10; on a small model the paper's heads clipped to its heads, on its first two layers: "
@@ -128,9 +134,13 @@ def build_parser():
     parser.add_argument("--batch_index", type=int, default=0,
                         help="which sample of the cache's batch dimension to plot (default: 0)")
     parser.add_argument("--by_model", action="store_true",
-                        help="draw the caches of each model (family, variant, attention-cache policy) in columns of "
-                             "their own, side by side on one y scale, the files of one model averaged (models are "
-                             "never averaged together)")
+                        help="draw the caches of each model or setting (family, variant, attention-cache policy, and "
+                             "whatever else differs: frames, checkpoint, dtype, config) in columns of their own, side by "
+                             "side on one y scale, labelled by it, the files of one setting averaged (settings are never "
+                             "averaged together)")
+    parser.add_argument("--overlay", action="store_true",
+                        help="draw every column (models, settings, statistics files, blocks, passes) on the same axes, "
+                             "one colour each, instead of side by side (curve view)")
     parser.add_argument("--x", dest="x_axis", choices=("frames", "slots"), default="frames",
                         help="key axis of the curve view: frames puts each key token at its video frame when the "
                              "cache's keys are not frames 0..Fk-1 (window, Deep Sink, compression); slots keeps "
@@ -140,11 +150,12 @@ def build_parser():
 
 def check_arguments(args):
     """The files of the inputs and the output's format, checked before torch and matplotlib are imported."""
-    texts = [*args.inputs, *args.cache, *([args.stats] if args.stats else [])]
+    texts = [*args.inputs, *args.cache, *args.stats]
     if not texts:
-        raise InputError("no input: give cache files, sweep folders, glob patterns or a statistics file")
-    if args.stats and len(texts) > 1:
-        raise InputError(f"--stats {args.stats}: a statistics file is drawn alone; leave out the other inputs")
+        raise InputError("no input: give cache files, sweep folders, glob patterns or statistics files")
+    if args.stats and len(texts) > len(args.stats):
+        raise InputError(f"--stats {' '.join(args.stats)}: statistics files are drawn without caches; leave out the "
+                         "other inputs")
     files = input_files(texts)
     fmt = check_output_file(args.out, OUTPUT_FORMATS)
     for path in files:
@@ -154,35 +165,35 @@ def check_arguments(args):
 
 
 def split_inputs(files):
-    """(cache files, the statistics file or None): one statistics file alone is drawn as statistics; one
-    among caches (a glob over a folder that holds it) is skipped with a note."""
+    """(cache files, statistics files): statistics files alone are drawn as statistics (several side by side);
+    one among caches (a glob over a folder that holds it) is skipped with a note."""
     from utils.sweep_stats import is_statistics_file
 
     stats = [f for f in files if is_statistics_file(f)]
     caches = [f for f in files if f not in stats]
     if caches:
         for path in stats:
-            print(f"note: {path} is a statistics file, not a cache: skipped (draw it alone)", file=sys.stderr)
-        return caches, None
-    if len(stats) > 1:
-        raise InputError(f"{len(stats)} statistics files ({stats[0]}, {stats[1]}, ...): give one")
-    return [], stats[0]
+            print(f"note: {path} is a statistics file, not a cache: skipped (draw it without caches)", file=sys.stderr)
+        return caches, []
+    return [], stats
 
 
 def plot(args, files, fmt):
     """Draw and write the figure of the checked input ``files`` in the format ``fmt``."""
     caches, stats = split_inputs(files)
     if stats and args.by_model:
-        raise InputError("--by_model tells the models of several caches apart; a statistics file is of one model")
+        raise InputError("--by_model tells the models of several caches apart; statistics files are of one setting "
+                         "each and always drawn apart")
     from utils.figure4_plot import make_figure, write_figure
     from utils.figure4_sources import cache_sources, stats_sources
 
     if stats:
         sources, panels = stats_sources(stats, args.pass_, args.block, args.panels, args.batch_index)
     else:
-        sources, panels = cache_sources([str(f) for f in caches], args.pass_, args.block, args.panels,
-                                        args.batch_index, args.x_axis, args.view, args.softmax, args.by_model)
-    write_figure(make_figure(sources, panels, args.view, args.softmax, args.batch_index, args.x_axis), args.out, fmt)
+        sources, panels = cache_sources(caches, args.pass_, args.block, args.panels, args.batch_index, args.x_axis,
+                                        args.view, args.softmax, args.by_model)
+    figure = make_figure(sources, panels, args.view, args.softmax, args.batch_index, args.x_axis, args.overlay)
+    write_figure(figure, args.out, fmt)
     print(f"wrote {args.out}")
 
 

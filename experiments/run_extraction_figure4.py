@@ -50,7 +50,7 @@ exit status: 0 done; 1 failed while running (e.g. no space left); 2 bad input (n
 nothing is written; after the output is written, one line says it is complete)"""
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = ArgumentParser(
         prog="run_extraction_figure4.py",
         description="Capture the last block's pre-softmax self-attention logits of chosen layers during real "
@@ -130,7 +130,11 @@ def parse_args(argv=None):
                         help="CPU threads for torch; default: 1 for small models on the CPU (fastest for them, also on a "
                         "busy machine), torch's own choice otherwise; at most 4 per CPU (1024 in all)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and a shorter report (one line per item)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None):

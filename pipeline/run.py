@@ -38,9 +38,11 @@ def settings_of(options, plan):
     }
 
 
-def run(options):
+def run(options, show_next=True):
     """The whole run of ``options`` (an ``Options``): plan, preflight, the items, the manifest and
-    the report. Returns the exit status (0); bad input raises UsageError or SweepFolderError."""
+    the report, ending with the next command (``next_step``) unless ``show_next`` is False (a caller
+    that goes on itself: the report). Returns the exit status (0); bad input raises UsageError or
+    SweepFolderError."""
     t_start = time.perf_counter()
     plan = plan_run(options)
     if plan.rank == 0:
@@ -52,10 +54,10 @@ def run(options):
     folder = plan.output_dir
     item_paths = [] if folder is None else [folder / item_name(p, s) for p, s in plan.items]
     with open_sweep(folder, item_paths, plan.rank):  # locked, checked and cleaned before any item runs
-        return run_items(options, plan, t_start)
+        return run_items(options, plan, t_start, show_next)
 
 
-def run_items(options, plan, t_start):
+def run_items(options, plan, t_start, show_next=True):
     """``run`` once the plan has passed and a sweep's folder is held (by rank 0)."""
     say = (lambda *a, **k: None) if (options.quiet or plan.rank) else print
     if plan.beyond_release and plan.rank == 0:
@@ -157,7 +159,8 @@ def run_items(options, plan, t_start):
         print(f"Total: {time.perf_counter() - t_start:.1f} s")
         if device.type == "cuda":
             print(f"GPU peak: {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
-        print(next_step(plan))
+        if show_next:
+            print(next_step(plan))
     if distributed:
         torch.distributed.destroy_process_group()
     return 0

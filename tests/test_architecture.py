@@ -11,8 +11,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 FLOORS = ("utils", "wan", "pipeline", "experiments")
 TORCH_FREE = ("utils.config", "utils.passes", "utils.preflight", "utils.wan21", "wan.cache_policies", "wan.families",
-              "pipeline.plan")
-SCRIPTS = ("run_extraction_figure4.py", "plot_figure4.py", "aggregate_figure4.py")
+              "pipeline.plan", "pipeline.report", "utils.report_html")
+SCRIPTS = ("run_extraction_figure4.py", "plot_figure4.py", "aggregate_figure4.py", "report_figure4.py")
 
 
 def project_imports(path):

@@ -727,7 +727,7 @@ def test_stats_plot_draws_the_mean_and_its_confidence_interval(tmp_path, capsys)
         assert code == 0, err
         assert "statistics over 3 items" in stdout
     code, _, err = run(capsys, "--stats", stats_path, "--cache", paths[0], "--out", out)
-    assert code == 2 and "a statistics file is drawn alone" in err
+    assert code == 2 and "statistics files are drawn without caches" in err
     code, _, err = run(capsys, "--stats", stats_path, "--block", "4", "--out", out)
     assert code == 2 and "block 4: the file holds no such entry" in err
 

@@ -15,6 +15,7 @@ import pytest
 
 import experiments.aggregate_figure4 as aggregate
 import experiments.plot_figure4 as plot
+import experiments.report_figure4 as report
 import experiments.run_extraction_figure4 as cli
 from pipeline import plan as plan_module
 from pipeline.plan import options_from_args, plan_run
@@ -22,7 +23,8 @@ from utils.sweep_stats import load_statistics
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {"run_extraction_figure4.py": cli.parse_args, "plot_figure4.py": lambda argv: plot.build_parser().parse_args(argv),
-           "aggregate_figure4.py": lambda argv: aggregate.build_parser().parse_args(argv)}
+           "aggregate_figure4.py": lambda argv: aggregate.build_parser().parse_args(argv),
+           "report_figure4.py": lambda argv: report.build_parser().parse_args(argv)}
 
 
 @pytest.fixture(scope="module")

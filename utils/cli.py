@@ -27,9 +27,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse without abbreviations of long options, whose errors are two lines: what is wrong (with the
-    options closest to a mistyped one) and where the help is; exit status 2."""
+    options closest to a mistyped one) and where the help is; exit status 2. ``forwarded_options``: the
+    options of another script that this one passes on (suggested for a mistyped option too)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, forwarded_options=(), **kwargs):
+        self.forwarded_options = tuple(forwarded_options)
         kwargs.setdefault("allow_abbrev", False)
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
@@ -46,7 +48,8 @@ class ArgumentParser(argparse.ArgumentParser):
         unknown = next((w for w in message.split(":", 1)[1].split() if w.startswith("-")), None)
         if unknown is None:
             return ""
-        return did_you_mean(unknown.split("=", 1)[0], [s for a in self._actions for s in a.option_strings])
+        options = [s for a in self._actions for s in a.option_strings] + list(self.forwarded_options)
+        return did_you_mean(unknown.split("=", 1)[0], options)
 
 
 def did_you_mean(word, choices):

@@ -2,12 +2,13 @@
 token at its video frame), the panels of the curve, frames and heatmap views, the figure of checked
 Sources (utils/figure4_sources.py) and its output file. matplotlib draws off-screen (Agg).
 """
+import textwrap
 from dataclasses import dataclass
 
 import matplotlib
 import torch
 
-from utils.attention_cache import EMA_SINK, SINK, TOP_C, AttentionCache
+from utils.attention_cache import EMA_SINK, SINK, TOP_C
 from utils.figure4_sources import PlotInputError, StatsFile, column_band, columns_of
 from utils.output import OutputPathError, check_output_file, write_atomically
 
@@ -18,6 +19,8 @@ OUTPUT_FORMATS = ("png", "pdf", "svg")
 QUERY_SHADE = dict(color="tab:orange", alpha=0.15)
 SINK_SHADE = dict(color="tab:purple", alpha=0.12)
 TOPC_SHADE = dict(color="tab:green", alpha=0.12)
+TITLE_CHARS_PER_INCH = 14  # characters of a 9-point title per inch of its column: longer column names wrap
+RANDOM_NOTE = "  [RANDOM WEIGHTS: a demo, not a trained model]"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,14 +226,17 @@ def draw_panel(ax, column, panel, view, softmax, batch_index, x_axis):
 
 def uses_true_frames(source, layer, view, softmax, batch_index, x_axis):
     """Whether a panel of ``layer`` puts key tokens at their video frames: --x frames, the token curve
-    of a cache, and keys that are not simply video frames 0..Fk-1."""
-    return (x_axis == "frames" and view == "curve" and not softmax and isinstance(source.file, AttentionCache)
-            and not has_slot_layout(source.entry(layer), batch_index, source.file.frame_seq_length))
+    of a cache (or of a statistics file whose items shared their key tokens), and keys that are not
+    simply video frames 0..Fk-1."""
+    entry = source.entry(layer)
+    return (x_axis == "frames" and view == "curve" and not softmax and entry.key_video_frames is not None
+            and not has_slot_layout(entry, batch_index, source.file.frame_seq_length))
 
 
 def _column_name(column):
     entry = column[0].entry(column[0].file.layer_indices[0])
-    model = f"{column[0].model}: " if column[0].model else ""
+    n = f" (n = {column[0].file.n_items})" if isinstance(column[0].file, StatsFile) and column[0].model else ""
+    model = f"{column[0].model}{n}: " if column[0].model else ""
     return f"{model}block {column[0].block} (frames {_frame_range(entry.query_frames)}), pass {column[0].pass_}"
 
 
@@ -239,24 +245,39 @@ def panel_name(layer, head):
     return f"layer {layer} head {head} (L{layer + 1}H{head + 1})"
 
 
-def figure_legend(fig, axes):
-    """One legend for the whole figure, below the panels: every label drawn, once."""
+def figure_legend(fig, axes, ncol=4):
+    """One legend for the whole figure, below the panels: every label drawn, once, ``ncol`` a row. Returns
+    the number of labels."""
     entries = {}
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             entries.setdefault(label, handle)
     if entries:
-        fig.legend(list(entries.values()), list(entries), loc="lower center", ncol=min(len(entries), 4), fontsize=7,
+        fig.legend(list(entries.values()), list(entries), loc="lower center", ncol=min(len(entries), ncol), fontsize=7,
                    frameon=False)
     return len(entries)
 
 
-def make_figure(sources, panels, view, softmax, batch_index, x_axis="slots"):
+def wrapped(text, width, note=""):
+    """``text`` wrapped to ``width`` characters a line (a long setting label over several lines), then
+    ``note`` (the RANDOM WEIGHTS banner) kept whole, on the last line where it fits, else on its own."""
+    lines = textwrap.wrap(text, max(width, 20), break_long_words=False)
+    if note and len(lines[-1]) + len(note) <= max(width, 20):
+        lines[-1] += note
+    elif note:
+        lines.append(note.strip())
+    return "\n".join(lines)
+
+
+def make_figure(sources, panels, view, softmax, batch_index, x_axis="slots", overlay=False):
     """The figure for already checked sources and panels: one column per block of ``sources``, whose
     sources of one block are averaged. ``x_axis`` 'frames' puts key tokens at their video frames
     (``uses_true_frames``), 'slots' keeps the key slot axis. Several columns are sized to stay readable at
-    a page's width (about 3 inches a column, 16 at most), their names above the first row, one legend below."""
+    a page's width (about 3 inches a column, 16 at most), their names above the first row, one legend below.
+    ``overlay`` draws every column on the same axes instead, one colour each (the curve view)."""
     columns = columns_of(sources)
+    if overlay:
+        return make_overlay_figure(columns, panels, view, softmax, batch_index, x_axis)
     first = sources[0]
     entry = first.entry(panels[0][0])
     layers = list(dict.fromkeys(layer for layer, _ in panels))
@@ -272,7 +293,8 @@ def make_figure(sources, panels, view, softmax, batch_index, x_axis="slots"):
     quantity, label = ("frame_mass", "Attention Mass") if softmax else ("frame_logits", "Average Attention Weight")
     for col, column in enumerate(columns):
         for i, (ax, row) in enumerate(zip(axes[:, col], rows)):
-            header = _column_name(column) + "\n" if len(columns) > 1 and i == 0 else ""
+            header = wrapped(_column_name(column), int(TITLE_CHARS_PER_INCH * width / len(columns))) + "\n" \
+                if len(columns) > 1 and i == 0 else ""
             if view == "heatmap":
                 mean = column_band(column, row, quantity, batch_index)[0]
                 draw_heatmap(fig, ax, column[0].entry(row), mean, label)
@@ -289,19 +311,107 @@ def make_figure(sources, panels, view, softmax, batch_index, x_axis="slots"):
     passes = ", ".join(map(str, dict.fromkeys(column[0].pass_ for column in columns)))
     timestep = f", t = {entry.timestep:g}" if len(columns) == 1 else ""
     captured = f"  (block{'s' if ',' in blocks else ''} {blocks}, pass{'es' if ',' in passes else ''} {passes}{timestep})"
-    note = "  [RANDOM WEIGHTS: a demo, not a trained model]" if any(s.file.random_init for s in sources) else ""
+    note = RANDOM_NOTE if any(s.file.random_init for s in sources) else ""
     if isinstance(first.file, StatsFile):
-        n = first.file.n_items
-        spread = "95% CI" if n > 1 else "no confidence interval (n = 1)"
-        fig.suptitle(f"mean over {n} item{'s' if n > 1 else ''}, {spread}{captured}{note}", fontsize=9)
-    else:
-        files = columns[0]
-        if len(files) > 1:
-            fig.suptitle(f"mean over {len(files)} caches{captured}{note}", fontsize=9)
+        n_items = sorted({s.file.n_items for s in sources})
+        if len(n_items) > 1:
+            items = "the items of each column (n in its name)"
         else:
-            prompt = first.file.prompt if len(first.file.prompt) <= 90 else first.file.prompt[:87] + "..."
-            fig.suptitle(printable(prompt) + captured + note, fontsize=8)
+            items = f"{n_items[0]} item{'s' if n_items[0] > 1 else ''}"
+        spread = "95% CI" if n_items[0] > 1 else "no confidence interval (n = 1)"
+        title = f"mean over {items}, {spread}{captured}"
+    elif len(columns[0]) > 1:
+        title = f"mean over {len(columns[0])} caches{captured}"
+    else:
+        prompt = first.file.prompt if len(first.file.prompt) <= 90 else first.file.prompt[:87] + "..."
+        title = printable(prompt) + captured
+    fig.suptitle(wrapped(title, int(TITLE_CHARS_PER_INCH * width), note), fontsize=9)
     fig.tight_layout(rect=(0, min(0.3, 0.2 * legend_rows / height), 1, 1))
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# several groups on the same axes (--overlay)
+
+
+def key_positions(entry, batch_index, frame_seq_length, per_token, x_axis):
+    """Where an entry's values go on a shared key axis, in units of 1/frame_seq_length of a frame for
+    tokens (``per_token``) or whole frames for key slots: int64 [K] or [Fk]. 'slots' is the slot index;
+    'frames' the video frame (each token at its frame, ``true_frame_tokens``; each slot at its frame
+    where it holds one whole frame), None where the entry cannot say: no token labels (a statistics file
+    whose items kept other tokens), or slots that mix frames (compression)."""
+    fk = entry.num_key_frames
+    if x_axis == "slots":
+        return torch.arange(fk * frame_seq_length if per_token else fk)
+    if entry.key_video_frames is None:
+        return None
+    video = entry.key_video_frames[batch_index].long()
+    if per_token:
+        return true_frame_tokens(video, frame_seq_length)
+    slots = video.view(fk, frame_seq_length)  # [Fk, fsl]
+    whole = bool((slots == slots[:, :1]).all()) and bool((slots[:, 0].diff() > 0).all())
+    return slots[:, 0] if whole else None
+
+
+def draw_overlay_panel(ax, columns, names, panel, softmax, batch_index, x_axis):
+    """Every column (a model, setting, block or pass) of one (layer, head) on the same axes, one colour
+    each, its band in its colour, its query block marked in its colour; never averaged together."""
+    layer, head = panel
+    quantity, ylabel = ("frame_mass", "Attention Mass") if softmax else ("token_logits", "Average Attention Weight")
+    right = 0
+    for i, (column, name) in enumerate(zip(columns, names)):
+        color = f"C{i % 10}"
+        source = column[0]
+        entry, fsl = source.entry(layer), source.file.frame_seq_length
+        per_frame = 1 if softmax else fsl
+        positions = key_positions(entry, batch_index, fsl, not softmax, x_axis)
+        if positions is None:
+            raise PlotInputError(f"{name}: its key slots mix video frames (compression), or its items kept other key "
+                                 "tokens (no per-token frames); use --x slots")
+        mean, low, high, band_label = column_band(column, layer, quantity, batch_index)
+        mean, low, high = (_head(v, head) for v in (mean, low, high))
+        breaks = (torch.nonzero(positions.diff() != 1).flatten() + 1).tolist()
+        for k, (a, b) in enumerate(zip([0, *breaks], [*breaks, len(positions)])):
+            x, y = _steps(mean[a:b], per_frame, int(positions[a]))
+            if low is not None:
+                _, lo = _steps(low[a:b], per_frame)
+                _, hi = _steps(high[a:b], per_frame)
+                ax.fill_between(x, lo, hi, step="post", color=color, alpha=0.2, linewidth=0)
+            ax.step(x, y, where="post", color=color, linewidth=1.0, label=(f"{name}" + (f" ({band_label})"
+                                                                                      if band_label else "")) if k == 0 else None)
+        query = [j for j, frame in enumerate(entry.key_frame_indices) if frame in entry.query_frames]
+        start, end = ((min(entry.query_frames), max(entry.query_frames) + 1) if x_axis == "frames"
+                      else (min(query), max(query) + 1))
+        ax.axvspan(start, end, color=color, alpha=0.07, zorder=0)
+        right = max(right, end)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_xlim(0, right)
+    ax.set_xlabel("Key Video Frame (query blocks shaded)" if x_axis == "frames" else "Key Frame Index (slots)")
+    ax.set_ylabel(ylabel)
+
+
+def make_overlay_figure(columns, panels, view, softmax, batch_index, x_axis):
+    """One axes per panel with every column drawn on it (``draw_overlay_panel``)."""
+    if view != "curve":
+        raise PlotInputError(f"--overlay draws curves on shared axes; --view {view} draws one column per group "
+                             "(leave --overlay out)")
+    names = [_column_name(column) for column in columns]
+    width, height = 11, 3.2 * len(panels) + 0.2 * len(columns) + 0.3
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width, height), squeeze=False)
+    try:
+        for ax, panel in zip(axes[:, 0], panels):
+            draw_overlay_panel(ax, columns, names, panel, softmax, batch_index, x_axis)
+            ax.set_title(panel_name(*panel), fontsize=9)
+    except PlotInputError:
+        plt.close(fig)
+        raise
+    legend_rows = figure_legend(fig, axes, ncol=1)  # a group a line: setting labels are long
+    sources = [s for column in columns for s in column]
+    note = RANDOM_NOTE if any(s.file.random_init for s in sources) else ""
+    band = "95% CI" if isinstance(sources[0].file, StatsFile) else "± 1 std where averaged"
+    fig.suptitle(wrapped(f"{len(columns)} groups on shared axes, each its own mean ({band}), never averaged together",
+                         int(TITLE_CHARS_PER_INCH * width), note), fontsize=9)
+    fig.tight_layout(rect=(0, min(0.4, (0.2 * legend_rows + 0.1) / height), 1, 1))
     return fig
 
 

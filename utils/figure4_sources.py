@@ -2,7 +2,6 @@
 opened as Sources, the (block, pass) columns chosen from them, the checks that they can be averaged and
 drawn, and the values each column plots, per head. The drawing is utils/figure4_plot.py's.
 """
-import glob
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +9,8 @@ from pathlib import Path
 import torch
 
 from utils.attention_cache import AttentionCache, open_cache
-from utils.cli import parse_panel  # noqa: F401 (the --panels values, parsed before torch is imported)
 from utils.passes import ALL, pass_order
-from utils.sweep_stats import StatsFileError, compare_key, distinct_items, load_statistics, stats_groups
+from utils.sweep_stats import StatsFileError, compare_key, distinct_items, load_statistics, setting_of, stats_groups
 
 STATS_QUANTITY = {"token_logits": "curve", "frame_logits": "frame_logit", "frame_mass": "mass"}
 DEFAULT_PANELS = ((0, 0), (4, 9))  # the paper's L1H1 and L5H10
@@ -36,8 +34,9 @@ class StatsFile:
     def __init__(self, path):
         self.path = Path(path)
         stats = load_statistics(self.path)
+        self.setting = stats.get("setting") or {}  # files written before it was kept: {}
+        self.random_init = bool(self.setting.get("random_init"))
         self.n_items = stats["n_items"]
-        self.random_init = bool(stats.get("random_init", False))
         self.num_heads = stats["num_heads"]
         self.frame_seq_length = stats["frame_seq_length"]
         self.groups = stats_groups(stats)
@@ -73,11 +72,37 @@ class Source:
         return self.file.summary(layer, self.pass_, self.block)
 
 
-def model_label(cache):
-    """What --by_model tells apart: the cache's model family, variant and attention-cache policy."""
-    meta = cache.metadata
-    policy = str(meta.get("cache_policy", "")).split(":")[0]
-    return ", ".join(str(part) for part in (meta.get("family"), meta.get("variant"), policy) if part)
+def model_label(setting):
+    """The name of a model in a figure: its family, variant and attention-cache policy (``setting`` as
+    utils.sweep_stats.setting_of gives it)."""
+    policy = str(setting.get("cache_policy") or "").split(":")[0]
+    return ", ".join(str(part) for part in (setting.get("family"), setting.get("variant"), policy) if part)
+
+
+def _setting_details(setting):
+    """What tells two settings of one model apart, in the order labels name it."""
+    checkpoint = setting.get("checkpoint_path")
+    return {
+        "policy": str(setting.get("cache_policy") or "").partition(": ")[2],
+        "frames": f"{setting.get('num_frames')} frames",
+        "checkpoint": Path(checkpoint).name if checkpoint else "no checkpoint",
+        "dtype": str(setting.get("dtype")),
+        "config": Path(str(setting.get("config_path") or "")).stem,
+    }
+
+
+def setting_labels(settings):
+    """A label per setting (dicts of utils.sweep_stats.setting_of) that tells apart the settings of one
+    model: the model (``model_label``), then whatever of policy sizes, video length, checkpoint, dtype
+    and config differs between settings of that model, in parentheses."""
+    labels = []
+    for setting in settings:
+        model = model_label(setting)
+        same_model = [_setting_details(s) for s in settings if model_label(s) == model]
+        mine = _setting_details(setting)
+        differing = [value for key, value in mine.items() if any(d[key] != value for d in same_model)]
+        labels.append(model + (f" ({'; '.join(differing)})" if differing else ""))
+    return labels
 
 
 def select(file, pass_=None, block=None, model=None):
@@ -116,24 +141,6 @@ def columns_of(sources):
     in the order they first appear."""
     columns = dict.fromkeys(s.column for s in sources)
     return [[s for s in sources if s.column == column] for column in columns]
-
-
-def expand_cache_paths(patterns):
-    """Paths of --cache: literal paths as given, glob patterns expanded (sorted); each file once."""
-    paths = []
-    for pattern in patterns:
-        if glob.has_magic(pattern):
-            matches = sorted(glob.glob(pattern))
-            if not matches:
-                raise PlotInputError(f"--cache pattern {pattern!r} matches no file")
-            paths.extend(Path(m) for m in matches)
-        else:
-            paths.append(Path(pattern))
-    resolved = [p.resolve() for p in paths]
-    for i, p in enumerate(resolved):
-        if p in resolved[:i]:
-            raise PlotInputError(f"--cache names {paths[i]} more than once; each file may count once in the average")
-    return paths
 
 
 def _shown(value):
@@ -274,17 +281,17 @@ def column_band(column, layer, quantity, batch_index):
 # the checked sources of a command line
 
 
-def cache_sources(patterns, passes, blocks, panels, batch_index, x_axis, view, softmax, by_model=False):
-    """The Sources of --cache (paths or glob ``patterns``) for --pass, --block, --panels (None: the
-    default ones) and --batch_index, checked for the --x axis, --view and --softmax they are drawn with;
-    with ``by_model`` each model (family, variant, cache policy) in columns of its own, its files
-    averaged. Prints the files used and any non-finite logits. Returns (sources, panels)."""
-    caches, duplicates = distinct_items([open_cache(p) for p in expand_cache_paths(patterns)])
+def cache_sources(paths, passes, blocks, panels, batch_index, x_axis, view, softmax, by_model=False):
+    """The Sources of the cache files ``paths`` (the plot's inputs, expanded by pipeline.sweep.input_files)
+    for --pass, --block, --panels (None: the default ones) and --batch_index, checked for the --x axis,
+    --view and --softmax they are drawn with; each item once; with ``by_model`` each model or setting in
+    columns of its own (labelled by ``setting_labels``), its files averaged. Prints the files used and any non-finite logits. Returns (sources, panels)."""
+    caches, duplicates = distinct_items([open_cache(p) for p in paths])
     for duplicate, original in duplicates:
         print(f"note: {duplicate.path} repeats the item of {original.path} (same prompt, seed and settings, or the "
               "same bytes); averaged once", file=sys.stderr)
-    sources = [s for cache in caches
-               for s in select_columns(cache, passes, blocks, model_label(cache) if by_model else None)]
+    labels = setting_labels([setting_of(cache) for cache in caches]) if by_model else [None] * len(caches)
+    sources = [s for cache, label in zip(caches, labels) for s in select_columns(cache, passes, blocks, label)]
     columns = columns_of(sources)
     for column in columns:
         check_compatible(column)
@@ -306,20 +313,29 @@ def cache_sources(patterns, passes, blocks, panels, batch_index, x_axis, view, s
     return sources, panels
 
 
-def stats_sources(path, passes, blocks, panels, batch_index):
-    """The Sources of the --stats file ``path`` for --pass, --block and --panels (None: the default ones),
-    checked (--batch_index must be 0); prints what the file holds. Returns (sources, panels)."""
+def stats_sources(paths, passes, blocks, panels, batch_index):
+    """The Sources of the statistics files ``paths`` for --pass, --block and --panels (None: the default
+    ones), checked (--batch_index must be 0); prints what each file holds. Several files are drawn side by
+    side (or overlaid), labelled by their settings, never averaged. Returns (sources, panels)."""
     if batch_index != 0:
         raise PlotInputError("--batch_index selects a sample of a cache; a statistics file is over all items")
-    try:
-        stats = StatsFile(path)
-    except StatsFileError as err:
-        raise PlotInputError(str(err)) from None
-    sources = select_columns(stats, passes, blocks)
-    panels = choose_panels(stats, panels)
-    check_panels(stats, panels)
-    labels = ", ".join(f"block {s.block} pass {s.pass_}" for s in sources)
-    print(f"using {stats.path}: statistics over {stats.n_items} item{'s' if stats.n_items > 1 else ''}, {labels}, "
-          f"layers {stats.layer_indices}, "
-          f"{stats.num_heads} heads")
+    files = []
+    for path in paths:
+        try:
+            files.append(StatsFile(path))
+        except StatsFileError as err:
+            raise PlotInputError(str(err)) from None
+    labels = [None]
+    if len(files) > 1:
+        labels = [label or f.path.stem for label, f in zip(setting_labels([f.setting for f in files]), files)]
+        labels = [label if labels.count(label) == 1 else f"{label} [{f.path.name}]" for label, f in zip(labels, files)]
+    sources = [s for stats, label in zip(files, labels) for s in select_columns(stats, passes, blocks, label)]
+    panels = choose_panels(files[0], panels)
+    for stats in files:
+        check_panels(stats, panels)
+    for stats in files:
+        held = ", ".join(f"block {s.block} pass {s.pass_}" for s in sources if s.file is stats)
+        n = stats.n_items
+        print(f"using {stats.path}: statistics over {n} item{'s' if n > 1 else ''}, {held}, layers {stats.layer_indices}, "
+              f"{stats.num_heads} heads")
     return sources, panels

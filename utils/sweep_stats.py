@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from utils.attention_cache import EntryLabels, open_cache
+from utils.attention_cache import KEY_LABEL_DTYPES, KEY_LABEL_KEYS, EntryLabels, open_cache
 from utils.cli import command
 from utils.output import one_line, write_files_atomically
 from utils.passes import is_pass
@@ -46,9 +46,14 @@ CSV_COLUMNS = ("layer", "block", "pass", "timestep", "head", "quantity", "key_sl
 @dataclass(frozen=True)
 class StatsGroup(EntryLabels):
     """One (layer, block, pass) of a statistics file: the labels of the cache entries it is over, and
-    ``values``, which maps each of QUANTITIES to its FIELDS ({mean, std, ci_low, ci_high})."""
+    ``values``, which maps each of QUANTITIES to its FIELDS ({mean, std, ci_low, ci_high}). Where every
+    item held the same key tokens, their labels as a cache entry has them ([1, K] each, the true-frame
+    axis of the plot); else None."""
 
     values: dict
+    key_video_frames: torch.Tensor | None = None
+    key_rope_frames: torch.Tensor | None = None
+    key_roles: torch.Tensor | None = None
 
 
 class StatsFileError(ValueError):
@@ -174,6 +179,18 @@ def distinct_items(caches):
     return kept, duplicates
 
 
+def shared_key_labels(caches, layer, label):
+    """The key token labels ({name: int list [K]}) of one (layer, block, pass) where every sample of every
+    cache holds the same ones (no compression that picks tokens per item), else None."""
+    labels = {}
+    for name in KEY_LABEL_KEYS:
+        rows = torch.cat([getattr(c.entry(layer, label[1], label[0]), name) for c in caches])  # [n, K]
+        if not bool((rows == rows[:1]).all()):
+            return None
+        labels[name] = rows[0].tolist()
+    return labels
+
+
 def is_statistics_file(path):
     """Whether ``path`` is a statistics file of ``save_statistics`` (its pickle names STATS_FORMAT), read
     without loading any tensor: False for a cache or anything else."""
@@ -185,22 +202,34 @@ def is_statistics_file(path):
         return False
 
 
-def model_of(cache):
-    """The model of a cache in words: family, variant, checkpoint (or random weights) and cache policy."""
+def setting_of(cache):
+    """The setting of a cache's items, as the statistics file keeps it ("setting"): the model (family,
+    variant, checkpoint or random weights, attention-cache policy) and the run (config, video length,
+    capture, precision, dtype, model_kwargs). The labels of comparisons (utils/figure4_sources.py) and the
+    CSV's model and settings columns (``model_of``, ``settings_of``) are made from it."""
     meta = cache.metadata
-    weights = ("random weights" if cache.random_init else
-               f"checkpoint {meta['checkpoint_path']}" if meta.get("checkpoint_path") else "base weights")
-    policy = str(meta.get("cache_policy") or "")
-    return "; ".join(str(p) for p in (meta.get("family"), meta.get("variant"), weights, policy) if p)
+    return {"family": meta.get("family"), "variant": meta.get("variant"), "cache_policy": meta.get("cache_policy"),
+            "checkpoint_path": meta.get("checkpoint_path"), "random_init": bool(cache.random_init),
+            "config_path": meta.get("config_path"), "num_frames": cache.num_frames,
+            "capture_step": meta.get("capture_step"), "capture_blocks": meta.get("capture_blocks"),
+            "precision": meta.get("precision"), "dtype": meta.get("dtype"),
+            "model_kwargs": meta.get("config", {}).get("model_kwargs")}
 
 
-def settings_of(cache):
-    """The run settings of a cache in one line: config, frames, capture, precision, dtype, model_kwargs."""
-    meta = cache.metadata
-    kwargs = meta.get("config", {}).get("model_kwargs")
-    parts = {"config": meta.get("config_path"), "num_frames": cache.num_frames,
-             "capture_step": meta.get("capture_step"), "capture_blocks": meta.get("capture_blocks"),
-             "precision": meta.get("precision"), "dtype": meta.get("dtype"),
+def model_of(setting):
+    """The model of a ``setting_of`` in words: family, variant, checkpoint (or random weights) and cache policy."""
+    weights = ("random weights" if setting["random_init"] else
+               f"checkpoint {setting['checkpoint_path']}" if setting["checkpoint_path"] else "base weights")
+    parts = (setting["family"], setting["variant"], weights, setting["cache_policy"])
+    return "; ".join(str(p) for p in parts if p)
+
+
+def settings_of(setting):
+    """The run of a ``setting_of`` in one line: config, frames, capture, precision, dtype, model_kwargs."""
+    kwargs = setting["model_kwargs"]
+    parts = {"config": setting["config_path"], "num_frames": setting["num_frames"],
+             "capture_step": setting["capture_step"], "capture_blocks": setting["capture_blocks"],
+             "precision": setting["precision"], "dtype": setting["dtype"],
              "model_kwargs": json.dumps(kwargs, sort_keys=True) if kwargs is not None else None}
     return "; ".join(f"{k}={v}" for k, v in parts.items() if v is not None)
 
@@ -219,10 +248,11 @@ def sweep_statistics(caches, prompt_indices=None):
         groups.append({
             "layer_idx": entry.layer_idx, "block": entry.block, "pass": entry.pass_, "timestep": entry.timestep,
             "query_frames": list(entry.query_frames), "key_frame_indices": list(entry.key_frame_indices),
+            "key_labels": shared_key_labels(caches, entry.layer_idx, entry.label),
             **{q: {k: v.float() for k, v in describe(stacked[q]).items()} for q in QUANTITIES},
             "items": {q: stacked[q].float() for q in CSV_QUANTITIES},  # [n, N, ...] each item's own values
         })
-    first = caches[0]
+    first, setting = caches[0], setting_of(caches[0])
     items = [{"prompt_index": index, "prompt": c.prompt, "seed": c.metadata.get("seed"), "file": str(c.path),
               "batch_index": b} for c, index in zip(caches, prompt_indices) for b in range(c.batch_size)]
     return {
@@ -230,8 +260,8 @@ def sweep_statistics(caches, prompt_indices=None):
         "n_items": sum(c.batch_size for c in caches), "files": [str(c.path) for c in caches],
         "prompts": [c.prompt for c in caches], "seeds": [c.metadata.get("seed") for c in caches],
         "num_frames": first.num_frames, "frame_seq_length": first.frame_seq_length,
-        "num_heads": first.num_heads, "groups": groups, "items": items, "random_init": bool(first.random_init),
-        "model": model_of(first), "settings": settings_of(first),
+        "num_heads": first.num_heads, "groups": groups, "items": items, "setting": setting,
+        "model": model_of(setting), "settings": settings_of(setting),
     }
 
 
@@ -309,10 +339,16 @@ def save_statistics(stats, path):
 
 
 def stats_groups(stats):
-    """The groups of a statistics dict (``load_statistics``) as ``StatsGroup``s, in file order."""
-    return [StatsGroup(layer_idx=g["layer_idx"], block=g["block"], pass_=g["pass"], timestep=g["timestep"],
-                       query_frames=g["query_frames"], key_frame_indices=g["key_frame_indices"],
-                       values={q: g[q] for q in QUANTITIES}) for g in stats["groups"]]
+    """The groups of a statistics dict (``load_statistics``) as ``StatsGroup``s, in file order (files
+    written before the key labels were kept have none)."""
+    groups = []
+    for g in stats["groups"]:
+        held = g.get("key_labels") or {}
+        labels = {name: torch.tensor([held[name]], dtype=KEY_LABEL_DTYPES[name]) for name in held}
+        groups.append(StatsGroup(layer_idx=g["layer_idx"], block=g["block"], pass_=g["pass"], timestep=g["timestep"],
+                                 query_frames=g["query_frames"], key_frame_indices=g["key_frame_indices"],
+                                 values={q: g[q] for q in QUANTITIES}, **labels))
+    return groups
 
 
 def load_statistics(path):
@@ -376,6 +412,11 @@ def _check_statistics(stats, fail):
         _field(g, "query_frames", f"{name}.query_frames", _frame_list, "a non-empty list of frames", fail)
         fk = len(_field(g, "key_frame_indices", f"{name}.key_frame_indices", _frame_list, "a non-empty list of frames",
                         fail))
+        held = g.get("key_labels")
+        if held is not None and not (isinstance(held, dict) and set(held) == set(KEY_LABEL_KEYS) and all(
+                isinstance(v, list) and len(v) == fk * fsl and all(_int_at_least(0)(x) for x in v) for v in held.values())):
+            fail(f"{name}.key_labels is {_shown(held)}, expected None or {{{', '.join(KEY_LABEL_KEYS)}}}: "
+                 f"lists of {fk * fsl} ints >= 0")
         shapes = {"curve": [heads, fk * fsl], "frame_logit": [heads, fk], "mass": [heads, fk], "sink_ratio": [heads],
                   "sink_logit_gap": [heads]}
         for q, shape in shapes.items():
