@@ -630,11 +630,11 @@ PC_KWARGS = {"attention_mode": "participative_compression", "local_attn_size": 7
 
 @pytest.mark.parametrize("layout, kwargs, edges, sink, topc", [
     (WINDOW, {"attention_mode": "window", "local_attn_size": 7, "sink_size": 1},
-     [0, 0.25, 0.5, 0.75] + [6 + i / FSL for i in range(6 * FSL)], ("sink (frames 0-0)", (0, 1)), None),
+     [0, 0.25, 0.5, 0.75] + [6 + i / FSL for i in range(6 * FSL)], ("sink (frame 0)", (0, 1)), None),
     (DEEP_SINK, {"attention_mode": "deep_sink", "local_attn_size": 7, "sink_size": 0},
-     [0, 0.25, 0.5, 0.75] + [6 + i / FSL for i in range(6 * FSL)], ("sink (frames 0-0, RoPE 2-2)", (0, 1)), None),
+     [0, 0.25, 0.5, 0.75] + [6 + i / FSL for i in range(6 * FSL)], ("sink (frame 0, RoPE frame 2)", (0, 1)), None),
     (COMPRESSED, PC_KWARGS, [i / FSL for i in range(2 * FSL)] + [3, 3.25, 5, 7] + [9 + i / FSL for i in range(3 * FSL)],
-     ("sink (frames 0-1, RoPE 3-4)", (0, 2)), ("top-C (4 tokens of frames 3-7)", (3, 7.25))),
+     ("sink (frames 0-1, RoPE frames 3-4)", (0, 2)), ("top-C (4 tokens of frames 3-7)", (3, 7.25))),
 ], ids=["window-with-sink", "deep-sink-shifted-rope", "compressed-top-c"])
 def test_true_frame_axis_puts_tokens_at_their_video_frames(tmp_path, layout, kwargs, edges, sink, topc):
     path = tmp_path / "c.pt"

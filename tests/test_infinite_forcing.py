@@ -143,4 +143,4 @@ def test_cli_capture_labels_each_key_token(tmp_path, capsys):
     from utils.figure4_plot import true_frame_axis
 
     axis = true_frame_axis(cache.entry(0, pass_=0, block=6), 0, fsl)
-    assert axis.sink_label == "sink (frames 0-0)" and axis.span(axis.sink) == (0.0, 1.0)
+    assert axis.sink_label == "sink (frame 0)" and axis.span(axis.sink) == (0.0, 1.0)

@@ -18,6 +18,8 @@ from pipeline.rolling_inference import RollingInferencePipeline
 from pipeline.wrappers import WanDiffusionWrapper, load_generator_checkpoint
 from utils.attention_cache import CACHED, SINK, open_cache
 from utils.config import ConfigError
+from utils.figure4_plot import make_figure
+from utils.figure4_sources import select
 from utils.loading import WeightFileError
 from wan.families import check_model
 from wan.families.rolling_forcing import ROLLING_FORCING
@@ -367,6 +369,8 @@ def test_cli_captures_windows_and_the_plot_draws_them(tmp_path, capsys):
     figure = tmp_path / "rolling.png"
     assert plot.main(["--cache", str(out), "--block", "6", "--pass", "4", "--panels", "0:0", "--out", str(figure)]) == 0
     assert figure.stat().st_size > 0
+    fig = make_figure([select(cache, pass_=0, block=6)], [(0, 0)], "curve", softmax=False, batch_index=0)
+    assert "query window 6 (frames 6-20, levels 4 to 0)" in {p.get_label() for p in fig.axes[0].patches}
     capsys.readouterr()
 
 

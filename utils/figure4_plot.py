@@ -69,7 +69,16 @@ class TrueFrameAxis:
 
 
 def _frame_range(frames):
-    return f"{min(frames)}-{max(frames)}"
+    return f"frame {min(frames)}" if min(frames) == max(frames) else f"frames {min(frames)}-{max(frames)}"
+
+
+def _query_label(entry):
+    """The shaded queries: a block, or a rolling call's whole window (its index, its oldest and newest
+    frames' levels)."""
+    if entry.window is None:
+        return f"query block ({_frame_range(entry.query_frames)})"
+    levels = entry.query_levels
+    return f"query window {entry.window} ({_frame_range(entry.query_frames)}, levels {levels[0]} to {levels[-1]})"
 
 
 def true_frame_axis(entry, batch_index, frame_seq_length):
@@ -83,13 +92,13 @@ def true_frame_axis(entry, batch_index, frame_seq_length):
     sink_label = ""
     if sink.any():
         shifted = (rope[sink] != video[sink]).any()
-        sink_label = (("EMA sink" if ema.any() else "sink") + f" (frames {_frame_range(video[sink].tolist())}"
+        sink_label = (("EMA sink" if ema.any() else "sink") + f" ({_frame_range(video[sink].tolist())}"
                       + (f", RoPE {_frame_range(rope[sink].tolist())}" if shifted else "")
                       + (f", {entry.sink_updates} evicted blocks blended in" if ema.any() else "") + ")")
     topc = roles == TOP_C
     topc_label = ""
     if topc.any():
-        topc_label = f"top-C ({int(topc.sum())} tokens of frames {_frame_range(video[topc].tolist())})"
+        topc_label = f"top-C ({int(topc.sum())} tokens of {_frame_range(video[topc].tolist())})"
     return TrueFrameAxis(frame_seq_length, true_frame_tokens(video, frame_seq_length), sink, topc, sink_label,
                          topc_label)
 
@@ -111,7 +120,7 @@ def _frame_axis(ax, entry):
     own = _query_slots(entry)
     if own:
         ax.axvspan(min(own), max(own) + 1, **QUERY_SHADE, zorder=0,
-                   label=f"query block (frames {min(entry.query_frames)}-{max(entry.query_frames)})")
+                   label=_query_label(entry))
     ax.set_xlim(0, fk)
     ax.set_xticks(range(0, fk + 1, 1 if fk <= 12 else 2))
     ax.set_xlabel("Key Frame Index")
@@ -160,7 +169,7 @@ def draw_true_frame_curve(ax, entry, axis, mean, low, high, band_label, ylabel):
         if mask.any():
             ax.axvspan(*axis.span(mask), **shade, zorder=0, label=label)
     ax.axvspan(min(entry.query_frames), max(entry.query_frames) + 1, **QUERY_SHADE, zorder=0,
-               label=f"query block (frames {_frame_range(entry.query_frames)})")
+               label=_query_label(entry))
     ax.axhline(0, color="black", linewidth=0.5)
     ax.set_xlim(0, max(entry.query_frames) + 1)
     ax.set_xlabel("Key Video Frame")
@@ -237,7 +246,7 @@ def _column_name(column):
     entry = column[0].entry(column[0].file.layer_indices[0])
     n = f" (n = {column[0].file.n_items})" if isinstance(column[0].file, StatsFile) and column[0].model else ""
     model = f"{column[0].model}{n}: " if column[0].model else ""
-    return f"{model}block {column[0].block} (frames {_frame_range(entry.query_frames)}), pass {column[0].pass_}"
+    return f"{model}block {column[0].block} ({_frame_range(entry.query_frames)}), pass {column[0].pass_}"
 
 
 def panel_name(layer, head):
