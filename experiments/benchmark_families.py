@@ -57,8 +57,6 @@ def measure(config_path, precision, num_frames, layers, repeats, device):
             times[kind].append(seconds)
         peaks[kind] = torch.cuda.max_memory_allocated(device) / 2**30
     plain, capture = min(times["plain"]), min(times["capture"])
-    del extractor
-    torch.cuda.empty_cache()
     return (f"| {config_path} | {precision} | {blocks} | {plain:.3f} s | {1000 * plain / blocks:.1f} ms | {peaks['plain']:.2f} GiB | "
             f"×{capture / plain:.3f}, +{peaks['capture'] - peaks['plain']:.2f} GiB | "
             f"{torch.equal(latents['plain'], latents['capture'])} |")
@@ -84,6 +82,7 @@ def main():
         for precision in args.precision:
             start = time.perf_counter()
             print(measure(config_path, precision, args.num_frames, args.layers, args.repeats, device), flush=True)
+            torch.cuda.empty_cache()  # the config's model went with measure()'s frame
             print(f"  ({time.perf_counter() - start:.0f} s with the build and compile)", flush=True)
 
 

@@ -123,9 +123,13 @@ class CausalInferencePipeline(nn.Module):
                           dict(block=block, num_blocks=num_blocks, step=CACHE_PASS))
             bar.update()
         bar.close()
+        return self._finish(output, return_latents)
+
+    def _finish(self, latents, return_latents):
+        """The loop's result: ``latents`` [B, F, C, H, W] as they are, or decoded into pixels in [0, 1]."""
         if return_latents:
-            return output
-        video = self._decoder(output).decode_to_pixel(output)
+            return latents
+        video = self._decoder(latents).decode_to_pixel(latents)
         return (video * 0.5 + 0.5).clamp(0, 1)
 
     def _setup(self, noise, text_prompts, prompt_embeds):

@@ -87,10 +87,7 @@ class RollingInferencePipeline(CausalInferencePipeline):
                     cache.set_cache_pass(False)
             bar.update()
         bar.close()
-        if return_latents:
-            return output
-        video = self._decoder(output).decode_to_pixel(output)
-        return (video * 0.5 + 0.5).clamp(0, 1)
+        return self._finish(output, return_latents)
 
     def _call(self, x, conditional_dict, timestep, kv_cache, crossattn_cache, current_start, observer, labels):
         """One generator forward at per-frame ``timestep`` [B, F]; returns x0. ``labels``: what the

@@ -277,13 +277,15 @@ def test_by_model_columns_name_their_model(tmp_path):
     assert figure.axes[0].get_shared_y_axes().joined(figure.axes[0], figure.axes[1])
 
 
-def test_two_families_in_one_process_equal_one_process_each(tmp_path):
-    """Causal Forcing then LongLive in this process, and each alone in a fresh one: the same tensors."""
-    configs = ("tiny_causal_forcing_framewise_2step", "tiny_longlive")
+@pytest.mark.parametrize("configs, num_frames", [(("tiny_causal_forcing_framewise_2step", "tiny_longlive"), 6),
+                                                  (("tiny_reward_forcing", "tiny_infinite_forcing"), 15)])
+def test_two_families_in_one_process_equal_one_process_each(tmp_path, configs, num_frames):
+    """Two families one after the other in this process, and each alone in a fresh one: the same tensors
+    and labels (15 frames: past Reward Forcing's first eviction into its EMA sink)."""
 
     def argv(config, out):
         return ["--config_path", f"configs/{config}.yaml", "--no_checkpoint", "--device", "cpu", "--quiet",
-                "--num_frames", "6", "--capture_step", "all", "--save_mode", "summary", "--output_path", str(out)]
+                "--num_frames", str(num_frames), "--capture_step", "all", "--save_mode", "summary", "--output_path", str(out)]
 
     for config in configs:
         assert cli.main(argv(config, tmp_path / f"together_{config}.pt")) == 0

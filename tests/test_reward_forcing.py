@@ -9,10 +9,7 @@ attention over the whole video that attends, per query block, to the replay's fr
 the replay's positions, with the sink blended by the test from the evicted keys; checkpoint files
 written in the release's layout. Helpers shared with tests/test_infinite_forcing.py.
 """
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -357,26 +354,3 @@ def test_other_policies_keep_their_roles_and_no_sink_updates(tmp_path):
     out = extract(tmp_path, "tiny_longlive", 6, "ll.pt", "--save_mode", "summary")
     entry = open_cache(out).entries[0]
     assert entry.sink_updates == 0 and set(entry.key_roles[0].tolist()) <= {SINK, CACHED}
-
-
-def test_two_families_in_one_process_equal_one_process_each(tmp_path):
-    """Reward Forcing then Infinite-Forcing in this process, and each alone in a fresh one: the same
-    tensors and labels."""
-    configs = ("tiny_reward_forcing", "tiny_infinite_forcing")
-
-    def argv(config, out):
-        return ["--config_path", f"configs/{config}.yaml", "--no_checkpoint", "--device", "cpu", "--quiet",
-                "--num_frames", "15", "--capture_step", "all", "--save_mode", "summary", "--output_path", str(out)]
-
-    for config in configs:
-        assert cli.main(argv(config, tmp_path / f"together_{config}.pt")) == 0
-    for config in configs:
-        subprocess.run([sys.executable, "experiments/run_extraction_figure4.py", *argv(config, tmp_path / f"alone_{config}.pt")],
-                       cwd=REPO, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    for config in configs:
-        together = torch.load(tmp_path / f"together_{config}.pt", weights_only=True)["attention_weights"]
-        alone = torch.load(tmp_path / f"alone_{config}.pt", weights_only=True)["attention_weights"]
-        assert len(together) == len(alone) > 0
-        for a, b in zip(together, alone):
-            for key, value in a.items():
-                assert torch.equal(value, b[key]) if isinstance(value, torch.Tensor) else value == b[key], (config, key)
