@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.attention_cache import CACHED, SINK, CacheEntry, build_cache, open_cache, save_cache
+from utils.attention_cache import CACHED, EMA_SINK, SINK, CacheEntry, build_cache, open_cache, save_cache
 from utils.head_analysis import HeadThresholds, class_rows, head_rows, head_statistics, slot_regions
 
 FSL, PER_BLOCK, HEADS, BLOCK = 2, 3, 4, 2
@@ -117,6 +117,13 @@ def test_sink_frames_of_a_cache_without_a_sink_role(tmp_path):
     assert slot_regions(entry, 0, FSL, 1).tolist() == [0, 2, 2, 2, 2, 2, 1, 1, 1]
     assert slot_regions(entry, 0, FSL, 2).tolist() == [0, 0, 2, 2, 2, 2, 1, 1, 1]
     assert slot_regions(entry, 0, FSL, 9).tolist() == [0, 0, 0, 0, 0, 0, 1, 1, 1]  # the query block is never the sink
+
+
+def test_an_ema_sink_is_the_sink(tmp_path):
+    """Reward Forcing's blended sink (role ema_sink) is the sink region, whatever ``sink_frames`` says."""
+    entry = make_cache(tmp_path / "c.pt", 0, WINDOW, {0: EMA_SINK}).entries[0]
+    assert slot_regions(entry, 0, FSL, 1).tolist() == [0, 2, 2, 1, 1, 1]
+    assert slot_regions(entry, 0, FSL, 5).tolist() == [0, 2, 2, 1, 1, 1]  # the role, not the first 5 frames
 
 
 @pytest.mark.parametrize("kwargs, message", [

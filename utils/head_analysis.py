@@ -5,10 +5,11 @@ For every captured (layer, block, pass) and head, from the exact frame masses of
 (``frame_attention_mass`` of the cache's summary: softmax over all keys, summed over a key slot's
 tokens, averaged over the block's query tokens; each row sums to 1), the mass on three regions of the
 key slots, told apart by the entry's key labels (``key_video_frames``, ``key_roles``):
-  sink     slots the cache policy labelled as its sink (``key_roles``); for a policy without a sink
+  sink     slots the cache policy labelled as its sink or EMA sink (``key_roles``); for a policy without a sink
            (global attention), slots of the first ``sink_frames`` video frames that are not in the
            query block (so the first block has no sink)
-  current  slots of the query block's own frames (the current block)
+  current  slots of the queries' own frames (the current block; for a call of Rolling Forcing's loop the
+           whole window, over whose queries the summary's masses are averaged)
   rest     every other slot (sink + current + rest = 1)
 averaged over the items (each batch sample of each cache) with a 95% confidence interval
 (utils.sweep_stats.describe). A head is classified from its mean masses (``HeadThresholds``): a sink
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from utils.attention_cache import SINK
+from utils.attention_cache import EMA_SINK, SINK
 from utils.sweep_stats import describe, item_quantities
 
 REGIONS = ("sink", "current", "rest")
@@ -64,8 +65,9 @@ def slot_regions(entry, batch_index, frame_seq_length, sink_frames):
     video = entry.key_video_frames[batch_index].view(entry.num_key_frames, frame_seq_length)  # [Fk, fsl]
     roles = entry.key_roles[batch_index].view(entry.num_key_frames, frame_seq_length)
     current = torch.isin(video, torch.tensor(entry.query_frames, dtype=video.dtype)).all(dim=1)
-    if bool((roles == SINK).any()):
-        sink = (roles == SINK).all(dim=1)
+    policy_sink = (roles == SINK) | (roles == EMA_SINK)
+    if bool(policy_sink.any()):
+        sink = policy_sink.all(dim=1)
     else:
         sink = (video < sink_frames).all(dim=1) & ~current
     regions = torch.full((entry.num_key_frames,), REGIONS.index("rest"))
