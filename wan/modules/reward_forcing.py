@@ -38,7 +38,7 @@ class EmaSinkCache(RawKeyCache):
             if self.local_end + num_new - self.k.shape[1] != sink:
                 raise ValueError(f"an EMA sink of {sink // self.frame_seq_length} frames blends evictions of as many frames, "
                                  f"not {(self.local_end + num_new - self.k.shape[1]) // self.frame_seq_length}")
-            evicted = torch.stack([self.k[:, sink : 2 * sink], self.v[:, sink : 2 * sink]]).clone()  # [2, B, S*F, N, D]
+            evicted = torch.stack([self.k[:, sink : 2 * sink], self.v[:, sink : 2 * sink]])  # a copy, [2, B, S*F, N, D]
         keys, values = super().update(k, v, current_start, queries)
         if evicting:
             self._blend(evicted)
