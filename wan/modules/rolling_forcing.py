@@ -25,25 +25,22 @@ Reads (the keys a call attends to, in order):
 import torch
 
 from utils.attention_cache import CACHED, SINK
+from wan.modules.kv_cache import KVCache
 
 
-class RollingCache:
+class RollingCache(KVCache):
     """One transformer block's keys (before RoPE) and values, [B, C * frame_seq_length, N, D] (module
-    docstring)."""
+    docstring): ``KVCache``'s buffer, pointers and FIFO with the anchor as its sink, written one block per
+    call."""
 
     stores_raw_keys = True
 
     def __init__(self, batch, frames, frame_seq_length, num_heads, head_dim, block_frames, attention_frames, dtype,
                  device):
-        self.frame_seq_length = frame_seq_length
+        super().__init__(batch, frames, frame_seq_length, num_heads, head_dim, block_frames, dtype, device)
         self.block_frames = block_frames
-        self.block = block_frames * frame_seq_length  # tokens of a block, and of the anchor
+        self.block = self.sink_tokens  # tokens of a block, and of the anchor
         self.attention = attention_frames * frame_seq_length
-        self.k = torch.zeros(batch, frames * frame_seq_length, num_heads, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        self.global_end = 0  # token index in the video just after the last block that advanced the pointers
-        self.local_end = 0  # its slot in the buffer
-        self.frames = []  # the video frame of each frame slot of [0, local_end)
         self.cache_pass = False
         self.last_read = ((), ())  # (frame slots read, own frames) of the last update; labelled on demand
         self.query_start = self.key_start = 0  # temporal RoPE frames of the last read's first query and key
@@ -55,32 +52,19 @@ class RollingCache:
     def update(self, k, v, current_start, queries=None):
         """Write the first block of k (before RoPE), v [B, Lq, N, D] and return the keys (before RoPE)
         and values to attend to (module docstring)."""
-        fsl, block = self.frame_seq_length, self.block
+        fsl = self.frame_seq_length
         first = current_start // fsl
         self.query_start = first
-        block_end = current_start + block
-        advance = block_end - self.global_end
-        if advance > 0 and self.local_end + advance > self.k.shape[1]:
-            evicted = self.local_end + advance - self.k.shape[1]
-            kept = self.local_end - evicted - block
-            for buf in (self.k, self.v):
-                buf[:, block : block + kept] = buf[:, block + evicted : block + evicted + kept].clone()
-            del self.frames[self.block_frames : self.block_frames + evicted // fsl]
-            local_end = self.local_end + advance - evicted
-        else:
-            local_end = self.local_end + advance
-        slot = local_end - block
-        self.k[:, slot:local_end] = k[:, :block]
-        self.v[:, slot:local_end] = v[:, :block]
-        self.frames[slot // fsl : local_end // fsl] = range(first, first + self.block_frames)
-        if advance > 0:
-            self.global_end, self.local_end = block_end, local_end
+        # KVCache's write of the first block: a new slot when it passes the frames written so far (the
+        # oldest block after the anchor evicted when full), else the slot written before.
+        super().update(k[:, : self.block], v[:, : self.block], current_start)
+        slot = self.local_end - self.block
         if slot == 0:
             self.key_start = first
             self.last_read = ((), range(first, first + k.shape[1] // fsl))
             return k, v
         if self.cache_pass:
-            return self._cache_read(local_end)
+            return self._cache_read(self.local_end)
         return self._denoising_read(k, v, slot, first)
 
     def rope_starts(self):
