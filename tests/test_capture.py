@@ -231,6 +231,30 @@ def test_summaries_started_during_inference_leave_latents_bit_identical(pipeline
         ATTENTION_WEIGHT_CAPTURE.enable([0], summarize=0)
 
 
+def test_a_call_kept_under_several_places_starts_one_summary(monkeypatch):
+    """A rolling call holds several blocks at their levels; kept under two of them, it is two records
+    that share its q, k and one summary (the reductions of one call do not depend on the place)."""
+    import wan.modules.attention as attention_module
+
+    started = []
+
+    def counting(q, k, frame_seq_length):
+        started.append(1)
+        return {"n": torch.zeros(1)}
+
+    monkeypatch.setattr(attention_module, "summarize_qk", counting)
+    capture = attention_module.AttentionWeightCapture()
+    capture.enable(None, passes=[0, 1], blocks=[0, 1], summarize=4)
+    capture.annotate(num_blocks=2, places=[(0, 1, 500.0), (1, 0, 1000.0)], window=1, query_frames=[0, 1],
+                     query_levels=[1, 0])
+    q, k = torch.randn(1, 8, 2, 4), torch.randn(1, 8, 2, 4)
+    capture.observe(0, q, k)
+    kept = capture.kept_calls
+    assert [(r.labels["block"], r.labels["step"], r.labels["timestep"]) for r in kept] == [(0, 1, 500.0), (1, 0, 1000.0)]
+    assert len(started) == 1 and kept[0]._started is kept[1]._started
+    assert kept[0].q is kept[1].q and kept[0].k is kept[1].k
+
+
 def test_off_means_no_bookkeeping(pipeline, config):
     ATTENTION_WEIGHT_CAPTURE.disable()
     run(pipeline, config)
