@@ -46,15 +46,19 @@ class RollingInferencePipeline(CausalInferencePipeline):
         bar = tqdm(total=2 * len(windows) - (not last_cache_pass), desc="inference", unit="call", disable=not progress)
         noisy_cache = torch.zeros_like(noise)
         output = torch.zeros_like(noise)
+        # The full window's per-frame timesteps, [B, L * P], its oldest block at the last level; every
+        # window's are a slice of it (its levels are consecutive). Filled on the device: no host copy.
+        window_timesteps = torch.cat([torch.full((batch, per_block), steps[level], dtype=torch.float32, device=noise.device)
+                                      for level in range(len(steps) - 1, -1, -1)], dim=1)
         for window in windows:
-            first, end = window.start * per_block, (window.end + 1) * per_block
+            first, end = window.start * per_block, (window.end + 1) * per_block  # x: [B, end - first, C, H, W]
             if end - first == len(steps) * per_block or first == 0:
                 x = torch.cat([noisy_cache[:, first : end - per_block], noise[:, end - per_block : end]], dim=1)
             else:
                 x = noisy_cache[:, first:end]
-            frame_levels = [level for level in window.levels for _ in range(per_block)]
-            timestep = torch.tensor([[steps[level] for level in frame_levels]] * batch, dtype=torch.float32,
-                                    device=noise.device)  # [B, ce - cs]
+            frame_levels = [level for level in window.levels for _ in range(per_block)]  # one per query frame
+            offset = (len(steps) - 1 - window.levels[0]) * per_block
+            timestep = window_timesteps[:, offset : offset + end - first]  # [B, end - first]
             places = [(block, level, steps[level]) for block, level in zip(window.blocks, window.levels)]
             labels = dict(window=window.index, num_blocks=num_blocks, places=places,
                           query_frames=list(range(first, end)), query_levels=frame_levels)
@@ -65,7 +69,7 @@ class RollingInferencePipeline(CausalInferencePipeline):
             for i, (block, level) in enumerate(zip(window.blocks, window.levels)):
                 if level == len(steps) - 1:
                     continue
-                flat = x0.flatten(0, 1)
+                flat = x0.flatten(0, 1)  # [B * (ce - cs), C, H, W]: one draw over the whole window, as released
                 t_next = torch.full((flat.shape[0],), steps[level + 1], device=noise.device)
                 renoised = self.scheduler.add_noise(flat, torch.randn_like(flat), t_next).unflatten(0, x0.shape[:2])
                 noisy_cache[:, block * per_block : (block + 1) * per_block] = renoised[:, i * per_block : (i + 1) * per_block]
