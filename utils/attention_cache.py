@@ -1,4 +1,4 @@
-"""The Figure 4 attention cache file, format version 4: built, written, read and checked here only.
+"""The Figure 4 attention cache file, format version 5: built, written, read and checked here only.
 Version 4 added each entry's ``sink_updates`` (and the key role ``ema_sink``); version 5 each entry's
 ``window`` and ``query_levels`` (Rolling Forcing's rolling loop). Versions 3 and 4 are read too, their
 entries with no blended sink (``sink_updates`` 0) and block-wise (``window`` None).

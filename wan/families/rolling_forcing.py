@@ -3,7 +3,8 @@
 
 - Weights: ``checkpoints/rolling_forcing_dmd.pt``; its inference command passes ``--use_ema``, so
   ``generator_ema`` is read, with every ``_fsdp_wrapped_module.`` removed from its keys; without EMA
-  ``generator`` is read as saved. Loaded strictly.
+  the release reads ``generator`` as saved, here with the same removal (a kept difference, README).
+  Loaded strictly.
 - Schedule: the warped steps [1000, 800, 600, 400, 200] of a shift-5 schedule (t = 1000, 952.38,
   882.35, 769.23, 555.56), 3-frame blocks, the cache pass at t = 0.
 - The loop (pipeline/rolling_inference.py): window w = 0 .. nb + L - 2 (L = 5 steps, nb blocks)

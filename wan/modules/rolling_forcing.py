@@ -88,7 +88,7 @@ class RollingCache(KVCache):
         start = max(self.block, slot - room)
         working = (slot - start) // fsl
         self.key_start = first - working - self.block_frames  # the anchor just before the working frames
-        keys = torch.cat([self.k[:, : self.block], self.k[:, start:slot], k], dim=1)
+        keys = torch.cat([self.k[:, : self.block], self.k[:, start:slot], k], dim=1)  # [B, (P + working + Lq) * F, N, D]
         values = torch.cat([self.v[:, : self.block], self.v[:, start:slot], v], dim=1)
         slots = (*range(self.block_frames), *range(start // fsl, slot // fsl))  # the anchor, the working frames
         self.last_read = (slots, range(first, first + k.shape[1] // fsl))
