@@ -34,7 +34,8 @@ class RollingInferencePipeline(CausalInferencePipeline):
         """As ``CausalInferencePipeline.inference`` (noise [B, F, C, H, W] -> latents or the decoded
         video), by the rolling loop (module docstring). No prompt switches."""
         if prompt_switches:
-            raise ValueError("prompt switches: the rolling loop has none (Rolling Forcing's release has no prompt switch)")
+            raise ValueError(f"prompt switches at frames {[frame for frame, _ in prompt_switches]}: the rolling loop has "
+                             "none (Rolling Forcing's release has no prompt switch)")
         per_block, steps = self.num_frame_per_block, self.denoising_steps
         model = self.generator.model
         conditional_dict, frame_seq_length, kv_cache, crossattn_cache = self._setup(noise, text_prompts, prompt_embeds)
