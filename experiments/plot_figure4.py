@@ -28,7 +28,7 @@ since caches keep no token-level mass.
 
 Several caches (paths or quoted glob patterns) are averaged, with a band (curve) or error bars
 (frames) of +- one sample standard deviation over the files; they must share the pass, block, frames,
-layers, heads and model (utils/sweep_stats.compare_key: model family and variant, model sizes, checkpoint,
+layers, heads and model (utils/sweep_stats.compare_key: model family and variant, model sizes, checkpoint, precision,
 dtype, model_kwargs). --by_model draws each model or setting (family, variant, attention-cache
 policy, and whatever else differs: video length, checkpoint, dtype, config) in columns of its own
 instead, side by side on one y scale, labelled by their settings: compared, never averaged.

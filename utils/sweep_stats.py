@@ -118,8 +118,9 @@ def item_quantities(summary, key_frame_indices, query_frames):
 
 
 def compare_key(cache):
-    """What caches must share to be averaged: the video and capture layout, the model, its weights and its
-    attention cache (config model_kwargs: attention mode, window, sink, compression)."""
+    """What caches must share to be averaged: the video and capture layout, the model, its weights, its
+    precision (exact or fast mode) and its attention cache (config model_kwargs: attention mode, window,
+    sink, compression)."""
     meta = cache.metadata
     labels = tuple((e.layer_idx, e.block, e.pass_, tuple(e.key_frame_indices)) for e in cache.entries)
     return {
@@ -132,6 +133,7 @@ def compare_key(cache):
         "model family": (meta.get("family"), meta.get("variant"), meta.get("lora_path")),
         "checkpoint": (meta.get("checkpoint_path"), meta.get("checkpoint_key")),
         "dtype": meta.get("dtype"),
+        "precision": meta.get("precision"),
         "model_kwargs": meta.get("config", {}).get("model_kwargs"),
     }
 
@@ -155,14 +157,19 @@ def _sha256(path):
     return digest.hexdigest()
 
 
+STORAGE_SETTINGS = ("save_mode", "layer_indices", "capture_step", "capture_blocks")  # what a file keeps of an item
+
+
 def item_key(cache):
     """What makes two caches one item: the same prompt and seed made with the same settings
-    (``metadata.settings``, which the extraction writes: the config, checkpoint, capture and dtype); for a
-    file without them (not written by the extraction), its bytes."""
+    (``metadata.settings``, which the extraction writes: the config, checkpoint and dtype; not what the
+    file keeps of the item, STORAGE_SETTINGS); for a file without them (not written by the extraction),
+    its bytes."""
     meta = cache.metadata
-    if meta.get("seed") is None or meta.get("settings") is None:
+    if meta.get("seed") is None or not isinstance(meta.get("settings"), dict):
         return ("bytes", _sha256(cache.path))
-    return ("item", repr((cache.prompt, meta.get("seed"), meta.get("settings"), meta.get("prompt_switches"))))
+    settings = {k: v for k, v in meta["settings"].items() if k not in STORAGE_SETTINGS}
+    return ("item", repr((cache.prompt, meta.get("seed"), settings, meta.get("prompt_switches"))))
 
 
 def distinct_items(caches):
