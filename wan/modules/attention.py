@@ -339,16 +339,19 @@ class AttentionWeightCapture:
         if self._selected:
             # q is a fresh tensor nobody writes to again; k is a view of the KV cache, which later
             # passes overwrite, so it is copied. A place seen again (a repeated level) keeps its last call.
+            # The places of one call share its q and k, so they share one summary.
             k, frames, positions = k.clone(), _key_frames(kv_cache), _key_positions(kv_cache)
             roles, sink_updates = _key_roles(kv_cache), _sink_updates(kv_cache)
+            started = None
             for block, step, timestep in self._selected:
                 labels = {**{key: value for key, value in self.labels.items() if key != "places"}, "block": block,
                           "step": step, "timestep": timestep}
                 call = CapturedCall(layer_idx, call_idx, tuple(q.shape), tuple(k.shape), labels, frames, q, k, positions,
-                                    roles, sink_updates)
-                self._kept[layer_idx, block, step] = call
-                if self._summarize is not None:
+                                    roles, sink_updates, started)
+                if self._summarize is not None and started is None:
                     call.start_summary(self._summarize, self._side_stream(q.device))
+                    started = call._started
+                self._kept[layer_idx, block, step] = call
 
     def _side_stream(self, device):
         """The stream summaries run on (one per capture, on q's CUDA device); None on other devices."""
