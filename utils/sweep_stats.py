@@ -17,9 +17,7 @@ deviation and a two-sided 95% confidence interval of the mean, mean +- t(0.975, 
 The CSV also holds one row per item (prompt index, prompt, seed, file) beside the pooled rows, each with
 the model and the settings the items share.
 """
-import csv
 import hashlib
-import io
 import json
 import math
 import sys
@@ -31,7 +29,7 @@ import torch
 
 from utils.attention_cache import KEY_LABEL_DTYPES, KEY_LABEL_KEYS, EntryLabels, open_cache
 from utils.cli import command
-from utils.output import one_line, write_files_atomically
+from utils.output import csv_bytes, one_line, write_files_atomically
 from utils.passes import is_pass
 
 STATS_FORMAT = "figure4-sweep-statistics"
@@ -334,14 +332,8 @@ def save_statistics(stats, path):
     the .pt). The two files are replaced together or not at all (a full disk or a signal leaves both old
     files)."""
     path = Path(path)
-    rows = [CSV_COLUMNS, *csv_rows(stats)]
-
-    def write_csv(handle):
-        text = io.StringIO()
-        csv.writer(text, lineterminator="\n").writerows(rows)
-        handle.write(text.getvalue().encode())
-
-    write_files_atomically([(path, lambda f: torch.save(stats, f)), (path.with_suffix(".csv"), write_csv)])
+    table = csv_bytes(CSV_COLUMNS, csv_rows(stats))
+    write_files_atomically([(path, lambda f: torch.save(stats, f)), (path.with_suffix(".csv"), lambda f: f.write(table))])
     return path.with_suffix(".csv")
 
 
