@@ -233,7 +233,7 @@ def _files_rows(result):
 
 def _figures(report, results):
     """[(file name, PNG bytes, caption)] of the page, in its order (each figure closed once drawn)."""
-    from utils.figure4_plot import make_figure
+    from utils.figure4_plot import RANDOM_NOTE, make_figure
     from utils.figure4_sources import PlotInputError, StatsFile, check_panels, choose_panels, select, select_columns
     from utils.head_plot import head_heatmaps
     from utils.passes import pass_order
@@ -277,7 +277,7 @@ def _figures(report, results):
         label = result["setting"].name + ": " + result["model"]
         for block, pass_ in dict.fromkeys((g["block"], g["pass"]) for g in result["groups"]):
             same = [g for g in result["groups"] if (g["block"], g["pass"]) == (block, pass_)]
-            note = "  [RANDOM WEIGHTS]" if result["plan"].config.get("random_init") else ""
+            note = RANDOM_NOTE if result["plan"].config.get("random_init") else ""
             fig = head_heatmaps(same, f"{label}, block {block}, pass {pass_}: mean over {same[0]['n']} items{note}")
             out.append((f"heads_{result['setting'].name}_b{block}_p{pass_}.png", _png(fig),
                         f"{label}, block {block}, pass {pass_}: per layer and head, the mean softmax mass on the sink "
