@@ -211,7 +211,7 @@ def setting_of(cache):
     """The setting of a cache's items, as the statistics file keeps it ("setting"): the model (family,
     variant, checkpoint or random weights, attention-cache policy) and the run (config, video length,
     capture, precision, dtype, model_kwargs). The labels of comparisons (utils/figure4_sources.py) and the
-    CSV's model and settings columns (``model_of``, ``settings_of``) are made from it."""
+    CSV's model and settings columns (``model_of``, ``settings_text``) are made from it."""
     meta = cache.metadata
     return {"family": meta.get("family"), "variant": meta.get("variant"), "cache_policy": meta.get("cache_policy"),
             "checkpoint_path": meta.get("checkpoint_path"), "random_init": bool(cache.random_init),
@@ -229,7 +229,7 @@ def model_of(setting):
     return "; ".join(str(p) for p in parts if p)
 
 
-def settings_of(setting):
+def settings_text(setting):
     """The run of a ``setting_of`` in one line: config, frames, capture, precision, dtype, model_kwargs."""
     kwargs = setting["model_kwargs"]
     parts = {"config": setting["config_path"], "num_frames": setting["num_frames"],
@@ -266,7 +266,7 @@ def sweep_statistics(caches, prompt_indices=None):
         "prompts": [c.prompt for c in caches], "seeds": [c.metadata.get("seed") for c in caches],
         "num_frames": first.num_frames, "frame_seq_length": first.frame_seq_length,
         "num_heads": first.num_heads, "groups": groups, "items": items, "setting": setting,
-        "model": model_of(setting), "settings": settings_of(setting),
+        "model": model_of(setting), "settings": settings_text(setting),
     }
 
 
