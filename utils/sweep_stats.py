@@ -155,14 +155,14 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-STORAGE_SETTINGS = ("save_mode", "layer_indices", "capture_step", "capture_blocks")  # what a file keeps of an item
+STORAGE_SETTINGS = ("save_mode",)  # how a file keeps an item's entries (fp16 logits or summaries), not the item
 
 
 def item_key(cache):
     """What makes two caches one item: the same prompt and seed made with the same settings
-    (``metadata.settings``, which the extraction writes: the config, checkpoint and dtype; not what the
-    file keeps of the item, STORAGE_SETTINGS); for a file without them (not written by the extraction),
-    its bytes."""
+    (``metadata.settings``, which the extraction writes: the config, checkpoint, capture and dtype; not how
+    the file keeps it, STORAGE_SETTINGS); for a file without them (not written by the extraction), its
+    bytes."""
     meta = cache.metadata
     if meta.get("seed") is None or not isinstance(meta.get("settings"), dict):
         return ("bytes", _sha256(cache.path))
