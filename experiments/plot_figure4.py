@@ -28,9 +28,9 @@ since caches keep no token-level mass.
 
 Several caches (paths or quoted glob patterns) are averaged, with a band (curve) or error bars
 (frames) of +- one sample standard deviation over the files; they must share the pass, block, frames,
-layers, heads and model (utils/sweep_stats.compare_key: model family and variant, model sizes, checkpoint,
+layers, heads and model (utils/sweep_stats.compare_key: model family and variant, model sizes, checkpoint, precision,
 dtype, model_kwargs). --by_model draws each model or setting (family, variant, attention-cache
-policy, and whatever else differs: video length, checkpoint, dtype, config) in columns of its own
+policy, and whatever else differs: video length, checkpoint, dtype, precision, config) in columns of its own
 instead, side by side on one y scale, labelled by their settings: compared, never averaged.
 Statistics files of experiments/aggregate_figure4.py are drawn as the mean over their items with the
 95% confidence interval of the mean as the band or error bars (none for one item); several files (one
@@ -135,7 +135,7 @@ def build_parser():
                         help="which sample of the cache's batch dimension to plot (default: 0)")
     parser.add_argument("--by_model", action="store_true",
                         help="draw the caches of each model or setting (family, variant, attention-cache policy, and "
-                             "whatever else differs: frames, checkpoint, dtype, config) in columns of their own, side by "
+                             "whatever else differs: frames, checkpoint, dtype, precision, config) in columns of their own, side by "
                              "side on one y scale, labelled by it, the files of one setting averaged (settings are never "
                              "averaged together)")
     parser.add_argument("--overlay", action="store_true",

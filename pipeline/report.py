@@ -11,12 +11,12 @@ The report folder:
     heads.csv                per setting, layer, block, pass and head: the masses on the sink, the
                              current block and the rest, 95% CI, and the head's class
     settings.csv, files.csv  the settings and every item file
-    report.html              the page (figures embedded; its tables are these CSVs' strings)
+    report.html              the page (figures embedded; its tables are these CSVs' strings), written
+                             with the figures and CSVs together or not at all
 
 Every setting's plan is checked (pipeline/plan.py, no torch) before the first sweep starts; importing
 this module imports no torch.
 """
-import csv
 import io
 import re
 import shlex
@@ -27,7 +27,7 @@ from pathlib import Path
 from pipeline.plan import UsageError, plan_run
 from pipeline.sweep import item_name, read_manifest
 from utils.config import model_sizes
-from utils.output import check_output_path, write_atomically
+from utils.output import check_output_path, csv_bytes, write_files_atomically
 
 REPORT_HTML = "report.html"
 SETTING_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -133,14 +133,6 @@ def check_report(report):
 CSV_NAMES = ("settings.csv", "files.csv", "sink_scores.csv", "head_classes.csv", "heads.csv")
 
 
-def _csv_bytes(columns, rows):
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(columns)
-    writer.writerows(rows)
-    return text.getvalue().encode("utf-8")
-
-
 def _png(fig):
     from utils.figure4_plot import plt
 
@@ -241,7 +233,7 @@ def _files_rows(result):
 
 def _figures(report, results):
     """[(file name, PNG bytes, caption)] of the page, in its order (each figure closed once drawn)."""
-    from utils.figure4_plot import make_figure
+    from utils.figure4_plot import RANDOM_NOTE, make_figure
     from utils.figure4_sources import PlotInputError, StatsFile, check_panels, choose_panels, select, select_columns
     from utils.head_plot import head_heatmaps
     from utils.passes import pass_order
@@ -285,7 +277,7 @@ def _figures(report, results):
         label = result["setting"].name + ": " + result["model"]
         for block, pass_ in dict.fromkeys((g["block"], g["pass"]) for g in result["groups"]):
             same = [g for g in result["groups"] if (g["block"], g["pass"]) == (block, pass_)]
-            note = "  [RANDOM WEIGHTS]" if result["plan"].config.get("random_init") else ""
+            note = RANDOM_NOTE if result["plan"].config.get("random_init") else ""
             fig = head_heatmaps(same, f"{label}, block {block}, pass {pass_}: mean over {same[0]['n']} items{note}")
             out.append((f"heads_{result['setting'].name}_b{block}_p{pass_}.png", _png(fig),
                         f"{label}, block {block}, pass {pass_}: per layer and head, the mean softmax mass on the sink "
@@ -308,11 +300,6 @@ def _write_outputs(report, results):
                                                                                 r["groups"])]),
     }
     figures = _figures(report, results)
-    (report.out / "figures").mkdir(parents=True, exist_ok=True)
-    for name, png, _ in figures:
-        write_atomically(report.out / "figures" / name, lambda f, png=png: f.write(png))
-    for name, (columns, rows) in tables.items():
-        write_atomically(report.out / name, lambda f, c=columns, r=rows: f.write(_csv_bytes(c, r)))
     random = any(r["plan"].config.get("random_init") for r in results)
     banner = ("RANDOM WEIGHTS: at least one setting runs a model with random weights; its figures and head classes "
               "show the pipeline at work and mean nothing about a trained model.") if random else None
@@ -347,5 +334,8 @@ def _write_outputs(report, results):
          + H.details(f"item files ({len(tables['files.csv'][1])})", H.csv_table(*tables["files.csv"], "files.csv"))),
     ])
     path = report.out / REPORT_HTML
-    write_atomically(path, lambda f: f.write(page.encode("utf-8")))
+    outputs = [(report.out / "figures" / name, lambda f, png=png: f.write(png)) for name, png, _ in figures]
+    outputs += [(report.out / name, lambda f, c=columns, r=rows: f.write(csv_bytes(c, r)))
+                for name, (columns, rows) in tables.items()]
+    write_files_atomically([*outputs, (path, lambda f: f.write(page.encode("utf-8")))])  # together or not at all
     return path

@@ -415,8 +415,10 @@ def input_files(texts):
         if not found:
             raise InputError(f"{text}: no cache file found (a folder gives its {MANIFEST}'s files or its {ITEM_GLOB})")
         files.extend(found)
-    resolved = [os.path.realpath(f) for f in files]
-    for i, real in enumerate(resolved):
-        if real in resolved[:i]:
-            raise InputError(f"{files[i]} is given more than once (each item may count once)")
+    seen = set()
+    for path in files:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise InputError(f"{path} is given more than once (each item may count once)")
+        seen.add(real)
     return files

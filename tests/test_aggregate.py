@@ -10,15 +10,17 @@ import torch
 
 import experiments.aggregate_figure4 as aggregate
 from utils.attention_cache import CacheEntry, build_cache, open_cache, save_cache
-from utils.sweep_stats import MixedCachesError, load_statistics, save_statistics, student_t_quantile, sweep_statistics
+from utils.sweep_stats import (MixedCachesError, distinct_items, load_statistics, save_statistics, student_t_quantile,
+                               sweep_statistics)
 
 FSL, PER_BLOCK, HEADS = 2, 3, 3
 T_975 = {1: 12.706205, 2: 4.302653, 3: 3.182446, 4: 2.776445, 30: 2.042272}  # two-sided 95% table values
 LABELS = [(0, 0), (1, 0), (1, "cache")]  # (block, pass)
 
 
-def make_cache(path, seed, num_frames=6, layers=(0, 2), labels=LABELS, model_dim=64):
-    """A summary cache of known random reductions; returns its {(layer, block, pass): tensors} too."""
+def make_cache(path, seed, num_frames=6, layers=(0, 2), labels=LABELS, model_dim=64, metadata=None):
+    """A summary cache of known random reductions (``metadata``: more metadata fields); returns its
+    {(layer, block, pass): tensors} too."""
     generator = torch.Generator().manual_seed(seed)
     entries, known = [], {}
     for layer in layers:
@@ -40,7 +42,7 @@ def make_cache(path, seed, num_frames=6, layers=(0, 2), labels=LABELS, model_dim
             ))
             known[(layer, block, pass_)] = {k: v.double().numpy()[0] for k, v in tensors.items()}
     metadata = {"seed": seed, "model": {"dim": model_dim, "num_heads": HEADS}, "checkpoint_path": None,
-                "checkpoint_key": None, "dtype": "float32"}
+                "checkpoint_key": None, "dtype": "float32", **(metadata or {})}
     data = build_cache(prompt=f"prompt {seed}", num_frames=num_frames, frame_seq_length=FSL,
                        num_frame_per_block=PER_BLOCK, layer_indices=list(layers), save_mode="summary", entries=entries,
                        metadata=metadata)
@@ -188,6 +190,31 @@ def test_mixed_caches_are_refused(items, tmp_path, change, field):
     with pytest.raises(MixedCachesError) as info:
         sweep_statistics(caches)
     assert f"differ in {field}" in str(info.value) and str(odd) in str(info.value)
+
+
+def test_caches_of_two_precisions_are_refused(items, tmp_path):
+    """Exact and fast mode of one model are two settings: averaged together, each item would count twice."""
+    made = [tmp_path / f"{precision}.pt" for precision in ("exact", "fast")]
+    for path in made:
+        make_cache(path, 0, metadata={"precision": path.stem})
+    with pytest.raises(MixedCachesError) as info:
+        sweep_statistics([open_cache(path) for path in made])
+    assert "differ in precision" in str(info.value) and str(made[1]) in str(info.value)
+
+
+def test_an_item_saved_in_two_save_modes_counts_once(tmp_path):
+    """The same prompt, seed and settings kept once as fp16 logits and once as summaries is one item."""
+    settings = {"config": {"precision": "exact"}, "num_frames": 6, "layer_indices": [0, 2], "capture_step": [0],
+                "capture_blocks": ["last"], "dtype": "float32", "device_type": "cpu"}
+    made = []
+    for save_mode in ("full", "summary"):
+        made.append(tmp_path / f"{save_mode}.pt")
+        make_cache(made[-1], 0, metadata={"settings": {**settings, "save_mode": save_mode}})
+    kept, duplicates = distinct_items([open_cache(path) for path in made])
+    assert [c.path for c in kept] == [made[0]] and [(d.path, o.path) for d, o in duplicates] == [(made[1], made[0])]
+    other_seed = tmp_path / "seed1.pt"
+    make_cache(other_seed, 1, metadata={"settings": {**settings, "save_mode": "summary"}})
+    assert len(distinct_items([open_cache(made[0]), open_cache(other_seed)])[0]) == 2
 
 
 def test_cli_on_a_sweep_folder_follows_its_manifest(items, tmp_path, capsys):

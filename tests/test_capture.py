@@ -231,30 +231,6 @@ def test_summaries_started_during_inference_leave_latents_bit_identical(pipeline
         ATTENTION_WEIGHT_CAPTURE.enable([0], summarize=0)
 
 
-def test_a_call_kept_under_several_places_starts_one_summary(monkeypatch):
-    """A rolling call holds several blocks at their levels; kept under two of them, it is two records
-    that share its q, k and one summary (the reductions of one call do not depend on the place)."""
-    import wan.modules.attention as attention_module
-
-    started = []
-
-    def counting(q, k, frame_seq_length):
-        started.append(1)
-        return {"n": torch.zeros(1)}
-
-    monkeypatch.setattr(attention_module, "summarize_qk", counting)
-    capture = attention_module.AttentionWeightCapture()
-    capture.enable(None, passes=[0, 1], blocks=[0, 1], summarize=4)
-    capture.annotate(num_blocks=2, places=[(0, 1, 500.0), (1, 0, 1000.0)], window=1, query_frames=[0, 1],
-                     query_levels=[1, 0])
-    q, k = torch.randn(1, 8, 2, 4), torch.randn(1, 8, 2, 4)
-    capture.observe(0, q, k)
-    kept = capture.kept_calls
-    assert [(r.labels["block"], r.labels["step"], r.labels["timestep"]) for r in kept] == [(0, 1, 500.0), (1, 0, 1000.0)]
-    assert len(started) == 1 and kept[0]._started is kept[1]._started
-    assert kept[0].q is kept[1].q and kept[0].k is kept[1].k
-
-
 def test_off_means_no_bookkeeping(pipeline, config):
     ATTENTION_WEIGHT_CAPTURE.disable()
     run(pipeline, config)
@@ -387,3 +363,25 @@ def test_num_layers_is_checked_against_the_model(pipeline, config):
     ATTENTION_WEIGHT_CAPTURE.enable([0], num_layers=30)
     with pytest.raises(ValueError, match="30.*6 layers"):
         run(pipeline, config)
+
+
+def test_a_call_kept_under_several_places_is_summarized_once(monkeypatch):
+    """A call of the rolling loop is kept under each wanted (block, step) of its window: the same q and k,
+    so one summary, shared (not one per place)."""
+    import wan.modules.attention as attention
+
+    computed = []
+    real = attention.summarize_qk
+    monkeypatch.setattr(attention, "summarize_qk", lambda q, k, fsl: computed.append(1) or real(q, k, fsl))
+    fsl, generator = 2, torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 3 * fsl, 2, 8, generator=generator), torch.randn(1, 4 * fsl, 2, 8, generator=generator)
+    capture = attention.AttentionWeightCapture()
+    capture.enable([0], passes=[0, 1, 2], blocks=[0, 1, 2], summarize=fsl)
+    capture.annotate(num_blocks=3, places=((0, 2, 250.0), (1, 1, 500.0), (2, 0, 750.0)), window=[0, 3])
+    capture.observe(0, q, k)
+    capture.annotate()
+    kept = capture.kept_calls
+    assert [(r.labels["block"], r.labels["step"]) for r in kept] == [(0, 2), (1, 1), (2, 0)] and len(computed) == 1
+    logits = dense_logits(q, k)
+    for record in kept:
+        torch.testing.assert_close(record.summary(fsl)["query_mean_logits"].double(), logits.mean(2), rtol=0, atol=1e-5)

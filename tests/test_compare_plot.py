@@ -144,3 +144,13 @@ def test_caches_of_21_and_126_frames_on_one_true_frame_axis(tmp_path):
     starts = sorted(float(line.get_xdata()[0]) for line in deep_lines)
     assert starts[0] == 0 and float(deep_lines[-1].get_xdata()[-1]) == 126
     assert set(int(x) for line in deep_lines for x in line.get_xdata()[:-1]) == set(video.tolist())
+
+
+def test_one_model_in_exact_and_fast_mode_is_two_labelled_columns():
+    """The precision tells two settings apart (their caches are never averaged: utils.sweep_stats.compare_key)."""
+    from utils.figure4_sources import setting_labels
+
+    base = {"family": "self_forcing", "variant": "dmd", "cache_policy": "global", "num_frames": 6, "dtype": "bfloat16",
+            "config_path": "configs/tiny.yaml", "checkpoint_path": None}
+    labels = setting_labels([{**base, "precision": "exact"}, {**base, "precision": "fast"}])
+    assert labels == ["self_forcing, dmd, global (exact)", "self_forcing, dmd, global (fast)"]

@@ -21,3 +21,12 @@ def test_a_later_process_is_told_it_reuses(tmp_path):
 
 def test_default_folder_is_the_projects_ignored_cache():
     assert COMPILE_CACHE.parent.name == "cache" and COMPILE_CACHE.name == "compiled"
+
+
+def test_a_second_run_in_one_process_does_not_take_the_first_runs_folders_for_the_users(tmp_path):
+    """The report runs each setting's sweep in one process: the variables the first run set are the
+    project's folders, not the user's choice."""
+    environ = {"TRITON_CACHE_DIR": str(tmp_path / "mine")}
+    use_compile_cache(tmp_path / "compiled", environ)
+    again = use_compile_cache(tmp_path / "compiled", environ)
+    assert again.chosen_by_user == ("TRITON_CACHE_DIR",) and again.describe().count("(yours)") == 1

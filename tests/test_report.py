@@ -250,3 +250,26 @@ def test_a_mistyped_option_is_suggested_among_the_report_and_the_extraction_opti
             report_cli.main(argv)
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and f"did you mean {suggestion}" in err and len(err.splitlines()) == 2, err
+
+
+def test_a_full_disk_while_writing_the_page_keeps_the_old_page_csvs_and_figures(runs, monkeypatch, capsys):
+    """The page's tables are its CSVs: the page, the CSVs and the figures are replaced together or not at all."""
+    import errno
+
+    from utils import report_html
+
+    out = runs[0]
+    written = sorted(p for p in out.glob("*") if p.is_file()) + sorted(out.glob("figures/*.png"))
+    before = {p: p.stat().st_ino for p in written}
+    real = report_html.page
+
+    class FullDisk(str):
+        def encode(self, *args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report_html, "page", lambda *args: FullDisk(real(*args)))
+    monkeypatch.setattr(plan_module, "has_nvidia_gpu", lambda: False)
+    assert report_cli.main(report_argv(out, ["0-2"])) == 1
+    assert "no space left" in capsys.readouterr().err
+    assert {p: p.stat().st_ino for p in written} == before
+    assert not [p for p in out.rglob("*.tmp")]

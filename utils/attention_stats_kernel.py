@@ -6,7 +6,8 @@ frame's keys BLOCK_N at a time with a running maximum and sum (flash attention's
 writes per row: the largest and smallest logit (NaN if the frame holds one), the sum of exp(logit -
 largest) and the count of non-finite logits. Logits are q . k in fp32 (bf16/fp16 captures: tensor-core
 products, exact in fp32, with fp32 accumulation; fp32 captures: fp32 products, no TF32), times the
-scale in fp32, exactly as ``attention_logits`` forms them, and are never stored or rounded narrower.
+scale in fp32, exactly as ``utils.attention_stats.query_key_logits`` forms them, and are never stored
+or rounded narrower.
 """
 import torch
 import triton

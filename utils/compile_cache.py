@@ -33,15 +33,17 @@ class CompileCache:
 
 def use_compile_cache(folder=COMPILE_CACHE, environ=None):
     """Point inductor's and Triton's caches at ``folder``/inductor and ``folder``/triton, each unless
-    its variable is already set in ``environ`` (default ``os.environ``), and say whether they held
-    anything before."""
+    its variable is already set in ``environ`` (default ``os.environ``) to another folder (the user's
+    choice; an earlier run of this process set it to the project's), and say whether they held anything
+    before."""
     environ = os.environ if environ is None else environ
     folders, mine = {}, []
     for name, sub in CACHE_VARIABLES.items():
-        if environ.get(name):
+        ours = str(Path(folder) / sub)
+        if environ.get(name) and environ[name] != ours:
             mine.append(name)
         else:
-            environ[name] = str(Path(folder) / sub)
+            environ[name] = ours
         folders[name] = Path(environ[name])
     had_entries = any(next(path.rglob("*"), None) is not None for path in folders.values() if path.is_dir())
     return CompileCache(folders, tuple(mine), had_entries)

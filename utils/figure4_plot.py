@@ -10,12 +10,11 @@ import torch
 
 from utils.attention_cache import EMA_SINK, SINK, TOP_C
 from utils.figure4_sources import PlotInputError, StatsFile, column_band, columns_of
-from utils.output import OutputPathError, check_output_file, write_atomically
+from utils.output import write_atomically
 
 matplotlib.use("Agg")  # before pyplot is imported: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-OUTPUT_FORMATS = ("png", "pdf", "svg")
 QUERY_SHADE = dict(color="tab:orange", alpha=0.15)
 SINK_SHADE = dict(color="tab:purple", alpha=0.12)
 TOPC_SHADE = dict(color="tab:green", alpha=0.12)
@@ -428,17 +427,9 @@ def make_overlay_figure(columns, panels, view, softmax, batch_index, x_axis):
 # the output file
 
 
-def check_output(out):
-    """The output's format from its extension; its folder must exist and it must be a regular file or new."""
-    try:
-        return check_output_file(out, OUTPUT_FORMATS)
-    except OutputPathError as err:
-        raise PlotInputError(str(err)) from None
-
-
 def write_figure(fig, out, fmt):
-    """Write ``fig`` to ``out`` in the format ``fmt`` (from ``check_output``), replacing it whole or not at
-    all, then close the figure."""
+    """Write ``fig`` to ``out`` in the format ``fmt`` (from ``utils.output.check_output_file``), replacing it
+    whole or not at all, then close the figure."""
     try:
         write_atomically(out, lambda handle: fig.savefig(handle, format=fmt, dpi=150))
     finally:

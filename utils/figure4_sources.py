@@ -87,14 +87,15 @@ def _setting_details(setting):
         "frames": f"{setting.get('num_frames')} frames",
         "checkpoint": Path(checkpoint).name if checkpoint else "no checkpoint",
         "dtype": str(setting.get("dtype")),
+        "precision": str(setting.get("precision")),
         "config": Path(str(setting.get("config_path") or "")).stem,
     }
 
 
 def setting_labels(settings):
     """A label per setting (dicts of utils.sweep_stats.setting_of) that tells apart the settings of one
-    model: the model (``model_label``), then whatever of policy sizes, video length, checkpoint, dtype
-    and config differs between settings of that model, in parentheses."""
+    model: the model (``model_label``), then whatever of policy sizes, video length, checkpoint, dtype,
+    precision and config differs between settings of that model, in parentheses."""
     labels = []
     for setting in settings:
         model = model_label(setting)

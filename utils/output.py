@@ -6,7 +6,7 @@ paths before importing torch.
   new files get the mode ``open()`` would give, replaced files keep theirs; a full disk is one clear
   ``OutputSpaceError``.
 - ``write_files_atomically``: several files (a statistics .pt and its .csv) replaced together or not
-  at all.
+  at all; ``csv_bytes``: the one way the project writes a CSV file's contents.
 - ``exit_on_signals``: SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` (exit code 128 + signal), so
   that clean-up runs and no temporary file is left.
 - ``exit_on_signals_from_start`` (the first line of a script) and ``exit_status`` (its work): a signal
@@ -15,7 +15,9 @@ paths before importing torch.
   or after it (the output complete).
 """
 import contextlib
+import csv
 import errno
+import io
 import os
 import shutil
 import signal
@@ -131,6 +133,16 @@ def check_output_file(out, formats):
     except OutputPathError as err:
         raise OutputPathError(f"--out {err}") from None
     return fmt
+
+
+def csv_bytes(columns, rows):
+    """The UTF-8 bytes of a CSV file: the header ``columns``, then ``rows`` (cells as ``csv.writer`` writes
+    them), one line each ending in a bare newline."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(rows)
+    return text.getvalue().encode("utf-8")
 
 
 def same_file(a, b):

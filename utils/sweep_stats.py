@@ -17,9 +17,7 @@ deviation and a two-sided 95% confidence interval of the mean, mean +- t(0.975, 
 The CSV also holds one row per item (prompt index, prompt, seed, file) beside the pooled rows, each with
 the model and the settings the items share.
 """
-import csv
 import hashlib
-import io
 import json
 import math
 import sys
@@ -31,7 +29,7 @@ import torch
 
 from utils.attention_cache import KEY_LABEL_DTYPES, KEY_LABEL_KEYS, EntryLabels, open_cache
 from utils.cli import command
-from utils.output import one_line, write_files_atomically
+from utils.output import csv_bytes, one_line, write_files_atomically
 from utils.passes import is_pass
 
 STATS_FORMAT = "figure4-sweep-statistics"
@@ -118,8 +116,9 @@ def item_quantities(summary, key_frame_indices, query_frames):
 
 
 def compare_key(cache):
-    """What caches must share to be averaged: the video and capture layout, the model, its weights and its
-    attention cache (config model_kwargs: attention mode, window, sink, compression)."""
+    """What caches must share to be averaged: the video and capture layout, the model, its weights, its
+    precision (exact or fast mode) and its attention cache (config model_kwargs: attention mode, window,
+    sink, compression)."""
     meta = cache.metadata
     labels = tuple((e.layer_idx, e.block, e.pass_, tuple(e.key_frame_indices)) for e in cache.entries)
     return {
@@ -132,6 +131,7 @@ def compare_key(cache):
         "model family": (meta.get("family"), meta.get("variant"), meta.get("lora_path")),
         "checkpoint": (meta.get("checkpoint_path"), meta.get("checkpoint_key")),
         "dtype": meta.get("dtype"),
+        "precision": meta.get("precision"),
         "model_kwargs": meta.get("config", {}).get("model_kwargs"),
     }
 
@@ -155,14 +155,19 @@ def _sha256(path):
     return digest.hexdigest()
 
 
+STORAGE_SETTINGS = ("save_mode",)  # how a file keeps an item's entries (fp16 logits or summaries), not the item
+
+
 def item_key(cache):
     """What makes two caches one item: the same prompt and seed made with the same settings
-    (``metadata.settings``, which the extraction writes: the config, checkpoint, capture and dtype); for a
-    file without them (not written by the extraction), its bytes."""
+    (``metadata.settings``, which the extraction writes: the config, checkpoint, capture and dtype; not how
+    the file keeps it, STORAGE_SETTINGS); for a file without them (not written by the extraction), its
+    bytes."""
     meta = cache.metadata
-    if meta.get("seed") is None or meta.get("settings") is None:
+    if meta.get("seed") is None or not isinstance(meta.get("settings"), dict):
         return ("bytes", _sha256(cache.path))
-    return ("item", repr((cache.prompt, meta.get("seed"), meta.get("settings"), meta.get("prompt_switches"))))
+    settings = {k: v for k, v in meta["settings"].items() if k not in STORAGE_SETTINGS}
+    return ("item", repr((cache.prompt, meta.get("seed"), settings, meta.get("prompt_switches"))))
 
 
 def distinct_items(caches):
@@ -206,7 +211,7 @@ def setting_of(cache):
     """The setting of a cache's items, as the statistics file keeps it ("setting"): the model (family,
     variant, checkpoint or random weights, attention-cache policy) and the run (config, video length,
     capture, precision, dtype, model_kwargs). The labels of comparisons (utils/figure4_sources.py) and the
-    CSV's model and settings columns (``model_of``, ``settings_of``) are made from it."""
+    CSV's model and settings columns (``model_of``, ``settings_text``) are made from it."""
     meta = cache.metadata
     return {"family": meta.get("family"), "variant": meta.get("variant"), "cache_policy": meta.get("cache_policy"),
             "checkpoint_path": meta.get("checkpoint_path"), "random_init": bool(cache.random_init),
@@ -224,7 +229,7 @@ def model_of(setting):
     return "; ".join(str(p) for p in parts if p)
 
 
-def settings_of(setting):
+def settings_text(setting):
     """The run of a ``setting_of`` in one line: config, frames, capture, precision, dtype, model_kwargs."""
     kwargs = setting["model_kwargs"]
     parts = {"config": setting["config_path"], "num_frames": setting["num_frames"],
@@ -261,7 +266,7 @@ def sweep_statistics(caches, prompt_indices=None):
         "prompts": [c.prompt for c in caches], "seeds": [c.metadata.get("seed") for c in caches],
         "num_frames": first.num_frames, "frame_seq_length": first.frame_seq_length,
         "num_heads": first.num_heads, "groups": groups, "items": items, "setting": setting,
-        "model": model_of(setting), "settings": settings_of(setting),
+        "model": model_of(setting), "settings": settings_text(setting),
     }
 
 
@@ -327,14 +332,8 @@ def save_statistics(stats, path):
     the .pt). The two files are replaced together or not at all (a full disk or a signal leaves both old
     files)."""
     path = Path(path)
-    rows = [CSV_COLUMNS, *csv_rows(stats)]
-
-    def write_csv(handle):
-        text = io.StringIO()
-        csv.writer(text, lineterminator="\n").writerows(rows)
-        handle.write(text.getvalue().encode())
-
-    write_files_atomically([(path, lambda f: torch.save(stats, f)), (path.with_suffix(".csv"), write_csv)])
+    table = csv_bytes(CSV_COLUMNS, csv_rows(stats))
+    write_files_atomically([(path, lambda f: torch.save(stats, f)), (path.with_suffix(".csv"), lambda f: f.write(table))])
     return path.with_suffix(".csv")
 
 

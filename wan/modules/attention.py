@@ -157,9 +157,6 @@ def attention(q, k, v, kernel=sdpa):
     return kernel(q, k, v)
 
 
-attention_logits = query_key_logits  # pre-softmax logits of one head in fp32: [B, len(rows), Lk]
-
-
 @dataclass
 class CapturedCall:
     """One recorded self-attention call: its layer, its pass labels (block, step, timestep), the video
@@ -188,7 +185,7 @@ class CapturedCall:
 
     def weights(self, head, rows=slice(None), logits=True):
         """Logits (or softmax probabilities over all keys) of one head, fp32: [B, rows, Lk]."""
-        scores = attention_logits(self.q, self.k, head, rows)
+        scores = query_key_logits(self.q, self.k, head, rows)
         return scores if logits else scores.softmax(dim=-1)
 
     def to_host(self, dtype=torch.float32, logits=True, frame_seq_length=None):
