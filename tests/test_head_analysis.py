@@ -111,6 +111,13 @@ def test_rows_and_class_counts(caches):
     assert summary[10:13] == ["0.25", "0.25", "0.25"]  # every item: 2 of 8 heads above 80% on the current block
 
 
+def test_one_item_writes_a_mean_and_no_interval(tmp_path):
+    """n = 1: the report's rows hold the mean and leave the interval cells empty, as the statistics CSV does."""
+    groups = head_statistics([make_cache(tmp_path / "c.pt", 0, WINDOW, {0: SINK})], HeadThresholds())
+    row = head_rows("s", "m", groups)[0]
+    assert row[6] == "1" and row[7] != "" and row[8:10] == ["", ""]
+
+
 def test_sink_frames_of_a_cache_without_a_sink_role(tmp_path):
     cache = make_cache(tmp_path / "c.pt", 0, GLOBAL, {})
     entry = cache.entries[0]

@@ -19,6 +19,7 @@ threshold, else a spread head.
 Also per layer, the scores of the report's sink table: per item the mean over heads of the sink and
 current-block masses and of utils.sweep_stats's two sink scores, with their confidence intervals.
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -118,8 +119,10 @@ def head_statistics(caches, thresholds):
 
 
 def number(value):
-    """How the report's CSVs and tables write a number: 6 significant digits ('nan' for NaN)."""
-    return f"{float(value):.6g}"
+    """How the report's CSVs and tables write a number: 6 significant digits; empty where there is none
+    (NaN: an interval of n = 1, a ratio without middle frames), as in the statistics CSV."""
+    value = float(value)
+    return "" if math.isnan(value) else f"{value:.6g}"
 
 
 HEAD_COLUMNS = ("setting", "model", "layer", "block", "pass", "head", "n",
