@@ -19,6 +19,7 @@ QUERY_SHADE = dict(color="tab:orange", alpha=0.15)
 SINK_SHADE = dict(color="tab:purple", alpha=0.12)
 TOPC_SHADE = dict(color="tab:green", alpha=0.12)
 TITLE_CHARS_PER_INCH = 14  # characters of a 9-point title per inch of its column: longer column names wrap
+LEGEND_INCHES_PER_COLUMN = 2.8  # the width one label of the 7-point legend takes: a narrow figure stacks them
 RANDOM_NOTE = "  [RANDOM WEIGHTS: a demo, not a trained model]"
 
 
@@ -314,7 +315,8 @@ def make_figure(sources, panels, view, softmax, batch_index, x_axis="slots", ove
                 ax.set_ylabel("")
     legend_rows = 0
     if view != "heatmap":
-        legend_rows = -(-figure_legend(fig, axes) // 4)
+        ncol = max(1, min(4, int(width // LEGEND_INCHES_PER_COLUMN)))
+        legend_rows = -(-figure_legend(fig, axes, ncol) // ncol)
     blocks = ", ".join(map(str, dict.fromkeys(column[0].block for column in columns)))
     passes = ", ".join(map(str, dict.fromkeys(column[0].pass_ for column in columns)))
     timestep = f", t = {entry.timestep:g}" if len(columns) == 1 else ""
