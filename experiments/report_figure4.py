@@ -41,6 +41,7 @@ from pipeline.plan import UsageError, options_from_args
 from pipeline.report import ReportOptions, ReportSetting, build_report, check_forwarded, parse_setting
 from pipeline.sweep import SweepFolderError
 from utils.cli import ArgumentParser, parse_panel
+from utils.head_classes import HeadThresholds
 from utils.output import exit_status
 
 
@@ -75,13 +76,14 @@ def build_parser():
                         help="0-based layer:head panels of the Figure 4 plots, titled the same way (default: 0:0 4:9, "
                              "the paper's L1H1 and L5H10; on a small model its first two layers, the heads clipped: "
                              "0:0 4:3 for the tiny model)")
-    parser.add_argument("--sink_threshold", type=fraction, default=0.5,
-                        help="a head whose mean mass on the sink frames reaches this is a sink head (default: 0.5)")
-    parser.add_argument("--local_threshold", type=fraction, default=0.8,
+    defaults = HeadThresholds()
+    parser.add_argument("--sink_threshold", type=fraction, default=defaults.sink,
+                        help=f"a head whose mean mass on the sink frames reaches this is a sink head (default: {defaults.sink:g})")
+    parser.add_argument("--local_threshold", type=fraction, default=defaults.local,
                         help="else, one whose mean mass on the current block reaches this is a local head "
-                             "(default: 0.8, Dummy Forcing's 80%%)")
-    parser.add_argument("--sink_frames", type=at_least_one, default=1,
-                        help="video frames taken as the sink where the cache policy labels none (default: 1)")
+                             f"(default: {defaults.local:g}, Dummy Forcing's 80%%)")
+    parser.add_argument("--sink_frames", type=at_least_one, default=defaults.sink_frames,
+                        help=f"video frames taken as the sink where the cache policy labels none (default: {defaults.sink_frames})")
     parser.add_argument("--title", default="Attention sinks: Figure 4 report", help="the page's title")
     return parser
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from pipeline.plan import UsageError, plan_run
 from pipeline.sweep import item_name, read_manifest
 from utils.config import model_sizes
+from utils.head_classes import HeadThresholds
 from utils.output import check_output_path, csv_bytes, write_files_atomically
 
 REPORT_HTML = "report.html"
@@ -58,7 +59,7 @@ class ReportSetting:
 @dataclass(frozen=True)
 class ReportOptions:
     """The report's folder, its settings, the figures' panels (None: the default ones), the head
-    classification's thresholds (utils.head_analysis.HeadThresholds's fields) and the page's title."""
+    classification's thresholds (utils.head_classes.HeadThresholds's fields) and the page's title."""
 
     out: Path
     settings: tuple
@@ -69,8 +70,6 @@ class ReportOptions:
     title: str
 
     def thresholds(self):
-        from utils.head_analysis import HeadThresholds
-
         return HeadThresholds(self.sink_threshold, self.local_threshold, self.sink_frames)
 
 

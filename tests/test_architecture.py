@@ -11,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 FLOORS = ("utils", "wan", "pipeline", "experiments")
 TORCH_FREE = ("utils.config", "utils.passes", "utils.preflight", "utils.wan21", "wan.cache_policies", "wan.families",
-              "pipeline.plan", "pipeline.report", "utils.report_html")
+              "pipeline.plan", "pipeline.report", "utils.report_html", "utils.head_classes")
 SCRIPTS = ("run_extraction_figure4.py", "plot_figure4.py", "aggregate_figure4.py", "report_figure4.py")
 
 

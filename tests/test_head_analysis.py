@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from utils.attention_cache import CACHED, EMA_SINK, SINK, CacheEntry, build_cache, open_cache, save_cache
-from utils.head_analysis import HeadThresholds, class_rows, head_rows, head_statistics, slot_regions
+from utils.head_analysis import class_rows, head_rows, head_statistics, slot_regions
+from utils.head_classes import HeadThresholds
 
 FSL, PER_BLOCK, HEADS, BLOCK = 2, 3, 4, 2
 QUERY = [6, 7, 8]

@@ -3,7 +3,8 @@ each region's mean mass and one of the heads' classes. matplotlib draws off-scre
 import matplotlib
 import torch
 
-from utils.head_analysis import HEAD_CLASSES, REGIONS
+from utils.head_analysis import REGIONS
+from utils.head_classes import HEAD_CLASSES
 
 matplotlib.use("Agg")  # before pyplot is imported: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
